@@ -1,0 +1,27 @@
+"""sail: vision-language alignment tuning on frozen unimodal encoders.
+
+    import sail
+    store = sail.FeatureStore("features/sample/dinov2-s.h5")
+    heads = sail.AlignmentHeads.from_pretrained("runs/demo")
+    model = sail.SAILModel.from_pretrained("runs/demo")
+"""
+
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+# Heavy modules (torch, transformers) are imported on first use so `sail --help` stays fast.
+_LAZY = {
+    "FeatureStore": "sail.store",
+    "AlignmentHeads": "sail.heads",
+    "SAILModel": "sail.model",
+    "SailError": "sail.errors",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    if name in {"metrics", "losses", "heads", "store", "optim", "data", "encoders"}:
+        return import_module(f"sail.{name}")
+    raise AttributeError(f"module 'sail' has no attribute {name!r}")
