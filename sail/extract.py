@@ -1,0 +1,367 @@
+"""`sail extract`: run a frozen encoder once over a dataset and cache its embeddings in a feature store.
+
+    sail extract --model dinov2-l --data cc3m.parquet            # -> features/cc3m/dinov2-l.h5
+    sail extract --model gte-l --data cc3m.parquet --columns caption,long_caption
+
+Crash safety and resume: the dataset is cut into fixed chunks of rows. Each finished chunk is written
+to `<store>.parts/part-NNNNNN.npz` (temp file + atomic rename), so a kill -9 at any moment loses at
+most the chunk in flight. Running the same command again skips the finished chunks; batches never
+cross chunk boundaries, so every value equals an uninterrupted run's. When all chunks exist they are
+merged into the store (itself written to a temp name and renamed), and the parts are removed.
+
+Under torchrun, rank r extracts chunks r, r+W, r+2W, ...; rank 0 merges after a barrier.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import sail
+from sail.data import Dataset, ImageError, load_image, open_dataset
+from sail.encoders import load_encoder, model_revision, resolve_model
+from sail.errors import SailError
+from sail.store import StoreWriter
+
+
+@dataclass
+class ExtractConfig:
+    model: str
+    data: str
+    columns: list[str] | None = None
+    out: str | None = None
+    pooling: str = "concat"
+    patch_tokens: bool = False
+    max_length: int | None = None
+    modality: str | None = None
+    batch_size: int = 64
+    chunk_size: int = 2048
+    workers: int | None = None
+    device: str = "auto"
+    features_root: str = "features"
+    id_column: str = "id"
+    image_column: str = "image"
+    trust_remote_code: bool | None = None
+    progress: bool = True
+
+
+@dataclass
+class ExtractResult:
+    path: Path
+    total: int
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
+    seconds: float = 0.0
+    already_complete: bool = False
+
+    def summary(self) -> str:
+        if self.already_complete:
+            return f"{self.path} is already complete ({self.total} samples); nothing to do"
+        rate = self.total / self.seconds if self.seconds > 0 else float("nan")
+        lines = [f"wrote {self.path}: {self.total} samples in {self.seconds:.1f} s ({rate:.1f}/s)"]
+        if self.skipped:
+            lines.append(f"skipped {sum(self.skipped.values())}: " +
+                         "; ".join(f"{r} x{n}" for r, n in sorted(self.skipped.items())))
+        else:
+            lines.append("skipped 0")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------- distributed
+
+
+def _dist() -> tuple[int, int]:
+    """(rank, world) under torchrun; initialises the process group once if needed."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------- image loading
+
+
+class _ImageItems(torch.utils.data.Dataset):
+    """Decodes and preprocesses images in DataLoader workers; failures come back as reasons."""
+
+    def __init__(self, refs: list, preprocess):
+        self.refs, self.preprocess = refs, preprocess
+
+    def __len__(self):
+        return len(self.refs)
+
+    def __getitem__(self, i):
+        try:
+            return i, self.preprocess(load_image(self.refs[i])), ""
+        except ImageError as e:
+            return i, None, str(e)
+        except Exception as e:  # a preprocessor failing on an odd image is a bad image, not a crash
+            return i, None, f"preprocessing failed: {str(e).splitlines()[0][:160] if str(e) else type(e).__name__}"
+
+
+def _collate(items):
+    rows = [i for i, _, _ in items]
+    ok = [x is not None for _, x, _ in items]
+    pixels = torch.stack([x for _, x, _ in items if x is not None]) if any(ok) else None
+    return rows, ok, pixels, [r for _, _, r in items]
+
+
+def _chunk_batches(chunks: list[int], chunk_size: int, n: int, batch_size: int) -> list[list[int]]:
+    """Row batches that never cross a chunk boundary (so resumed runs batch identically)."""
+    batches = []
+    for c in chunks:
+        rows = list(range(c * chunk_size, min(n, (c + 1) * chunk_size)))
+        batches += [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+    return batches
+
+
+# ----------------------------------------------------------------------------------------- parts
+
+
+def _part_path(parts: Path, chunk: int) -> Path:
+    return parts / f"part-{chunk:06d}.npz"
+
+
+def _save_part(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _identity(cfg: ExtractConfig, spec, ds: Dataset, fields: list[str]) -> dict:
+    """What makes two runs the same extraction; a mismatch with an existing store is an error."""
+    return {"model_id": spec.source, "modality": spec.modality,
+            "pooling": cfg.pooling if spec.modality == "image" else "model",
+            "source": ds.source, "source_hash": ds.source_hash, "fields": fields,
+            "patch_tokens": bool(cfg.patch_tokens), "max_length": cfg.max_length, "chunk_size": cfg.chunk_size,
+            "n": len(ds)}
+
+
+def _check_existing(out: Path, ident: dict) -> bool:
+    """True if `out` is already this extraction, complete. Raises if it is a different one."""
+    if not out.exists():
+        return False
+    from sail.store import FeatureStore
+
+    with FeatureStore(out) as s:
+        a = s.attrs
+        theirs = {"model_id": a.get("model_id"), "source_hash": a.get("source_hash"),
+                  "fields": json.loads(a.get("fields", "[]")), "pooling": a.get("pooling")}
+    ours = {"model_id": ident["model_id"], "source_hash": ident["source_hash"], "fields": ident["fields"],
+            "pooling": ident["pooling"] if ident["modality"] == "image" else theirs["pooling"]}
+    if theirs != ours:
+        diff = ", ".join(f"{k}: {theirs[k]!r} there, {ours[k]!r} here" for k in ours if theirs[k] != ours[k])
+        raise SailError(f"{out} already exists from a different extraction ({diff}); "
+                        "pass another --out or delete that file")
+    return True
+
+
+def _open_parts(parts: Path, ident: dict, rank: int) -> None:
+    meta = parts / "meta.json"
+    if meta.exists():
+        theirs = json.loads(meta.read_text())
+        if theirs != ident:
+            diff = ", ".join(k for k in ident if theirs.get(k) != ident[k])
+            raise SailError(f"{parts} holds an unfinished extraction with different settings ({diff}); "
+                            "rerun that command to finish it, or delete the folder")
+        return
+    if rank == 0:
+        parts.mkdir(parents=True, exist_ok=True)
+        tmp = meta.with_name("meta.json.tmp")
+        tmp.write_text(json.dumps(ident, indent=1))
+        os.replace(tmp, meta)
+
+
+# ----------------------------------------------------------------------------------------- the run
+
+
+def extract(cfg: ExtractConfig) -> ExtractResult:
+    """Extract (or finish extracting) one store; returns where it is and what was skipped."""
+    start = time.time()
+    rank, world = _dist()
+    spec = resolve_model(cfg.model, cfg.modality, cfg.trust_remote_code)
+    ds = open_dataset(cfg.data, cfg.columns, cfg.id_column, cfg.image_column)
+    if len(ds) == 0:
+        raise SailError(f"{cfg.data} holds no samples")
+    if spec.modality == "image":
+        fields = ["image"]
+        if all(r is None for r in ds.images):
+            raise SailError(f"{cfg.data} has no image column/files, but {cfg.model} is an image model")
+    else:
+        fields = list(ds.captions)
+        if not fields:
+            raise SailError(f"{cfg.data} has no caption columns, but {cfg.model} is a text model; name them with --columns")
+    out = Path(cfg.out) if cfg.out else Path(cfg.features_root) / ds.name / f"{spec.name}.h5"
+    ident = _identity(cfg, spec, ds, fields)
+    parts = out.with_name(out.name + ".parts")
+    if _check_existing(out, ident):
+        if rank == 0 and parts.exists():
+            shutil.rmtree(parts, ignore_errors=True)  # left over from a run killed after its final rename
+        return ExtractResult(out, len(ds), already_complete=True)
+    if rank == 0:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    _barrier(world)
+    _open_parts(parts, ident, rank)
+    _barrier(world)
+
+    n_chunks = -(-len(ds) // cfg.chunk_size)
+    todo = [c for c in range(n_chunks) if c % world == rank and not _part_path(parts, c).exists()]
+    encoder = load_encoder(spec, _rank_device(cfg.device, rank, world), cfg.pooling, cfg.max_length)
+    if todo:
+        if spec.modality == "image":
+            _extract_images(cfg, ds, encoder, todo, parts, rank)
+        else:
+            _extract_texts(cfg, ds, encoder, fields, todo, parts, rank)
+    _barrier(world)
+    skipped: dict[str, int] = {}
+    if rank == 0:
+        skipped = _merge(out, parts, ds, fields, n_chunks, cfg, spec, encoder)
+    _barrier(world)
+    return ExtractResult(out, len(ds), skipped, time.time() - start)
+
+
+def _rank_device(device: str, rank: int, world: int) -> str:
+    if device == "auto" and world > 1 and torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+    return device
+
+
+def _progress(total: int, unit: str, cfg: ExtractConfig, rank: int):
+    return tqdm(total=total, unit=unit, disable=not cfg.progress or rank != 0, dynamic_ncols=True,
+                desc="extract", smoothing=0.1)
+
+
+def _extract_images(cfg, ds: Dataset, encoder, todo: list[int], parts: Path, rank: int) -> None:
+    workers = cfg.workers if cfg.workers is not None else min(8, max(1, (os.cpu_count() or 2) - 1))
+    batches = _chunk_batches(todo, cfg.chunk_size, len(ds), cfg.batch_size)
+    loader = torch.utils.data.DataLoader(
+        _ImageItems(ds.images, encoder.preprocess), batch_sampler=batches, collate_fn=_collate,
+        num_workers=workers, pin_memory=encoder.device.type == "cuda", prefetch_factor=4 if workers else None,
+        persistent_workers=False)
+    pending: dict[int, dict] = {}  # chunk -> rows filled so far
+    bar = _progress(sum(len(b) for b in batches), "img", cfg, rank)
+    for rows, ok, pixels, reasons in loader:
+        chunk = rows[0] // cfg.chunk_size
+        lo = chunk * cfg.chunk_size
+        size = min(len(ds), lo + cfg.chunk_size) - lo
+        buf = pending.setdefault(chunk, {"feat": np.zeros((size, encoder.dim), np.float16),
+                                         "valid": np.zeros(size, bool), "reason": [""] * size,
+                                         "done": 0, "patch": None})
+        if pixels is not None:
+            pooled, patches = encoder.encode_pixels(pixels, cfg.patch_tokens)
+            sel = np.array([r - lo for r, k in zip(rows, ok) if k])
+            buf["feat"][sel] = pooled.cpu().numpy().astype(np.float16)
+            buf["valid"][sel] = True
+            if patches is not None:
+                if buf["patch"] is None:
+                    buf["patch"] = np.zeros((size,) + tuple(patches.shape[1:]), np.float16)
+                buf["patch"][sel] = patches.cpu().numpy().astype(np.float16)
+        for r, k, why in zip(rows, ok, reasons):
+            if not k:
+                buf["reason"][r - lo] = why
+        buf["done"] += len(rows)
+        bar.update(len(rows))
+        if buf["done"] == size:
+            arrays = {"feat/image": buf["feat"], "valid/image": buf["valid"], "reason/image": np.array(buf["reason"])}
+            if cfg.patch_tokens:
+                if buf["patch"] is None:  # every image of the chunk failed: keep the shape known
+                    n_patch = _num_patches(encoder)
+                    buf["patch"] = np.zeros((size, n_patch, encoder.hidden), np.float16)
+                arrays["patch/image"] = buf["patch"]
+            _save_part(_part_path(parts, chunk), arrays)
+            del pending[chunk]
+    bar.close()
+
+
+def _num_patches(encoder) -> int:
+    crop = encoder.processor.crop_size if getattr(encoder.processor, "do_center_crop", False) else encoder.processor.size
+    h = crop.get("height") or crop.get("shortest_edge")
+    return (h // encoder.model.config.patch_size) ** 2
+
+
+def _extract_texts(cfg, ds: Dataset, encoder, fields: list[str], todo: list[int], parts: Path, rank: int) -> None:
+    bar = _progress(sum(min(len(ds), (c + 1) * cfg.chunk_size) - c * cfg.chunk_size for c in todo) * len(fields),
+                    "text", cfg, rank)
+    for chunk in todo:
+        lo, hi = chunk * cfg.chunk_size, min(len(ds), (chunk + 1) * cfg.chunk_size)
+        arrays = {}
+        for f in fields:
+            texts = ds.captions[f][lo:hi]
+            valid = np.array([bool(t.strip()) for t in texts])
+            feat = np.zeros((hi - lo, encoder.dim), np.float16)
+            if valid.any():
+                feat[valid] = encoder.encode_texts([t for t, v in zip(texts, valid) if v], cfg.batch_size)
+            arrays[f"feat/{f}"] = feat
+            arrays[f"valid/{f}"] = valid
+            arrays[f"reason/{f}"] = np.array(["" if v else "empty caption" for v in valid])
+            bar.update(hi - lo)
+        _save_part(_part_path(parts, chunk), arrays)
+    bar.close()
+
+
+def _merge(out: Path, parts: Path, ds: Dataset, fields: list[str], n_chunks: int, cfg, spec, encoder) -> dict:
+    missing = [c for c in range(n_chunks) if not _part_path(parts, c).exists()]
+    if missing:
+        raise SailError(f"{len(missing)} chunk(s) of {out} are missing (first: {missing[0]}); rerun the same command")
+    patch_shapes = None
+    if cfg.patch_tokens and spec.modality == "image":
+        with np.load(_part_path(parts, 0)) as z:
+            patch_shapes = {"image": tuple(z["patch/image"].shape[1:])}
+    writer = StoreWriter(out, ds.ids, {f: encoder.dim for f in fields}, patch_shapes)
+    skipped: list[tuple[str, str, str]] = []
+    try:
+        for c in range(n_chunks):
+            lo = c * cfg.chunk_size
+            with np.load(_part_path(parts, c)) as z:
+                feats = {f: z[f"feat/{f}"] for f in fields}
+                valid = {f: z[f"valid/{f}"] for f in fields}
+                patches = {"image": z["patch/image"]} if patch_shapes else None
+                for f in fields:
+                    for k in np.flatnonzero(~valid[f]):
+                        skipped.append((ds.ids[lo + k], f, str(z[f"reason/{f}"][k])))
+            writer.write(lo, feats, valid, patches)
+        attrs = {
+            "model_id": spec.source, "model_name": spec.name, "model_revision": model_revision(spec.source),
+            "modality": spec.modality, "pooling": encoder.pooling if spec.modality == "text" else cfg.pooling,
+            "dim": encoder.dim, "dtype": "float16", "preprocessing": json.dumps(encoder.preprocessing, default=str),
+            "max_length": getattr(encoder, "max_length", None) or -1, "source": ds.source,
+            "source_hash": ds.source_hash, "dataset": ds.name, "sail_version": sail.__version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "trust_remote_code": bool(spec.trust_remote_code),
+        }
+        writer.finish(attrs, ds.labels, ds.class_names, skipped)
+    except BaseException:
+        writer.abort()
+        raise
+    shutil.rmtree(parts, ignore_errors=True)
+    counts: dict[str, int] = {}
+    for _, _, reason in skipped:
+        key = reason.split(":")[0]
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def config_dict(cfg: ExtractConfig) -> dict:
+    return asdict(cfg)

@@ -1,0 +1,387 @@
+"""Contrastive losses for alignment tuning, computed in blocks so the B x B logits never exist.
+
+    from sail.losses import sigmoid_loss, multi_positive_loss, info_nce_loss, ConsistencyGates
+    img = F.normalize(heads.vision(v), dim=-1)              # (B, D)
+    txt = F.normalize(heads.text(w), dim=-1)                # (B, D)
+    loss = sigmoid_loss(img, txt, heads.logit_scale.exp(), heads.logit_bias)
+    loss.backward()
+
+Formulas (x_i, y_j L2-normalised rows; l_ij = t x_i.y_j + b; z_ij = +1 if i == j else -1):
+- sigmoid_loss:        L = (1/N) sum_ij softplus(-z_ij l_ij), N = B^2 ("pairs", SAIL) or B ("rows", SigLIP).
+- multi_positive_loss: the same pairwise term for each of K caption sets, summed; N = K B^2 ("pairs",
+                       the official SAIL code's mean over B x KB) or B ("rows", SAIL paper eq. 2).
+- info_nce_loss:       l_i = (CE_i2t + CE_t2i) / 2 on logits t X Y^T (no bias), L = (1/B) sum_i w_i l_i.
+
+How it is computed. Each loss is one torch.autograd.Function. Its forward walks over blocks of rows of X,
+(rows, D) @ (D, B) -> (rows, B) logits, and accumulates the loss and, when any input requires grad, the
+gradients for X, Y, t and b (O(B*D) memory). The backward only scales the stored gradients by grad_output.
+The sigmoid losses do the same three matmuls as autograd on the plain formula (logits, G @ Y, G^T @ X);
+info-nce needs one more (a first pass for the row and column log-sum-exps). Memory is O(B*D + B*rows):
+by default a block holds BLOCK_BYTES of logits; `block_size=` sets the rows per block. float64 inputs are
+computed in float64, everything else in float32; the loss is returned in that compute dtype and the
+gradients in the inputs' dtypes. Double backward is not supported.
+
+torch.distributed. When torch.distributed is initialised with more than one process (or `group=` names a
+group), each rank passes its LOCAL batch (the same size on every rank) and the rows of all ranks serve as
+negatives for each other (texts are all-gathered; partial text gradients are summed across ranks).
+Convention:
+- the returned loss is, on every rank, the single-process loss of the global batch (the ranks' batches
+  concatenated in rank order);
+- the gradient for a rank's local embeddings is world_size x the single-process gradient of those rows,
+  and t and b get the full single-process gradient on every rank; so backward on every rank followed by
+  DDP's gradient averaging gives exactly the single-process parameter gradients.
+
+ConsistencyGates are ALIP's per-sample weights for info_nce_loss(weights=...).
+"""
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from sail.errors import SailError
+
+BLOCK_BYTES = 32 * 2**20  # default size of one (rows, B) block of logits; see benchmarks/loss.py
+AVERAGES = ("pairs", "rows")
+
+
+# ---------------------------------------------------------------------------------------------------
+# autograd wrapper: gradients are computed in the forward pass, backward rescales them
+
+
+class _StoredGradLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, kernel, *inputs):
+        # kernel(*inputs, want_grad) -> (scalar loss, list of gradients, None where not wanted)
+        loss, grads = kernel(*inputs, want_grad=any(ctx.needs_input_grad[1:]))
+        ctx.grads = [
+            None if g is None or not need else g.to(x.device, x.dtype).reshape(x.shape)
+            for g, x, need in zip(grads, inputs, ctx.needs_input_grad[1:])
+        ]
+        return loss.clone()  # not a view of the kernel's buffers
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        return (None, *[None if g is None else g * grad_loss.to(g.dtype) for g in ctx.grads])
+
+
+# ---------------------------------------------------------------------------------------------------
+# input checks and distributed helpers
+
+
+def _check_pair(image, text, name="text"):
+    if not isinstance(image, torch.Tensor) or not isinstance(text, torch.Tensor):
+        raise SailError(f"image and {name} embeddings must be torch tensors")
+    if image.ndim != 2 or image.shape != text.shape or image.shape[0] == 0:
+        raise SailError(
+            f"image and {name} embeddings must both be (B, D) with B >= 1, got {tuple(image.shape)} "
+            f"and {tuple(text.shape)}"
+        )
+
+
+def _check_average(average):
+    if average not in AVERAGES:
+        raise SailError(f"average must be 'pairs' (SAIL, divide by B^2) or 'rows' (SigLIP), got {average!r}")
+
+
+def _scalar(v, name):
+    """t or b as a one-element tensor; a tensor is passed on as is so autograd sees it."""
+    v = v if isinstance(v, torch.Tensor) else torch.tensor(float(v))
+    if v.numel() != 1:
+        raise SailError(f"{name} must be a scalar (one element), got shape {tuple(v.shape)}")
+    return v
+
+
+def _compute_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _rows_per_block(block_size, n_rows, n_cols, elem_bytes):
+    if block_size is None:
+        return max(1, min(n_rows, BLOCK_BYTES // (n_cols * elem_bytes)))
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise SailError(f"block_size must be a positive int (rows per block) or None, got {block_size!r}")
+    return min(block_size, n_rows)
+
+
+def _process_group(group, n, device):
+    """The group to gather over, or None for single-process; checks equal local batch sizes."""
+    if group is None:
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        group = dist.group.WORLD
+    world = dist.get_world_size(group)
+    if world == 1:
+        return None
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([n], dtype=torch.int64, device=device), group=group)
+    if any(int(s) != n for s in sizes):
+        raise SailError(
+            f"distributed loss needs the same local batch size on every rank, got {[int(s) for s in sizes]}; "
+            "drop the last incomplete batch (drop_last=True)"
+        )
+    return group
+
+
+def _gather_rows(x, group):
+    """(n, D) on each rank -> (world * n, D), rank order. No autograd: gradients are handled by hand."""
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+def _sum_own_rows(full, n, group):
+    """Sum (world * n, D) partial gradients over ranks and keep this rank's n rows."""
+    if dist.get_backend(group) == "nccl":
+        out = full.new_empty((n, full.shape[1]))
+        dist.reduce_scatter_tensor(out, full, group=group)
+        return out
+    dist.all_reduce(full, group=group)  # gloo has no reduce_scatter
+    r = dist.get_rank(group)
+    return full[r * n : (r + 1) * n].clone()
+
+
+# ---------------------------------------------------------------------------------------------------
+# sigmoid (SigLIP / SAIL) and multi-positive
+
+
+def _sigmoid_sums(x, y, t, b, rows, want_grad):
+    """Blockwise sums over all pairs (rows of x) x (rows of y) with l = t x y^T + b, P = sigmoid(l).
+
+    Returns sum_ij softplus(l_ij) and, when want_grad, P @ y (n, D), P^T @ x (m, D), sum_ij P_ij s_ij and
+    sum_ij P_ij (s = x y^T). The positives' -1 in dL/dl = P - I is added by the caller in O(B*D).
+    """
+    n, m = x.shape[0], y.shape[0]
+    loss = x.new_zeros(())
+    px = torch.empty_like(x) if want_grad else None
+    py = torch.zeros_like(y) if want_grad else None
+    p_sum = x.new_zeros(())
+    buf = x.new_empty((rows, m))  # reused so big blocks are not re-allocated (and page-faulted) each step
+    for r0 in range(0, n, rows):
+        r1 = min(r0 + rows, n)
+        blk = buf[: r1 - r0]
+        torch.mm(x[r0:r1], y.T, out=blk)  # (rows, D) @ (D, m) -> (rows, m) cosine similarities
+        blk.mul_(t).add_(b)  # logits
+        loss += F.softplus(blk).sum()
+        if want_grad:
+            blk.sigmoid_()  # P block, in place
+            p_sum += blk.sum()
+            torch.mm(blk, y, out=px[r0:r1])  # (rows, m) @ (m, D) -> (rows, D)
+            py.addmm_(blk.T, x[r0:r1])  # (m, rows) @ (rows, D) -> (m, D)
+    if not want_grad:
+        return loss, None, None, None, None
+    ps_sum = (px * x).sum()  # sum_ij P_ij x_i.y_j = sum_i x_i . (P y)_i, no extra B x B pass
+    return loss, px, py, ps_sum, p_sum
+
+
+def _multi_positive_kernel(image, t_in, b_in, *texts, average, block_size, group, want_grad):
+    cdt = _compute_dtype(image)
+    x = image.detach().to(cdt)
+    t = t_in.detach().to(x.device, cdt).reshape(())
+    b = b_in.detach().to(x.device, cdt).reshape(())
+    n, k = x.shape[0], len(texts)
+    group = _process_group(group, n, x.device)
+    world = 1 if group is None else dist.get_world_size(group)
+    m = n * world  # global batch
+    norm = k * m * m if average == "pairs" else m
+    rows = _rows_per_block(block_size, n, m, x.element_size())
+
+    # [loss, sum_ij G_ij s_ij, sum_ij G_ij] with G = P - I summed over the K caption sets
+    sums = x.new_zeros(3)
+    gx, gys = None, []
+    for text in texts:
+        y = text.detach().to(cdt)
+        y_all = y if group is None else _gather_rows(y, group)
+        pos = (x * y).sum(1)  # (n,) positives' similarities s_ii
+        loss, px, py, ps_sum, p_sum = _sigmoid_sums(x, y_all, t, b, rows, want_grad)
+        sums[0] += loss - (t * pos.sum() + b * n)  # softplus(-l) = softplus(l) - l on the diagonal
+        if not want_grad:
+            continue
+        gx = px.sub_(y) if gx is None else gx.add_(px).sub_(y)
+        r = 0 if group is None else dist.get_rank(group)
+        py[r * n : (r + 1) * n] -= x  # this rank's own positives
+        gys.append(py if group is None else _sum_own_rows(py, n, group))
+        sums[1] += ps_sum - pos.sum()
+        sums[2] += p_sum - n
+    if group is not None:
+        dist.all_reduce(sums, group=group)
+    sums /= norm
+    if not want_grad:
+        return sums[0], [None] * (3 + k)
+    scale = t * world / norm  # dL/dx = t G y / N; x world for DDP's averaging (see module docstring)
+    return sums[0], [gx.mul_(scale), sums[1], sums[2], *[gy.mul_(scale) for gy in gys]]
+
+
+def sigmoid_loss(image, text, t, b, average="pairs", block_size=None, group=None):
+    """SigLIP loss -(1/N) sum_ij log sigmoid(z_ij (t x_i.y_j + b)), computed blockwise.
+
+    image, text: (B, D) L2-normalised; t: exponentiated scale, b: bias (scalar tensors, may require grad).
+    average: "pairs" -> N = B^2 (SAIL, default), "rows" -> N = B (SigLIP). block_size: rows per block.
+    group: torch.distributed group; by default the world group when initialised (see module docstring).
+    """
+    _check_pair(image, text)
+    return multi_positive_loss(image, [text], t, b, average=average, block_size=block_size, group=group)
+
+
+def multi_positive_loss(image, texts, t, b, average="pairs", block_size=None, group=None):
+    """Sigmoid loss with K captions per image: image i's own captions positive, all others negative.
+
+    texts: list of K (B, D) tensors (e.g. raw / short / long captions). The pairwise term is summed over
+    the K sets and divided by K B^2 ("pairs", the official code's mean) or B ("rows", paper eq. 2).
+    K = 1 equals sigmoid_loss.
+    """
+    _check_average(average)
+    if isinstance(texts, torch.Tensor) or not isinstance(texts, (list, tuple)) or len(texts) == 0:
+        raise SailError("texts must be a non-empty list of (B, D) tensors, one per caption set")
+    for i, text in enumerate(texts):
+        _check_pair(image, text, name=f"texts[{i}]")
+    t, b = _scalar(t, "t"), _scalar(b, "b")
+
+    def kernel(*inputs, want_grad):
+        return _multi_positive_kernel(
+            *inputs, average=average, block_size=block_size, group=group, want_grad=want_grad
+        )
+
+    return _StoredGradLoss.apply(kernel, image, t, b, *texts)
+
+
+# ---------------------------------------------------------------------------------------------------
+# info-nce (CLIP / ALIGN / ALIP)
+
+
+def _info_nce_kernel(image, text, t_in, *, eps, weights, block_size, group, want_grad):
+    cdt = _compute_dtype(image)
+    x, y = image.detach().to(cdt), text.detach().to(cdt)
+    t = t_in.detach().to(x.device, cdt).reshape(())
+    n = x.shape[0]
+    w = torch.ones(n, dtype=cdt, device=x.device) if weights is None else weights.detach().to(x.device, cdt)
+    group = _process_group(group, n, x.device)
+    world, r = (1, 0) if group is None else (dist.get_world_size(group), dist.get_rank(group))
+    m, off = n * world, r * n  # global batch, this rank's first global row
+    y_all = y if group is None else _gather_rows(y, group)
+    w_all = w if group is None else _gather_rows(w[:, None], group)[:, 0]
+    x_sum = x.sum(0)
+    if group is not None:
+        dist.all_reduce(x_sum, group=group)
+    rows = _rows_per_block(block_size, n, m, x.element_size())
+
+    # pass 1: row log-sum-exps (complete here) and column ones (online over blocks, then over ranks)
+    row_lse = x.new_empty(n)
+    col_lse = x.new_full((m,), float("-inf"))
+    buf = x.new_empty((rows, m))
+    for r0 in range(0, n, rows):
+        r1 = min(r0 + rows, n)
+        blk = torch.mm(x[r0:r1], y_all.T, out=buf[: r1 - r0]).mul_(t)  # (rows, m) logits
+        row_lse[r0:r1] = torch.logsumexp(blk, 1)
+        col_lse = torch.logaddexp(col_lse, torch.logsumexp(blk, 0))
+    if group is not None:
+        col_lse = torch.logsumexp(_gather_rows(col_lse[None], group), 0)  # (world, m) -> (m,)
+
+    # CE with label smoothing eps over C = m classes: lse - (1 - eps) l_ii - eps mean_j l_ij
+    pos = (x * y).sum(1)  # (n,) s_ii
+    smooth = x @ (y_all.sum(0) / m) + y @ (x_sum / m)  # mean_j s_ij + mean_j s_ji
+    per = row_lse + col_lse[off : off + n] - t * (2 * (1 - eps) * pos + eps * smooth)
+    sums = torch.stack([(w * per).sum(), x.new_zeros(())])  # [loss, sum_ij G_ij s_ij]
+
+    gx = gy = None
+    if want_grad:
+        # pass 2: G_ij = dL/dl_ij * 2m = w_i (Pr_ij - q_ij) + w_j (Pc_ij - q_ji), q = (1-eps) I + eps / m
+        gx, gy = torch.empty_like(x), torch.zeros_like(y_all)
+        for r0 in range(0, n, rows):
+            r1 = min(r0 + rows, n)
+            wr = w[r0:r1, None]
+            blk = torch.mm(x[r0:r1], y_all.T, out=buf[: r1 - r0]).mul_(t)  # (rows, m) logits
+            pr = torch.exp(blk - row_lse[r0:r1, None]).mul_(wr)  # w_i * row softmax
+            blk.sub_(col_lse).exp_().mul_(w_all)  # w_j * column softmax, in place
+            blk.add_(pr)
+            del pr
+            if eps > 0:
+                blk.sub_(wr * (eps / m)).sub_(w_all * (eps / m))
+            blk[:, off + r0 : off + r1].diagonal().sub_(w[r0:r1] * (2 * (1 - eps)))
+            torch.mm(blk, y_all, out=gx[r0:r1])  # (rows, m) @ (m, D) -> (rows, D)
+            gy.addmm_(blk.T, x[r0:r1])  # (m, rows) @ (rows, D) -> (m, D)
+        sums[1] = (gx * x).sum()
+        if group is not None:
+            gy = _sum_own_rows(gy, n, group)
+    if group is not None:
+        dist.all_reduce(sums, group=group)
+    sums /= 2 * m
+    if not want_grad:
+        return sums[0], [None, None, None]
+    scale = t * world / (2 * m)  # x world for DDP's averaging (see module docstring)
+    return sums[0], [gx.mul_(scale), gy.mul_(scale), sums[1]]
+
+
+def info_nce_loss(image, text, t, label_smoothing=0.0, weights=None, block_size=None, group=None):
+    """CLIP / ALIGN softmax loss, L = (1/B) sum_i w_i (CE_i2t + CE_t2i) / 2 on logits t X Y^T.
+
+    label_smoothing: as torch.nn.functional.cross_entropy's (target (1-eps) one-hot + eps/B uniform).
+    weights: optional (B,) per-sample weights (e.g. ConsistencyGates), used without gradient; the sum is
+    divided by B, not by the sum of weights. Under torch.distributed each rank passes its local weights.
+    """
+    _check_pair(image, text)
+    t = _scalar(t, "t")
+    eps = float(label_smoothing)
+    if not 0.0 <= eps <= 1.0:
+        raise SailError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if weights is not None and (not isinstance(weights, torch.Tensor) or weights.shape != image.shape[:1]):
+        raise SailError(f"weights must be a ({image.shape[0]},) tensor, one weight per sample")
+
+    def kernel(*inputs, want_grad):
+        return _info_nce_kernel(
+            *inputs, eps=eps, weights=weights, block_size=block_size, group=group, want_grad=want_grad
+        )
+
+    return _StoredGradLoss.apply(kernel, image, text, t)
+
+
+# ---------------------------------------------------------------------------------------------------
+# ALIP consistency gates
+
+
+class ConsistencyGates(torch.nn.Module):
+    """ALIP's Language and Description Consistency Gates: per-sample weights for info_nce_loss.
+
+    forward(s_tc, s_xt, s_xc), each (B,) cosine similarities (raw text . caption, image . raw text,
+    image . caption), first updates the running means H = m H + (1 - m) batch_mean (in training mode;
+    under torch.distributed the batch mean is over the global batch), then returns (W_s W_t, W_s W_c)
+    without gradient, with
+        W_s = exp((S_tc - H_tc) g_s) if S_tc <= H_tc else 1
+        W_t = exp((S_xt - H_xt) g_p) if W_s < 1 else 1,   W_c likewise with S_xc, H_xc   (not capped).
+    enabled=False returns all-ones weights (the ablation) while still tracking the means.
+    """
+
+    def __init__(self, momentum=0.99, gamma_s=2.0, gamma_p=2.0, enabled=True, group=None):
+        super().__init__()
+        if not 0.0 <= momentum <= 1.0:
+            raise SailError(f"momentum must be in [0, 1], got {momentum}")
+        self.momentum, self.gamma_s, self.gamma_p, self.enabled = momentum, gamma_s, gamma_p, enabled
+        self.group = group
+        for name in ("H_tc", "H_xt", "H_xc"):
+            self.register_buffer(name, torch.ones((), dtype=torch.float64))
+
+    @torch.no_grad()
+    def forward(self, s_tc, s_xt, s_xc):
+        if not (s_tc.ndim == 1 and s_tc.shape == s_xt.shape == s_xc.shape):
+            raise SailError("ConsistencyGates expects three (B,) similarity tensors of the same length")
+        stats = torch.stack([s.detach().double().sum() for s in (s_tc, s_xt, s_xc)])
+        stats = torch.cat([stats, stats.new_tensor([s_tc.shape[0]])])  # [3 sums, count]
+        group = self.group
+        if group is None and dist.is_available() and dist.is_initialized():
+            group = dist.group.WORLD
+        if group is not None and dist.get_world_size(group) > 1:
+            dist.all_reduce(stats, group=group)
+        if self.training:
+            m = self.momentum
+            for h, mean in zip((self.H_tc, self.H_xt, self.H_xc), stats[:3] / stats[3]):
+                h.mul_(m).add_((1 - m) * mean)
+        ones = torch.ones_like(s_tc)
+        if not self.enabled:
+            return ones, ones.clone()
+        h_tc, h_xt, h_xc = (h.to(s_tc.dtype) for h in (self.H_tc, self.H_xt, self.H_xc))
+        w_s = torch.where(s_tc <= h_tc, torch.exp((s_tc - h_tc) * self.gamma_s), ones)
+        gated = w_s < 1
+        w_t = torch.where(gated, torch.exp((s_xt - h_xt) * self.gamma_p), ones)
+        w_c = torch.where(gated, torch.exp((s_xc - h_xc) * self.gamma_p), ones)
+        return (w_s * w_t).detach(), (w_s * w_c).detach()

@@ -1,0 +1,190 @@
+"""Optimizers and learning-rate schedules used by the alignment recipes.
+
+    Lion   (Chen et al. 2023)  SAIL paper: lr 1e-5, betas (0.9, 0.99), wd 1e-7, cosine schedule
+    LAMB   (You et al. 2019)   ALIGN: lr 1e-3, wd 1e-5, linear warmup then linear decay
+    AdamW  (torch)             ALIP: lr 1e-3, wd 0.2, betas (0.9, 0.98), OneCycleLR
+
+    opt = build_optimizer("lion", heads.param_groups(weight_decay=1e-7), lr=1e-5, weight_decay=1e-7)
+    sched = cosine_with_warmup(opt, total_steps=10_000, warmup_steps=1_000)
+    for batch in batches:
+        loss.backward(); opt.step(); sched.step(); opt.zero_grad(); heads.clamp_()
+
+Weight decay is decoupled in both custom optimizers (AdamW style: it scales with the current lr and is not
+fed through the moments). Schedules are LambdaLR multipliers of each group's base lr, stepped once per
+optimizer step; `optimizer.state_dict()` and `scheduler.state_dict()` resume exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR, OneCycleLR
+
+from sail.errors import SailError
+
+OPTIMIZERS = ("lion", "adamw", "lamb")
+
+
+def _check_hparams(name: str, lr: float, betas: tuple[float, float], weight_decay: float, eps: float = 0.0):
+    if not lr >= 0:
+        raise SailError(f"{name}: lr must be >= 0, got {lr}")
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise SailError(f"{name}: betas must be two numbers in [0, 1), got {betas}")
+    if not weight_decay >= 0:
+        raise SailError(f"{name}: weight_decay must be >= 0, got {weight_decay}")
+    if not eps >= 0:
+        raise SailError(f"{name}: eps must be >= 0, got {eps}")
+
+
+def _closure_loss(closure):
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+class Lion(torch.optim.Optimizer):
+    """Lion: p <- p - lr * (sign(b1*m + (1-b1)*g) + wd*p), then m <- b2*m + (1-b2)*g."""
+
+    def __init__(self, params, lr: float = 1e-5, betas: tuple[float, float] = (0.9, 0.99),
+                 weight_decay: float = 1e-7):
+        _check_hparams("Lion", lr, betas, weight_decay)
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = _closure_loss(closure)
+        for group in self.param_groups:
+            lr, wd = group["lr"], group["weight_decay"]
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise SailError("Lion does not support sparse gradients")
+                g = p.grad
+                state = self.state[p]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(p)
+                m = state["exp_avg"]
+                update = (m * beta1 + g * (1 - beta1)).sign_()  # interpolation uses the OLD momentum
+                p.mul_(1 - lr * wd)  # decoupled decay: same as p -= lr * wd * p
+                p.add_(update, alpha=-lr)
+                m.mul_(beta2).add_(g, alpha=1 - beta2)
+        return loss
+
+
+class LAMB(torch.optim.Optimizer):
+    """LAMB: Adam direction r = m_hat / (sqrt(v_hat) + eps) + wd*p, scaled per tensor by ||p|| / ||r||."""
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
+                 weight_decay: float = 1e-5):
+        _check_hparams("LAMB", lr, betas, weight_decay, eps)
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = _closure_loss(closure)
+        for group in self.param_groups:
+            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise SailError("LAMB does not support sparse gradients")
+                g = p.grad
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                t = state["step"]
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m.mul_(beta1).add_(g, alpha=1 - beta1)
+                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                m_hat = m / (1 - beta1 ** t)
+                v_hat = v / (1 - beta2 ** t)
+                r = m_hat / (v_hat.sqrt() + eps)
+                if wd != 0:
+                    r.add_(p, alpha=wd)
+                # Trust ratio per tensor; 1 when either norm is 0 (fresh zero-init biases, zero updates).
+                p_norm, r_norm = p.norm(), r.norm()
+                trust = torch.where((p_norm > 0) & (r_norm > 0), p_norm / r_norm, torch.ones_like(p_norm))
+                p.sub_(r * (lr * trust))
+        return loss
+
+
+def build_optimizer(name: str, param_groups, lr: float, weight_decay: float, betas=None, eps=None):
+    """"lion" | "adamw" | "lamb". `weight_decay` fills groups that do not set their own (see
+    AlignmentHeads.param_groups). betas/eps default to each optimizer's usual values; Lion has no eps and
+    ignores it."""
+    key = str(name).lower()
+    if key not in OPTIMIZERS:
+        raise SailError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if key == "lion":
+        return Lion(param_groups, lr=lr, betas=tuple(betas) if betas else (0.9, 0.99), weight_decay=weight_decay)
+    if key == "lamb":
+        return LAMB(param_groups, lr=lr, betas=tuple(betas) if betas else (0.9, 0.999),
+                    eps=1e-6 if eps is None else eps, weight_decay=weight_decay)
+    betas = tuple(betas) if betas else (0.9, 0.999)
+    _check_hparams("AdamW", lr, betas, weight_decay, 1e-8 if eps is None else eps)
+    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=1e-8 if eps is None else eps,
+                             weight_decay=weight_decay)
+
+
+# ---------------------------------------------------------------------- schedules
+def _check_steps(total_steps: int, warmup_steps: int):
+    if total_steps < 1:
+        raise SailError(f"total_steps must be >= 1, got {total_steps}")
+    if not 0 <= warmup_steps <= total_steps:
+        raise SailError(f"warmup_steps must be in [0, total_steps={total_steps}], got {warmup_steps}")
+
+
+def _warmup(step: int, warmup_steps: int) -> float:
+    # (step + 1) / warmup: the very first step already moves (lr/warmup), and step warmup-1 reaches 1.
+    return (step + 1) / warmup_steps
+
+
+def cosine_with_warmup(optimizer, total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> LambdaLR:
+    """Multiplier: linear warmup 1/warmup .. 1 over `warmup_steps`, then cosine from 1 at step
+    `warmup_steps` to `min_ratio` at `total_steps` (held there afterwards)."""
+    _check_steps(total_steps, warmup_steps)
+    if not 0.0 <= min_ratio <= 1.0:
+        raise SailError(f"min_ratio must be in [0, 1], got {min_ratio}")
+    decay_steps = max(1, total_steps - warmup_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return _warmup(step, warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / decay_steps)
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return LambdaLR(optimizer, factor)
+
+
+def linear_warmup_decay(optimizer, total_steps: int, warmup_steps: int) -> LambdaLR:
+    """ALIGN schedule. Multiplier: linear warmup to 1 at step `warmup_steps`, then linear decay to 0 at
+    `total_steps` (held at 0 afterwards)."""
+    _check_steps(total_steps, warmup_steps)
+    decay_steps = max(1, total_steps - warmup_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return _warmup(step, warmup_steps)
+        return max(0.0, (total_steps - step) / decay_steps)
+
+    return LambdaLR(optimizer, factor)
+
+
+def one_cycle(optimizer, max_lr: float, total_steps: int, pct_start: float = 0.1,
+              cycle_momentum: bool = False) -> OneCycleLR:
+    """ALIP schedule: torch OneCycleLR (cosine annealing up to max_lr then down). Momentum cycling is off
+    by default so the betas you chose (ALIP: (0.9, 0.98)) stay as given."""
+    _check_steps(total_steps, 0)
+    if not 0.0 < pct_start < 1.0:
+        raise SailError(f"pct_start must be in (0, 1), got {pct_start}")
+    return OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps, pct_start=pct_start,
+                      cycle_momentum=cycle_momentum)

@@ -1,0 +1,260 @@
+"""`sail extract`: stored values equal the encoders run directly; bad input, resume, shards, torchrun."""
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sail.data import open_dataset
+from sail.errors import SailError
+from sail.extract import ExtractConfig, extract
+from sail.store import FeatureStore
+
+
+def _run(model, data, out, **kw):
+    kw.setdefault("workers", 0)
+    kw.setdefault("progress", False)
+    return extract(ExtractConfig(model=str(model), data=str(data), out=str(out), **kw))
+
+
+def _direct_image_features(model_dir, paths, pooling="concat"):
+    """Reference: the model's own processor and forward, pooled by hand."""
+    from transformers import AutoImageProcessor, AutoModel
+
+    proc = AutoImageProcessor.from_pretrained(model_dir)
+    model = AutoModel.from_pretrained(model_dir).eval()
+    pixels = proc(images=[Image.open(p).convert("RGB") for p in paths], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        h = model(pixel_values=pixels).last_hidden_state
+    cls, patch_mean = h[:, 0], h[:, 1:].mean(1)
+    return {"concat": torch.cat([cls, patch_mean], 1), "cls": cls, "mean": patch_mean}[pooling].numpy()
+
+
+def _manifest(tmp_path, rows, name="m.csv"):
+    path = tmp_path / name
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def test_sample_is_deterministic(tmp_path):
+    from sail.sample import render_sample
+
+    render_sample(tmp_path / "a", n=12)
+    render_sample(tmp_path / "b", n=12)
+    for name in ["manifest.csv"] + [f"images/s{i:04d}.png" for i in range(12)]:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    ds = open_dataset("sample")
+    assert len(ds) == 480 and len(ds.class_names) == 24 and set(ds.captions) == {"caption", "long_caption"}
+
+
+@pytest.mark.parametrize("pooling", ["concat", "cls", "mean"])
+def test_image_features_equal_direct_forward(tmp_path, tiny_vision, pooling):
+    ds = open_dataset("sample")
+    res = _run(tiny_vision, "sample", tmp_path / "img.h5", pooling=pooling, chunk_size=200, batch_size=32)
+    with FeatureStore(res.path) as s:
+        assert list(s.ids) == ds.ids
+        assert s.attrs["pooling"] == pooling and s.attrs["modality"] == "image"
+        rows = [0, 7, 250, 479]
+        want = _direct_image_features(tiny_vision, [ds.images[r] for r in rows], pooling)
+        got = s.read("image", rows).astype(np.float32)
+        np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
+        assert s.dim("image") == (64 if pooling == "concat" else 32)
+        assert np.array_equal(s.labels, ds.labels) and s.class_names == ds.class_names
+        for key in ("model_id", "model_revision", "dim", "dtype", "preprocessing", "source", "source_hash", "sail_version"):
+            assert key in s.attrs
+
+
+def test_patch_tokens_stored(tmp_path, tiny_vision):
+    res = _run(tiny_vision, "sample", tmp_path / "p.h5", patch_tokens=True, chunk_size=240)
+    with FeatureStore(res.path) as s:
+        tokens = s.read_patch_tokens("image", [3])
+        assert tokens.shape == (1, 16, 32)  # 56 px crop / 14 px patches = 4 x 4
+        np.testing.assert_allclose(tokens[0].astype(np.float32).mean(0),
+                                   s.read("image", [3])[0, 32:].astype(np.float32), atol=2e-3)
+
+
+def test_text_features_equal_sentence_transformers(tmp_path, minilm):
+    from sentence_transformers import SentenceTransformer
+
+    ds = open_dataset("sample")
+    res = _run("minilm-l6", "sample", tmp_path / "t.h5", chunk_size=256, batch_size=64)
+    want = SentenceTransformer(minilm, device="cpu").encode(ds.captions["long_caption"][:50])
+    with FeatureStore(res.path) as s:
+        assert s.fields == ["caption", "long_caption"] and s.dim("caption") == 384
+        np.testing.assert_allclose(s.read("long_caption", slice(0, 50)).astype(np.float32), want, atol=1e-3)
+        assert s.attrs["max_length"] == 256 and s.attrs["pooling"] == "sentence-transformers:mean"
+
+
+def test_bad_images_and_empty_captions_are_skipped_without_shifting_rows(tmp_path, tiny_vision, tiny_text):
+    good = Image.new("RGB", (60, 60), (200, 20, 20))
+    good.save(tmp_path / "good.png")
+    Image.new("RGB", (60, 60), (20, 200, 20)).save(tmp_path / "good2.png")
+    data = (tmp_path / "good.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(data[: len(data) // 2])
+    (tmp_path / "garbage.jpg").write_bytes(b"not an image at all")
+    rows = [
+        {"id": "a", "image": "good.png", "caption": "a red square"},
+        {"id": "b", "image": "truncated.png", "caption": "broken"},
+        {"id": "c", "image": "missing.png", "caption": "   "},
+        {"id": "d", "image": "garbage.jpg", "caption": "garbage"},
+        {"id": "e", "image": "good2.png", "caption": "a green square"},
+    ]
+    manifest = _manifest(tmp_path, rows)
+    res = _run(tiny_vision, manifest, tmp_path / "img.h5", batch_size=2, chunk_size=4)
+    assert sum(res.skipped.values()) == 3 and "skipped 3" in res.summary()
+    with FeatureStore(res.path) as s:
+        assert s.valid("image").tolist() == [True, False, False, False, True]
+        reasons = {i: r for i, _, r in s.skipped}
+        assert reasons["c"] == "missing file" and reasons["b"].startswith("unreadable image")
+        assert reasons["d"].startswith("unreadable image")
+        want = _direct_image_features(tiny_vision, [tmp_path / "good.png", tmp_path / "good2.png"])
+        np.testing.assert_allclose(s.read("image", [0, 4]).astype(np.float32), want, atol=2e-3)
+    res = _run(tiny_text, manifest, tmp_path / "txt.h5")
+    with FeatureStore(res.path) as s:
+        assert s.valid("caption").tolist() == [True, True, False, True, True]
+        assert s.skipped == [("c", "caption", "empty caption")]
+
+
+def test_kill_and_resume_gives_identical_store(tmp_path, tiny_vision):
+    ref = _run(tiny_vision, "sample", tmp_path / "ref.h5", chunk_size=16, batch_size=8)
+    out = tmp_path / "killed.h5"
+    cmd = [sys.executable, "-m", "sail.cli", "extract", "--model", str(tiny_vision), "--data", "sample",
+           "--out", str(out), "--chunk-size", "16", "--batch-size", "8", "--workers", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parts = tmp_path / "killed.h5.parts"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(parts.glob("part-*.npz"))) < 3:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(list(parts.glob("part-*.npz")))
+    assert 3 <= done < 30, "the kill should land mid-run"
+    assert not out.exists()
+    with pytest.raises(SailError, match="incomplete|not found"):
+        FeatureStore(out)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert not parts.exists()
+    with FeatureStore(ref.path) as a, FeatureStore(out) as b:
+        assert list(a.ids) == list(b.ids) and len(set(b.ids)) == 480
+        assert np.array_equal(a.read("image"), b.read("image"))
+
+
+def test_interrupted_merge_leaves_no_complete_looking_file(tmp_path, tiny_text):
+    out = tmp_path / "t.h5"
+    (tmp_path / "t.h5.partial").write_bytes(b"half written")
+    res = _run(tiny_text, "sample", out)
+    assert res.path == out and not (tmp_path / "t.h5.partial").exists()
+    assert len(FeatureStore(out)) == 480
+
+
+def test_existing_store_from_another_model_is_not_overwritten(tmp_path, tiny_vision, tiny_text):
+    out = tmp_path / "x.h5"
+    _run(tiny_vision, "sample", out)
+    before = out.read_bytes()
+    with pytest.raises(SailError, match="different extraction"):
+        _run(tiny_text, "sample", out)
+    other = _manifest(tmp_path, [{"id": "a", "image": "none.png", "caption": "x"}])
+    with pytest.raises(SailError, match="different extraction"):
+        _run(tiny_vision, other, out)
+    assert out.read_bytes() == before
+    assert _run(tiny_vision, "sample", out).already_complete
+
+
+def test_user_errors_are_one_line(tmp_path, tiny_text):
+    with pytest.raises(SailError, match="unknown model"):
+        _run("not-a-model", "sample", tmp_path / "a.h5")
+    with pytest.raises(SailError, match="no column"):
+        _run(tiny_text, "sample", tmp_path / "b.h5", columns=["nope"])
+    with pytest.raises(SailError, match="not found"):
+        _run(tiny_text, tmp_path / "nothing.csv", tmp_path / "c.h5")
+    dup = _manifest(tmp_path, [{"id": "a", "caption": "x"}, {"id": "a", "caption": "y"}])
+    with pytest.raises(SailError, match="more than once"):
+        _run(tiny_text, dup, tmp_path / "d.h5", image_column="")
+    for s in ("a.h5", "b.h5", "c.h5", "d.h5"):
+        assert not (tmp_path / s).exists()
+
+
+def test_cli_prints_one_line_error(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "sail.cli", "extract", "--model", "nope", "--data", "sample",
+                        "--out", str(tmp_path / "x.h5")], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("error: unknown model") and len(r.stderr.strip().splitlines()) == 1
+
+
+def _write_shard(path, samples):
+    with tarfile.open(path, "w") as tar:
+        for name, payload in samples:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+
+
+def test_webdataset_shards(tmp_path, tiny_vision, tiny_text):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    ds = open_dataset("sample")
+    for k in range(2):
+        samples = []
+        for i in range(k * 5, k * 5 + 5):
+            key = f"{i:09d}"
+            samples.append((f"{key}.png", Path(ds.images[i]).read_bytes()))
+            samples.append((f"{key}.txt", ds.captions["caption"][i].encode()))
+            samples.append((f"{key}.json", json.dumps({"key": key, "long_caption": ds.captions["long_caption"][i]}).encode()))
+        _write_shard(shards / f"{k:05d}.tar", samples)
+    res = _run(tiny_vision, shards, tmp_path / "img.h5", chunk_size=4)
+    with FeatureStore(res.path) as s:
+        assert list(s.ids) == [f"{i:09d}" for i in range(10)] and s.valid("image").all()
+        want = _direct_image_features(tiny_vision, ds.images[:10])
+        np.testing.assert_allclose(s.read("image").astype(np.float32), want, atol=2e-3)
+    res = _run(tiny_text, shards, tmp_path / "txt.h5", columns=["caption", "long_caption"])
+    with FeatureStore(res.path) as s:
+        assert s.fields == ["caption", "long_caption"] and s.valid("long_caption").all()
+
+
+def test_image_folder_stores_labels(tmp_path, tiny_vision):
+    root = tmp_path / "folder"
+    for cls, colour in (("cat", (10, 10, 10)), ("dog", (250, 250, 250))):
+        (root / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (40, 50), colour).save(root / cls / f"{i}.jpg")
+    res = _run(tiny_vision, root, tmp_path / "f.h5")
+    with FeatureStore(res.path) as s:
+        assert s.class_names == ["cat", "dog"] and s.labels.tolist() == [0, 0, 0, 1, 1, 1]
+        assert s.ids[0] == "cat/0.jpg"
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes_match_one(tmp_path, tiny_vision):
+    single = _run(tiny_vision, "sample", tmp_path / "one.h5", chunk_size=64, batch_size=32)
+    out = tmp_path / "two.h5"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", str(_free_port()),
+                        "-m", "sail.cli", "extract", "--model", str(tiny_vision), "--data", "sample", "--out", str(out),
+                        "--chunk-size", "64", "--batch-size", "32", "--workers", "0"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    with FeatureStore(single.path) as a, FeatureStore(out) as b:
+        assert list(a.ids) == list(b.ids)
+        np.testing.assert_allclose(a.read("image").astype(np.float32), b.read("image").astype(np.float32), atol=2e-3)
