@@ -91,8 +91,8 @@ def worker(impl, n, dim, block_size, threads, repeats):
 
 
 def run_one(impl, n, args):
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, "--sizes", str(n), "--dim", str(args.dim),
-           "--repeats", str(args.repeats), "--threads", str(args.threads)]
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, "--sizes", str(n),
+           "--dim", str(args.dim), "--repeats", str(args.repeats), "--threads", str(args.threads)]
     if args.block_size:
         cmd += ["--block-size", str(args.block_size)]
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -121,8 +121,8 @@ def main(argv=None):
         return
 
     rows = []
-    head = f"{'B':>7} {'impl':>9} {'time s':>8} {'GFLOP/s':>8} {'mm GFLOP/s':>10} {'base MB':>8} {'peak MB':>8} {'incr MB':>8}"
-    print(head)
+    print(f"{'B':>7} {'impl':>9} {'time s':>8} {'GFLOP/s':>8} {'mm GFLOP/s':>10} "
+          f"{'base MB':>8} {'peak MB':>8} {'incr MB':>8}")
     for n in sizes:
         for impl in ("blockwise", "plain") if n <= args.plain_max else ("blockwise",):
             r = run_one(impl, n, args)
@@ -147,8 +147,8 @@ def main(argv=None):
             }
             print(f"B={n}: blockwise/plain time {ratios[str(n)]['time']:.3f}, peak RSS "
                   f"{ratios[str(n)]['peak_rss']:.3f}, RSS increase {ratios[str(n)]['increase']:.3f}")
-    print(json.dumps({"benchmark": "sigmoid_loss_fwd_bwd", "device": "cpu", "dtype": "float32", "dim": args.dim,
-                      "results": rows, "ratios": ratios}))
+    print(json.dumps({"benchmark": "sigmoid_loss_fwd_bwd", "device": "cpu", "dtype": "float32",
+                      "dim": args.dim, "results": rows, "ratios": ratios}))
 
 
 if __name__ == "__main__":

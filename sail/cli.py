@@ -64,6 +64,53 @@ def extract(
 
 
 @app.command()
+def align(
+    image: str = typer.Option(..., help="image feature store (.h5)"),
+    text: str = typer.Option(..., help="text feature store (.h5) over the same ids"),
+    out: str = typer.Option(..., help="run directory"),
+    captions: Optional[str] = typer.Option(None, help="caption fields, comma-separated (default: first field; all for multi-positive)"),
+    loss: str = typer.Option("sigmoid", help="sigmoid | multi-positive | info-nce"),
+    average: str = typer.Option("pairs", help="sigmoid normalisation: pairs (/B^2, SAIL) or rows (/B, SigLIP)"),
+    head: str = typer.Option("glu", help="linear | mlp | glu"),
+    width: int = typer.Option(4, help="hidden width factor (paper 4, official scripts 8)"),
+    out_dim: int = typer.Option(1024, help="shared embedding dimension"),
+    activation: str = typer.Option("relu6", help="GLU gate activation: relu6 | silu | gelu"),
+    batch: int = typer.Option(36864, help="global batch size (pairs)"),
+    epochs: int = typer.Option(10, help="passes over the training pairs"),
+    steps: Optional[int] = typer.Option(None, help="total optimizer steps (overrides --epochs)"),
+    optimizer: str = typer.Option("lion", help="lion | adamw | lamb"),
+    lr: float = typer.Option(1e-5, help="peak learning rate"),
+    weight_decay: float = typer.Option(1e-7, help="decoupled weight decay"),
+    beta1: float = typer.Option(0.9), beta2: float = typer.Option(0.99),
+    warmup: float = typer.Option(0.1, help="warmup: fraction of steps, or a step count if >= 1"),
+    init_scale: float = typer.Option(20.0, help="initial temperature t"),
+    init_bias: float = typer.Option(-10.0, help="initial bias b"),
+    val_fraction: float = typer.Option(0.02, help="held-out fraction for validation R@1"),
+    val_image: Optional[str] = typer.Option(None, help="separate validation image store"),
+    val_text: Optional[str] = typer.Option(None, help="separate validation text store"),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N"),
+    in_memory: str = typer.Option("auto", help="auto | yes | no (stream from the stores)"),
+    checkpoint_every: int = typer.Option(500, help="steps between checkpoints"),
+    eval_every: int = typer.Option(500, help="steps between validation R@1"),
+    block_size: Optional[int] = typer.Option(None, help="loss block rows (default: automatic)"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
+):
+    """Train alignment heads on cached features; writes config.json + model.safetensors."""
+    from sail.align import AlignConfig, align as run
+
+    result = run(AlignConfig(image=image, text=text, out=out, captions=_split(captions), loss=loss, average=average,
+                             head=head, width=width, out_dim=out_dim, activation=activation, batch=batch, epochs=epochs,
+                             steps=steps, optimizer=optimizer, lr=lr, weight_decay=weight_decay, betas=(beta1, beta2),
+                             warmup=warmup, init_scale=init_scale, init_bias=init_bias, val_fraction=val_fraction,
+                             val_image=val_image, val_text=val_text, seed=seed, device=device, in_memory=in_memory,
+                             checkpoint_every=checkpoint_every, eval_every=eval_every, block_size=block_size),
+                 resume=resume)
+    if result.metrics:
+        typer.echo(result.summary())
+
+
+@app.command()
 def info(path: str = typer.Argument(..., help="feature store (.h5)")):
     """Print a store's attributes, fields, labels and skipped samples."""
     from sail.store import describe

@@ -133,7 +133,7 @@ def _gather_rows(x, group):
 
 def _sum_own_rows(full, n, group):
     """Sum (world * n, D) partial gradients over ranks and keep this rank's n rows."""
-    if dist.get_backend(group) == "nccl":
+    if full.is_cuda and "nccl" in str(dist.get_backend(group)):
         out = full.new_empty((n, full.shape[1]))
         dist.reduce_scatter_tensor(out, full, group=group)
         return out

@@ -140,7 +140,8 @@ def test_sigmoid_stable_at_large_scale():
 def test_info_nce_matches_plain_formula(eps, weighted, block):
     x, y = unit(B, D, 0), unit(B, D, 1)
     log_t, _ = scalars(t=9.0)
-    w = torch.rand(B, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * 2 if weighted else None
+    w = torch.rand(B, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * 2
+    w = w if weighted else None
     check_against_reference(
         lambda x, y, lt: info_nce_loss(x, y, lt.exp(), label_smoothing=eps, weights=w, block_size=block),
         lambda x, y, lt: ref_info_nce(x, y, lt.exp(), eps, w),
@@ -262,8 +263,9 @@ def test_consistency_gates_worked_example():
     # W_s = exp(2 (S_tc - 0.75)) = [1, e^-1, e^-0.5, e^-0.5]
     # W_t = exp(3 (S_xt - 0.6875)) = [1, e^-1.3125, e^-0.5625, e^-1.3125]
     # W_c = exp(3 (S_xc - 0.78125)) = [1, e^-0.09375, e^-1.59375, e^0.65625]  (last one > 1: not capped)
-    want_t = [1.0, 0.0990134083638263, 0.3455907525769745, 0.16324551245395838]  # e^[0, -2.3125, -1.0625, -1.8125]
-    want_c = [1.0, 0.33495804292529496, 0.12322417764723749, 1.1691184461695043]  # e^[0, -1.09375, -2.09375, 0.15625]
+    # W_s W_t = e^[0, -2.3125, -1.0625, -1.8125], W_s W_c = e^[0, -1.09375, -2.09375, 0.15625]
+    want_t = [1.0, 0.0990134083638263, 0.3455907525769745, 0.16324551245395838]
+    want_c = [1.0, 0.33495804292529496, 0.12322417764723749, 1.1691184461695043]
     assert w_t.tolist() == pytest.approx(want_t, rel=1e-12)
     assert w_c.tolist() == pytest.approx(want_c, rel=1e-12)
 
@@ -275,8 +277,9 @@ def test_consistency_gates_worked_example():
     assert [gates.H_tc.item(), gates.H_xt.item(), gates.H_xc.item()] == [0.625, 0.59375, 0.671875]
     # W_s = [1, e^-1.25, e^-0.25, e^-0.25]; W_t = [1, e^-0.28125, e^0.46875, e^0.46875]
     # W_c = [1, e^-1.265625, e^0.984375, e^-0.515625]
-    want_t = [1.0, 0.21626516682988728, 1.2445201077660952, 1.2445201077660952]  # e^[0, -1.53125, .21875, .21875]
-    want_c = [1.0, 0.08081238867682221, 2.0841789734955687, 0.4650431881340563]  # e^[0, -2.515625, .734375, -.765625]
+    # W_s W_t = e^[0, -1.53125, 0.21875, 0.21875], W_s W_c = e^[0, -2.515625, 0.734375, -0.765625]
+    want_t = [1.0, 0.21626516682988728, 1.2445201077660952, 1.2445201077660952]
+    want_c = [1.0, 0.08081238867682221, 2.0841789734955687, 0.4650431881340563]
     assert w_t.tolist() == pytest.approx(want_t, rel=1e-12)
     assert w_c.tolist() == pytest.approx(want_c, rel=1e-12)
 

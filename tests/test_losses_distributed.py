@@ -53,7 +53,8 @@ def check(rank, name, ours_fn, ref_fn, global_embeddings, log_t, b):
     k = len(global_embeddings)
     torch.testing.assert_close(v, v_ref, rtol=1e-10, atol=0, msg=f"{name}: loss")
     for i in range(k):
-        torch.testing.assert_close(g[i], WORLD * g_ref[i][lo:hi], rtol=1e-10, atol=1e-14, msg=f"{name}: grad {i}")
+        want = WORLD * g_ref[i][lo:hi]
+        torch.testing.assert_close(g[i], want, rtol=1e-10, atol=1e-14, msg=f"{name}: grad {i}")
     for i in range(k, k + 2):
         if g_ref[i] is None:  # info-nce has no bias
             continue
@@ -78,7 +79,7 @@ def worker(rank, port):
               lambda e, t, b: multi_positive_loss(e[0], e[1:], t, b, block_size=3),
               lambda e, t, b: ref_sigmoid(e[0], e[1:], t, b), [x, y1, y2, y3], log_t, b)
         check(rank, "info-nce",
-              lambda e, t, b: info_nce_loss(e[0], e[1], t, label_smoothing=0.1, weights=w[lo:hi], block_size=2),
+              lambda e, t, b: info_nce_loss(e[0], e[1], t, 0.1, weights=w[lo:hi], block_size=2),
               lambda e, t, b: ref_info_nce(e[0], e[1], t, 0.1, w), [x, y1], log_t, b)
 
         # gates: running means use the global batch mean on every rank
