@@ -118,6 +118,184 @@ def info(path: str = typer.Argument(..., help="feature store (.h5)")):
     typer.echo(describe(path))
 
 
+# ----------------------------------------------------------------------------------------- eval
+
+eval_app = typer.Typer(no_args_is_help=True, help="Measure a run: zero-shot, retrieval, Winoground, probes, segmentation.")
+app.add_typer(eval_app, name="eval")
+
+
+def _report(task: str, result: dict, out: Optional[str], run: Optional[str]) -> None:
+    """Print a small table and save the numbers as JSON next to the run (or where --out says)."""
+    import json
+    from pathlib import Path
+
+    width = max(len(k) for k in result)
+    typer.echo(f"{task}")
+    for k, v in result.items():
+        typer.echo(f"  {k:<{width}}  {v:.2f}" if isinstance(v, float) else f"  {k:<{width}}  {v}")
+    path = Path(out) if out else (Path(run) / "eval" / f"{task}.json" if run else Path(f"eval-{task}.json"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1, default=str))
+    typer.echo(f"saved {path}")
+
+
+_RUN = typer.Argument(..., help="run directory (config.json + model.safetensors)")
+_OUT = typer.Option(None, "--out", help="JSON file for the results (default RUN/eval/TASK.json)")
+_DEVICE = typer.Option("auto", help="auto, cpu, cuda")
+_VISION = typer.Option(None, "--vision-model", help="local copy of the run's vision encoder")
+_TEXT = typer.Option(None, "--text-model", help="local copy of the run's text encoder")
+
+
+@eval_app.command("zeroshot")
+def eval_zeroshot(run: str = _RUN,
+                  data: str = typer.Option(..., help="labelled images: class folders, a manifest with a label column, or 'sample-val'"),
+                  classnames: Optional[str] = typer.Option(None, help="'imagenet' or a file (default: the dataset's class names)"),
+                  templates: str = typer.Option("imagenet", help="built-in set (imagenet, cifar10, food101, ...) or a file, one template with {} per line"),
+                  image_store: Optional[str] = typer.Option(None, help="use these image features instead of extracting"),
+                  out: Optional[str] = _OUT, device: str = _DEVICE, vision_model: Optional[str] = _VISION,
+                  text_model: Optional[str] = _TEXT):
+    """Zero-shot classification with template ensembles: top-1, top-5, mean per-class recall."""
+    from sail.evaluate import zeroshot
+
+    _report("zeroshot", zeroshot(run, data, classnames, templates, image_store, device=device,
+                                 vision_model=vision_model, text_model=text_model), out, run)
+
+
+@eval_app.command("retrieval")
+def eval_retrieval(run: str = _RUN,
+                   data: str = typer.Option(..., help="manifest (caption columns / rows per image), Karpathy JSON, or COCO captions JSON"),
+                   images_root: Optional[str] = typer.Option(None, help="image folder for JSON inputs (default: the JSON's folder)"),
+                   split: str = typer.Option("test", help="Karpathy split"),
+                   columns: Optional[str] = typer.Option(None, help="caption columns of a manifest"),
+                   out: Optional[str] = _OUT, device: str = _DEVICE, vision_model: Optional[str] = _VISION,
+                   text_model: Optional[str] = _TEXT):
+    """Image-text retrieval R@1/5/10 in both directions (several captions per image)."""
+    from sail.evaluate import retrieval
+
+    _report("retrieval", retrieval(run, data, images_root, split, _split(columns), device=device,
+                                   vision_model=vision_model, text_model=text_model), out, run)
+
+
+@eval_app.command("winoground")
+def eval_winoground(run: str = _RUN, data: str = typer.Option(..., help="Winoground examples.jsonl"),
+                    images: Optional[str] = typer.Option(None, help="image folder (default: images/ beside the jsonl)"),
+                    out: Optional[str] = _OUT, device: str = _DEVICE, vision_model: Optional[str] = _VISION,
+                    text_model: Optional[str] = _TEXT):
+    """Winoground text, image and group scores."""
+    from sail.evaluate import winoground
+
+    _report("winoground", winoground(run, data, images, device, vision_model, text_model), out, run)
+
+
+@eval_app.command("linear-probe")
+def eval_linear_probe(train: str = typer.Option(..., help="labelled train store"), test: str = typer.Option(..., help="labelled test store"),
+                      run: Optional[str] = typer.Option(None, help="project through this run's image head first"),
+                      out: Optional[str] = _OUT):
+    """Logistic regression on frozen features; weight decay chosen on a validation split."""
+    from sail.evaluate import linear_probe
+
+    _report("linear-probe", linear_probe(train, test, run), out, run)
+
+
+@eval_app.command("knn")
+def eval_knn(train: str = typer.Option(..., help="labelled train store"), test: str = typer.Option(..., help="labelled test store"),
+             k: int = typer.Option(20), run: Optional[str] = typer.Option(None, help="project through this run's image head first"),
+             out: Optional[str] = _OUT):
+    """k-nearest-neighbour classification (faiss, cosine, weighted votes)."""
+    from sail.evaluate import knn
+
+    _report("knn", knn(train, test, k, run), out, run)
+
+
+@eval_app.command("segmentation")
+def eval_segmentation(run: str = _RUN, images: str = typer.Option(..., help="folder of images"),
+                      masks: str = typer.Option(..., help="folder of label masks <stem>.png"),
+                      classnames: str = typer.Option(..., help="file, one class per line, in mask-index order"),
+                      templates: str = typer.Option("imagenet"), ignore_index: int = typer.Option(255),
+                      out: Optional[str] = _OUT, device: str = _DEVICE, vision_model: Optional[str] = _VISION,
+                      text_model: Optional[str] = _TEXT):
+    """Zero-shot segmentation from patch tokens through the image head: mIoU."""
+    from sail.evaluate import segmentation
+
+    _report("segmentation", segmentation(run, images, masks, classnames, templates, ignore_index, device=device,
+                                         vision_model=vision_model, text_model=text_model), out, run)
+
+
+@eval_app.command("alignment")
+def eval_alignment(image: str = typer.Option(..., help="first store (e.g. image features)"),
+                   text: str = typer.Option(..., help="second store (e.g. text features) over the same ids"),
+                   k: int = typer.Option(10), field: Optional[str] = typer.Option(None, help="field of the second store"),
+                   out: Optional[str] = _OUT):
+    """How aligned two frozen feature spaces already are: mutual k-NN overlap."""
+    from sail.evaluate import alignment
+
+    _report("alignment", alignment(image, text, k, field), out, None)
+
+
+# ----------------------------------------------------------------------------------------- search, filter, recipes, demo
+
+
+@app.command()
+def index(run: str = _RUN, images: str = typer.Option(..., help="image feature store to index"),
+          out: str = typer.Option(..., help="index directory")):
+    """Build a faiss index of a run's projected image embeddings."""
+    from sail.search import build_index
+
+    meta = build_index(run, images, out)
+    typer.echo(f"indexed {meta['size']} images ({meta['dim']}-d) into {out}")
+
+
+@app.command()
+def search(index_dir: str = typer.Argument(..., metavar="INDEX"), query: str = typer.Argument(...),
+           k: int = typer.Option(10, "-k", "--k", help="results to show"), device: str = _DEVICE):
+    """Find the images that best match a text query."""
+    from sail.search import search as run
+
+    for hit in run(index_dir, query, k, device=device):
+        typer.echo(f"{hit['rank']:>3}  {hit['score']:.4f}  {hit['id']}" + (f"  {hit['path']}" if hit.get("path") else ""))
+
+
+filter_app = typer.Typer(no_args_is_help=True, help="Data filters.")
+app.add_typer(filter_app, name="filter")
+
+
+@filter_app.command("align")
+def filter_align_cmd(manifest: str = typer.Argument(..., help="manifest to filter (csv, tsv, jsonl)"),
+                     out: str = typer.Option(..., "--out", help="filtered manifest"),
+                     image_column: str = typer.Option("image"), text_column: str = typer.Option("caption"),
+                     id_column: str = typer.Option("id"),
+                     min_short_side: int = typer.Option(200, help="drop images whose shorter side is <= this"),
+                     max_aspect: float = typer.Option(3.0, help="drop images with aspect ratio >= this"),
+                     max_texts_per_image: int = typer.Option(1000), max_images_per_text: int = typer.Option(10),
+                     min_unigrams: int = typer.Option(3), max_unigrams: int = typer.Option(20),
+                     vocab_size: int = typer.Option(100_000, help="K most frequent unigrams+bigrams kept")):
+    """ALIGN's filters (image size/aspect, alt-text sharing, length, rare tokens); prints what each removed."""
+    from sail.filter import filter_align
+
+    report = filter_align(manifest, out, image_column=image_column, text_column=text_column, id_column=id_column,
+                          min_short_side=min_short_side, max_aspect=max_aspect, max_texts_per_image=max_texts_per_image,
+                          max_images_per_text=max_images_per_text, min_unigrams=min_unigrams,
+                          max_unigrams=max_unigrams, vocab_size=vocab_size)
+    typer.echo(report.table())
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def recipe(ctx: typer.Context, name: str = typer.Argument(..., help="alip or align")):
+    """Run a full-model recipe: sail recipe alip --config recipes/configs/alip-tiny.yaml [--key value ...]"""
+    from sail.recipe import run_recipe
+
+    run_recipe(name, list(ctx.args))
+
+
+@app.command()
+def demo(out: str = typer.Option("runs/demo", help="run directory"),
+         features_root: str = typer.Option("features", help="where the feature stores go")):
+    """extract -> align -> eval on the embedded sample, with models that need no download."""
+    from sail.demo import run_demo
+
+    run_demo(out, features_root)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point: user mistakes (SailError) print one line and exit 2, with no traceback."""
     try:

@@ -243,16 +243,16 @@ def open_image_folder(root: Path) -> Dataset:
 def open_dataset(spec: str, columns: list[str] | None = None, id_column: str = "id",
                  image_column: str = "image") -> Dataset:
     """Open `sample`, a manifest file, a tar shard / folder of shards, or a class-per-folder image tree."""
-    if spec == "sample":
+    if spec in ("sample", "sample-val"):
         from sail.sample import sample_dir
 
-        ds = open_manifest(sample_dir() / "manifest.csv", columns)
-        ds.name = "sample"
+        ds = open_manifest(sample_dir(spec) / "manifest.csv", columns)
+        ds.name = spec
         return ds
     path = Path(spec).expanduser()
     if not path.exists():
         raise SailError(f"data {spec!r} not found; give a manifest ({', '.join(MANIFEST_EXTENSIONS)}), "
-                        "a folder of .tar shards, an image folder, or 'sample'")
+                        "a folder of .tar shards, an image folder, or 'sample' / 'sample-val'")
     if path.is_file() and path.suffix.lower() in MANIFEST_EXTENSIONS:
         return open_manifest(path, columns, id_column, image_column)
     if path.is_file() and path.suffix == ".tar":
@@ -263,4 +263,4 @@ def open_dataset(spec: str, columns: list[str] | None = None, id_column: str = "
             return open_webdataset(shards, columns, path.name)
         return open_image_folder(path)
     raise SailError(f"cannot read {spec!r} as data; give a manifest ({', '.join(MANIFEST_EXTENSIONS)}), "
-                    "a .tar shard, a folder of shards, an image folder, or 'sample'")
+                    "a .tar shard, a folder of shards, an image folder, or 'sample' / 'sample-val'")

@@ -197,12 +197,15 @@ def _open_parts(parts: Path, ident: dict, rank: int) -> None:
 # ----------------------------------------------------------------------------------------- the run
 
 
-def extract(cfg: ExtractConfig) -> ExtractResult:
-    """Extract (or finish extracting) one store; returns where it is and what was skipped."""
+def extract(cfg: ExtractConfig, dataset: Dataset | None = None) -> ExtractResult:
+    """Extract (or finish extracting) one store; returns where it is and what was skipped.
+
+    `dataset` replaces `cfg.data` for callers that build one in code (the eval tasks do).
+    """
     start = time.time()
     rank, world = _dist()
     spec = resolve_model(cfg.model, cfg.modality, cfg.trust_remote_code)
-    ds = open_dataset(cfg.data, cfg.columns, cfg.id_column, cfg.image_column)
+    ds = dataset if dataset is not None else open_dataset(cfg.data, cfg.columns, cfg.id_column, cfg.image_column)
     if len(ds) == 0:
         raise SailError(f"{cfg.data} holds no samples")
     if spec.modality == "image":

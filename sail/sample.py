@@ -4,7 +4,7 @@ Nothing is downloaded: `sample_dir()` renders 64x64 PNG images of one shape (cir
 cross) in one colour (6 colours) at a random size and position, and writes `manifest.csv` with columns
 id, image, caption ("a red circle"), long_caption (size, position and background too) and label (the
 class "red circle", 24 classes). The same seed always gives the same bytes, so the demo and the tests
-see identical data everywhere.
+see identical data everywhere. `sample-val` is a second, disjoint render (240 images) for evaluation.
 
     python -m sail.sample            # prints where the sample lives
 """
@@ -63,7 +63,7 @@ def render_sample(out: Path, n: int = SAMPLE_SIZE, seed: int = 0, size: int = 64
         x0, y0 = (int(v) for v in rng.integers(2, size - side - 1, size=2))
         rgb = tuple(int(np.clip(c + rng.integers(-20, 21), 0, 255)) for c in COLOURS[colour])
         _draw(ImageDraw.Draw(image), shape, (x0, y0, x0 + side, y0 + side), rgb)
-        sid = f"s{i:04d}"
+        sid = f"{'s' if seed == 0 else f'v{seed}-'}{i:04d}"
         image.save(out / "images" / f"{sid}.png")
         bigness = "large" if side > size * 0.6 else "small" if side < size * 0.45 else "medium-sized"
         where = ("top" if y0 + side / 2 < size / 2 else "bottom") + " " + ("left" if x0 + side / 2 < size / 2 else "right")
@@ -80,15 +80,19 @@ def render_sample(out: Path, n: int = SAMPLE_SIZE, seed: int = 0, size: int = 64
         writer.writerows(rows)
 
 
-def sample_dir() -> Path:
+SPLITS = {"sample": (SAMPLE_SIZE, 0), "sample-val": (240, 1)}  # name: (images, seed); val is disjoint renders
+
+
+def sample_dir(split: str = "sample") -> Path:
     """The rendered sample, made on first use; concurrent first uses are safe (atomic rename)."""
-    final = cache_root() / f"sample-v{SAMPLE_VERSION}"
+    n, seed = SPLITS[split]
+    final = cache_root() / f"{split}-v{SAMPLE_VERSION}"
     if (final / "manifest.csv").exists():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".sample-"))
     try:
-        render_sample(tmp / "data")
+        render_sample(tmp / "data", n=n, seed=seed)
         os.replace(tmp / "data", final)
     except OSError:
         if not (final / "manifest.csv").exists():  # lost a race only if the winner finished

@@ -18,6 +18,7 @@ import torch
 SHAPES = {
     # name: (hidden, layers, heads, mlp, image size, patch, processor short side)
     "tiny": (32, 2, 2, 64, 56, 14, 64),
+    "demo": (192, 4, 3, 768, 112, 14, 128),
     "dinov2-s": (384, 12, 6, 1536, 224, 14, 256),
 }
 

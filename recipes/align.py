@@ -1,0 +1,139 @@
+"""ALIGN (Jia et al. 2021): an EfficientNet image tower and a BERT text tower trained end to end with a
+softmax contrastive loss on noisy alt-text.
+
+    python recipes/align.py --config recipes/configs/align-tiny.yaml                 # CPU, a minute
+    python recipes/align.py --config recipes/configs/align-efficientnet-b7.yaml --data alt.parquet --out runs/align
+    torchrun --nproc_per_node 8 recipes/align.py --config recipes/configs/align-efficientnet-b7.yaml
+
+Filter the data first with ALIGN's frequency rules (sail/filter.py, `filter_align`).
+
+Model: EfficientNet (AlignVisionModel, global average pooling) + BERT ([CLS] state), each through a linear
+sail.heads projection and L2-normalised (sail.towers). Loss, with logits x.y / sigma and sigma learnable
+from 1.0 (towers.scale() = 1 / sigma):
+
+    L = CE_i2t + CE_t2i = 2 * info_nce_loss(x, y, 1 / sigma, label_smoothing=0.1)
+
+(both directions summed as in the paper; the library's info_nce_loss is their mean). Negatives are
+gathered from every process. Paper settings: LAMB lr 1e-3, wd 1e-5, linear warm-up (10k steps) then
+linear decay to 0, global batch 16384, embedding 640 for B7.
+
+Outputs in OUT: config.json + model.safetensors + tokenizer/ (sail.towers.Towers.from_pretrained, `sail
+eval`), metrics.jsonl, curves.png, recipe-config.yaml, checkpoints/. Rerun the same command to resume.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from sail.data import open_dataset
+from sail.encoders import autocast
+from sail.losses import info_nce_loss
+from sail.optim import build_optimizer, linear_warmup_decay
+from sail.recipe import (MetricsLog, PairData, iterate_batches, latest_checkpoint, load_checkpoint, load_config,
+                         plot_curves, save_checkpoint, setup_distributed, split_indices, zeroshot_check)
+from sail.templates import load_templates
+from sail.towers import build_towers
+
+
+def main(argv=None) -> dict:
+    cfg = load_config(sys.argv[1:] if argv is None else argv)
+    rank, world, device = setup_distributed(str(cfg["device"]))
+    out = Path(cfg["out"])
+    torch.manual_seed(cfg["seed"])  # same initial weights on every rank
+
+    # ---- data: training rows and a held-out part for the zero-shot check
+    ds = open_dataset(str(cfg["data"]), columns=[cfg["text_column"]])
+    train_rows, held_rows = split_indices(ds.ids, cfg["holdout"])
+
+    # ---- model, optimizer, schedule
+    towers = build_towers("align", cfg["vision"], cfg["text"], cfg["embed_dim"], cfg["image"], head=cfg["head"],
+                          temperature="sigma", init_scale=1.0 / cfg["init_sigma"],
+                          max_scale=cfg["max_scale"]).to(device)
+    if cfg["gradient_checkpointing"]:
+        unsupported = towers.enable_gradient_checkpointing()
+        if unsupported and rank == 0:
+            print(f"note: gradient checkpointing is not available for {', '.join(unsupported)}")
+    optimizer = build_optimizer("lamb", towers.param_groups(cfg["weight_decay"]), lr=cfg["lr"],
+                                weight_decay=cfg["weight_decay"], betas=cfg["betas"], eps=cfg["eps"])
+    steps = int(cfg["steps"])
+    scheduler = linear_warmup_decay(optimizer, total_steps=steps, warmup_steps=min(int(cfg["warmup_steps"]), steps))
+
+    # ---- resume from the newest checkpoint in OUT, if any
+    step, position = 0, (0, 0)
+    ckpt = latest_checkpoint(out)
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, towers, optimizer, scheduler, {})
+        step, position = state["step"], tuple(state["position"])
+    log = MetricsLog(out / "metrics.jsonl", resume_step=step if ckpt else None, enabled=rank == 0)
+    if rank == 0:
+        (out / "recipe-config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    model = towers
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(towers, device_ids=[device.index] if device.type == "cuda" else None)
+
+    templates = load_templates(cfg["zeroshot_templates"]) if isinstance(cfg["zeroshot_templates"], str) \
+        else list(cfg["zeroshot_templates"])
+    data = PairData(ds.images, [ds.captions[cfg["text_column"]]], towers.preprocessing, seed=cfg["seed"])
+    batches = iterate_batches(data, train_rows, cfg["batch_size"], cfg["seed"], position, workers=cfg["workers"],
+                              pin_memory=device.type == "cuda")
+    bar = tqdm(total=steps, initial=step, desc="align", disable=rank != 0 or not cfg["progress"], dynamic_ncols=True)
+    summary = {"out": str(out), "first_loss": None, "last_loss": None}
+    skipped, tick = 0, time.time()
+    towers.train()
+    while step < steps:
+        epoch, next_batch, pixels, texts, n_bad = next(batches)
+        skipped += n_bad
+        if pixels is None:  # too few good images left in this batch
+            continue
+        tokens = towers.tokenize(texts[0])
+        with autocast(device):
+            x, y, t = model(pixels.to(device, non_blocking=True), tokens["input_ids"].to(device),
+                            tokens["attention_mask"].to(device))
+        loss = 2 * info_nce_loss(x, y, t, label_smoothing=cfg["label_smoothing"])  # sum of both directions
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clip = cfg["grad_clip"]
+        grad_norm = torch.nn.utils.clip_grad_norm_(towers.parameters(), clip if clip else float("inf"))
+        optimizer.step()
+        scheduler.step()
+        towers.clamp_()
+        step += 1
+        position = (epoch, next_batch)
+
+        now = time.time()
+        record = {"step": step, "epoch": epoch, "loss": loss.item(), "lr": lr, "t": towers.scale().item(),
+                  "grad_norm": grad_norm.item(), "skipped": skipped,
+                  "images_per_s": pixels.shape[0] * world / max(now - tick, 1e-9)}
+        tick = now
+        summary["first_loss"] = summary["first_loss"] if summary["first_loss"] is not None else record["loss"]
+        summary["last_loss"] = record["loss"]
+        log.log(record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", t=f"{record['t']:.2f}")
+
+        if rank == 0 and cfg["eval_every"] and (step % cfg["eval_every"] == 0 or step == steps):
+            zs = zeroshot_check(towers, ds, held_rows, templates)
+            if zs:
+                log.log({"step": step, **zs})
+                summary.update(zs)
+                bar.write(f"step {step}: zero-shot top-1 {zs['zeroshot_top1']:.1f}% on {len(held_rows)} held-out rows")
+        if step % cfg["checkpoint_every"] == 0 or step == steps:
+            save_checkpoint(out, step, towers, optimizer, scheduler, {}, list(position), keep=cfg["keep_checkpoints"])
+    bar.close()
+
+    if rank == 0:
+        towers.save_pretrained(out, metadata={"steps": steps, "data": ds.name})
+        plot_curves(out / "metrics.jsonl", out / "curves.png")
+        print(f"saved {out} (load with sail.towers.Towers.from_pretrained); curves in {out / 'curves.png'}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""ALIP (Yang et al. 2023): CLIP trained end to end on raw text AND a synthetic caption per image, with
+per-sample consistency gates that down-weight noisy pairs.
+
+    python recipes/alip.py --config recipes/configs/alip-tiny.yaml                 # CPU, a minute
+    python recipes/alip.py --config recipes/configs/alip-vit-b32.yaml --data cc3m.parquet --out runs/alip
+    torchrun --nproc_per_node 8 recipes/alip.py --config recipes/configs/alip-vit-b16.yaml
+    python recipes/alip.py --config ... --gates false                              # the no-gates ablation
+
+Model: CLIP ViT image tower + 12-layer width-512 CLIP text tower, linear heads to 512-d (sail.towers).
+ONE text encoder embeds both the raw text (column `text_column`, default "caption") and the synthetic
+caption (`caption_column`, default "long_caption"). With x, t, c the unit image / raw text / caption
+embeddings and W_s, W_t, W_c the gates (sail.losses.ConsistencyGates, no gradient):
+
+    L = info_nce(x, t, weights = W_s W_t) + info_nce(x, c, weights = W_s W_c)
+
+info_nce is sail.losses.info_nce_loss (mean over samples of (CE_i2t + CE_t2i) / 2, negatives gathered
+from every process). Paper settings: AdamW lr 1e-3, wd 0.2, betas (0.9, 0.98), eps 1e-6, OneCycleLR
+pct_start 0.1, grad clip 1, t = 1/0.07 learnable, clamped at 100.
+
+Outputs in OUT: config.json + model.safetensors + tokenizer/ (sail.towers.Towers.from_pretrained, `sail
+eval`), metrics.jsonl, curves.png, recipe-config.yaml, checkpoints/. Rerun the same command to resume.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from sail.data import open_dataset
+from sail.encoders import autocast
+from sail.errors import SailError
+from sail.losses import ConsistencyGates, info_nce_loss
+from sail.optim import build_optimizer, one_cycle
+from sail.recipe import (MetricsLog, PairData, iterate_batches, latest_checkpoint, load_checkpoint, load_config,
+                         plot_curves, save_checkpoint, setup_distributed, split_indices, zeroshot_check)
+from sail.templates import load_templates
+from sail.towers import build_towers
+
+
+def main(argv=None) -> dict:
+    cfg = load_config(sys.argv[1:] if argv is None else argv)
+    rank, world, device = setup_distributed(str(cfg["device"]))
+    out = Path(cfg["out"])
+    torch.manual_seed(cfg["seed"])  # same initial weights on every rank
+
+    # ---- data: training rows and a held-out part for the zero-shot check
+    ds = open_dataset(str(cfg["data"]), columns=[cfg["text_column"], cfg["caption_column"]])
+    train_rows, held_rows = split_indices(ds.ids, cfg["holdout"])
+
+    # ---- model, gates, optimizer, schedule
+    towers = build_towers("alip", cfg["vision"], cfg["text"], cfg["embed_dim"], cfg["image"], head=cfg["head"],
+                          temperature="log_scale", init_scale=1.0 / cfg["init_temperature"],
+                          max_scale=cfg["max_scale"]).to(device)
+    if cfg["gradient_checkpointing"]:
+        towers.enable_gradient_checkpointing()
+    gates = ConsistencyGates(cfg["gate_momentum"], cfg["gamma_s"], cfg["gamma_p"], enabled=bool(cfg["gates"])).to(device)
+    optimizer = build_optimizer("adamw", towers.param_groups(cfg["weight_decay"]), lr=cfg["lr"],
+                                weight_decay=cfg["weight_decay"], betas=cfg["betas"], eps=cfg["eps"])
+    steps = int(cfg["steps"])
+    pct_start = max(float(cfg["pct_start"]), 2.0 / steps)  # OneCycleLR needs >= 2 warm-up steps
+    if pct_start >= 1.0:
+        raise SailError(f"ALIP's one-cycle schedule needs at least 3 steps, got steps={steps}")
+    scheduler = one_cycle(optimizer, max_lr=cfg["lr"], total_steps=steps, pct_start=pct_start)
+
+    # ---- resume from the newest checkpoint in OUT, if any
+    step, position = 0, (0, 0)
+    ckpt = latest_checkpoint(out)
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, towers, optimizer, scheduler, {"gates": gates})
+        step, position = state["step"], tuple(state["position"])
+    log = MetricsLog(out / "metrics.jsonl", resume_step=step if ckpt else None, enabled=rank == 0)
+    if rank == 0:
+        (out / "recipe-config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    model = towers
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(towers, device_ids=[device.index] if device.type == "cuda" else None)
+
+    templates = load_templates(cfg["zeroshot_templates"]) if isinstance(cfg["zeroshot_templates"], str) \
+        else list(cfg["zeroshot_templates"])
+    data = PairData(ds.images, [ds.captions[cfg["text_column"]], ds.captions[cfg["caption_column"]]],
+                    towers.preprocessing, seed=cfg["seed"])
+    batches = iterate_batches(data, train_rows, cfg["batch_size"], cfg["seed"], position, workers=cfg["workers"],
+                              pin_memory=device.type == "cuda")
+    bar = tqdm(total=steps, initial=step, desc="alip", disable=rank != 0 or not cfg["progress"], dynamic_ncols=True)
+    summary = {"out": str(out), "first_loss": None, "last_loss": None}
+    skipped, tick = 0, time.time()
+    towers.train()
+    while step < steps:
+        epoch, next_batch, pixels, texts, n_bad = next(batches)
+        skipped += n_bad
+        if pixels is None:  # too few good images left in this batch
+            continue
+        raw, synthetic = texts
+        b = pixels.shape[0]
+        tokens = towers.tokenize(raw + synthetic)  # one text encoder for both: (2B, L)
+        with autocast(device):
+            x, y, t = model(pixels.to(device, non_blocking=True), tokens["input_ids"].to(device),
+                            tokens["attention_mask"].to(device))
+        t_emb, c_emb = y[:b], y[b:]  # (2B, D) -> raw text (B, D), synthetic caption (B, D)
+        w_t, w_c = gates((t_emb * c_emb).sum(1), (x * t_emb).sum(1), (x * c_emb).sum(1))  # no gradient
+        loss_xt = info_nce_loss(x, t_emb, t, weights=w_t)
+        loss_xc = info_nce_loss(x, c_emb, t, weights=w_c)
+        loss = loss_xt + loss_xc
+        with torch.no_grad():  # the same loss without the gates, to watch learning (the gated one rises as H adapts)
+            plain = info_nce_loss(x.detach(), t_emb.detach(), t.detach()) + info_nce_loss(x.detach(), c_emb.detach(), t.detach())
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(towers.parameters(), cfg["grad_clip"])
+        optimizer.step()
+        scheduler.step()
+        towers.clamp_()
+        step += 1
+        position = (epoch, next_batch)
+
+        now = time.time()
+        record = {"step": step, "epoch": epoch, "loss": loss.item(), "loss_xt": loss_xt.item(),
+                  "loss_xc": loss_xc.item(), "loss_ungated": plain.item(), "lr": lr, "t": towers.scale().item(),
+                  "grad_norm": grad_norm.item(), "w_t": w_t.mean().item(), "w_c": w_c.mean().item(),
+                  "frac_wc_gt_wt": (w_c > w_t).double().mean().item(), "skipped": skipped,
+                  "images_per_s": b * world / max(now - tick, 1e-9)}
+        tick = now
+        summary["first_loss"] = summary["first_loss"] if summary["first_loss"] is not None else record["loss"]
+        summary["last_loss"] = record["loss"]
+        log.log(record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", t=f"{record['t']:.1f}")
+
+        if rank == 0 and cfg["eval_every"] and (step % cfg["eval_every"] == 0 or step == steps):
+            zs = zeroshot_check(towers, ds, held_rows, templates)
+            if zs:
+                log.log({"step": step, **zs})
+                summary.update(zs)
+                bar.write(f"step {step}: zero-shot top-1 {zs['zeroshot_top1']:.1f}% on {len(held_rows)} held-out rows")
+        if step % cfg["checkpoint_every"] == 0 or step == steps:
+            save_checkpoint(out, step, towers, optimizer, scheduler, {"gates": gates}, list(position),
+                            keep=cfg["keep_checkpoints"])
+    bar.close()
+
+    if rank == 0:
+        towers.save_pretrained(out, metadata={"steps": steps, "data": ds.name})
+        plot_curves(out / "metrics.jsonl", out / "curves.png")
+        print(f"saved {out} (load with sail.towers.Towers.from_pretrained); curves in {out / 'curves.png'}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

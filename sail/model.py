@@ -1,0 +1,135 @@
+"""SAILModel: a trained run's heads plus the two frozen encoders, for embedding raw images and texts.
+
+    model = sail.SAILModel.from_pretrained("runs/cc3m")            # encoders named in the run's config
+    model = sail.SAILModel.from_pretrained("runs/demo", vision_model="/models/dinov2-l")  # local copies
+    x = model.encode_image(["cat.jpg", pil_image])                 # (2, D) L2-normalised
+    y = model.encode_text(["a photo of a cat"])                    # (1, D)
+    p = model.similarity(["cat.jpg"], ["a cat", "a dog"])          # sigmoid(t x.y + b), (1, 2)
+
+The method names follow open_clip's (`encode_image`, `encode_text`), so CLIP evaluation code can
+call a SAIL model through a thin adapter. Encoders load lazily: a text-only use never loads the
+vision model. A run made by a full-model recipe (format "sail-towers") loads as `sail.towers.Towers`,
+which offers the same three methods.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sail.encoders import ImageEncoder, TextEncoder, pick_device, resolve_model
+from sail.errors import SailError
+from sail.heads import AlignmentHeads
+
+
+def read_run_config(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / "config.json"
+    if not path.exists():
+        raise SailError(f"{run_dir} is not a sail run (no config.json); train one with `sail align`")
+    return json.loads(path.read_text())
+
+
+class SAILModel(torch.nn.Module):
+    def __init__(self, heads: AlignmentHeads, image_model: str, text_model: str, pooling: str = "concat",
+                 max_length: int | None = None, device: str | torch.device = "auto"):
+        super().__init__()
+        self.device = pick_device(device) if isinstance(device, str) else device
+        self.heads = heads.to(self.device).eval()
+        self.image_model, self.text_model = image_model, text_model
+        self.pooling, self.max_length = pooling, max_length
+        self._vision: ImageEncoder | None = None
+        self._text: TextEncoder | None = None
+
+    @classmethod
+    def from_pretrained(cls, run_dir: str | Path, vision_model: str | None = None, text_model: str | None = None,
+                        device: str = "auto"):
+        cfg = read_run_config(run_dir)
+        if cfg.get("format") == "sail-towers":
+            from sail.towers import Towers
+
+            return Towers.from_pretrained(run_dir, device=device)
+        heads = AlignmentHeads.from_pretrained(run_dir)
+        img, txt = cfg.get("image_encoder", {}), cfg.get("text_encoder", {})
+        if not (vision_model or img.get("model_id")) or not (text_model or txt.get("model_id")):
+            raise SailError(f"{run_dir}/config.json does not name its encoders; pass vision_model= and text_model=")
+        max_length = txt.get("max_length")
+        return cls(heads, vision_model or img["model_id"], text_model or txt["model_id"], img.get("pooling", "concat"),
+                   None if max_length in (None, -1) else int(max_length), device)
+
+    # ------------------------------------------------------------------ encoders (lazy)
+    @property
+    def vision(self) -> ImageEncoder:
+        if self._vision is None:
+            enc = ImageEncoder(resolve_model(self.image_model, "image"), self.device, self.pooling)
+            if enc.dim != self.heads.config["image_dim"]:
+                raise SailError(f"vision model {self.image_model} gives {enc.dim}-d features but the run's image head "
+                                f"expects {self.heads.config['image_dim']}; use the encoder the run was trained on")
+            self._vision = enc
+        return self._vision
+
+    @property
+    def text(self) -> TextEncoder:
+        if self._text is None:
+            enc = TextEncoder(resolve_model(self.text_model, "text"), self.device, self.max_length)
+            if enc.dim != self.heads.config["text_dim"]:
+                raise SailError(f"text model {self.text_model} gives {enc.dim}-d features but the run's text head "
+                                f"expects {self.heads.config['text_dim']}; use the encoder the run was trained on")
+            self._text = enc
+        return self._text
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.heads.scale().detach()
+
+    # ------------------------------------------------------------------ embedding
+    @torch.no_grad()
+    def image_features(self, images: list, batch_size: int = 64) -> torch.Tensor:
+        """Frozen-encoder features (before the head) of PIL images or paths."""
+        from sail.data import ImageError, load_image
+
+        out = []
+        for i in range(0, len(images), batch_size):
+            pixels = []
+            for im in images[i:i + batch_size]:
+                if isinstance(im, (str, Path)):
+                    try:
+                        im = load_image(str(im))
+                    except ImageError as e:
+                        raise SailError(f"cannot embed {im}: {e}") from None
+                pixels.append(self.vision.preprocess(im.convert("RGB")))
+            pooled, _ = self.vision.encode_pixels(torch.stack(pixels))
+            out.append(pooled)
+        return torch.cat(out) if out else torch.zeros(0, self.heads.config["image_dim"])
+
+    @torch.no_grad()
+    def encode_image(self, images: list, batch_size: int = 64) -> torch.Tensor:
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        return self.heads.encode_image(self.image_features(images, batch_size).to(self.device))
+
+    @torch.no_grad()
+    def encode_text(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+        if isinstance(texts, str):
+            texts = [texts]
+        feats = torch.from_numpy(self.text.encode_texts(list(texts), batch_size)) if texts else torch.zeros(0, self.heads.config["text_dim"])
+        return self.heads.encode_text(feats.to(self.device))
+
+    @torch.no_grad()
+    def similarity(self, images: list, texts: list[str]) -> torch.Tensor:
+        """Calibrated match probabilities sigmoid(t x.y + b), (n_images, n_texts)."""
+        x, y = self.encode_image(images), self.encode_text(texts)
+        return torch.sigmoid(self.heads.scale() * x @ y.T + self.heads.logit_bias)
+
+
+def project_store(heads: AlignmentHeads, features: np.ndarray, modality: str, batch: int = 8192,
+                  device: str | torch.device = "cpu") -> torch.Tensor:
+    """Stored features (N, D) -> normalised embeddings (N, out) through the image or text head."""
+    encode = heads.encode_image if modality == "image" else heads.encode_text
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(features), batch):
+            out.append(encode(torch.from_numpy(np.asarray(features[i:i + batch])).float().to(device)).cpu())
+    return torch.cat(out) if out else torch.zeros(0, heads.config["out_dim"])

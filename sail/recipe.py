@@ -1,0 +1,408 @@
+"""Shared parts of the end-to-end recipes (recipes/alip.py, recipes/align.py): config, data, checkpoints, logs.
+
+    cfg = load_config(["--config", "recipes/configs/alip-tiny.yaml", "--steps", "20"])
+    rank, world, device = setup_distributed(cfg["device"])
+    data = PairData(ds.images, [ds.captions["caption"]], towers.preprocessing, seed=cfg["seed"])
+    for epoch, next_batch, (pixels, texts) in iterate_batches(data, train_idx, cfg["batch_size"], ...): ...
+    save_checkpoint(out, step, towers, optimizer, scheduler, {"gates": gates}, position)
+    run_recipe("alip", ["--config", "recipes/configs/alip-tiny.yaml"])     # what `sail recipe` calls
+
+Conventions
+- Config: a YAML file plus `--key value` overrides of its top-level keys (dashes or underscores; values
+  parsed as YAML, so `--steps 10`, `--gates false`, `--out runs/x`). Unknown keys are an error.
+- batch_size is the GLOBAL batch (the papers' number); each of W processes takes batch_size / W rows
+  of every global batch, so 1 and W processes train on the same samples in the same steps.
+- Data order: epoch e is a permutation of the training rows drawn from (seed, e); the last incomplete
+  global batch is dropped. Augmentation of row i in epoch e uses a generator seeded from (seed, e, i).
+  A checkpoint stores (epoch, next batch), so a resumed run continues with exactly the same batches.
+- Bad images are dropped from their batch; under torch.distributed every rank then cuts its batch to
+  the smallest one (the loss needs equal local batches); batches with fewer than 2 pairs are skipped.
+- Checkpoints: OUT/checkpoints/step-NNNNNNNN/{model,state}.safetensors + state.json + rng-rankR.json
+  (tensors in safetensors, everything else JSON, no pickle), written to a temp folder and renamed, the
+  last `keep` kept. Rerunning the same command resumes from the newest one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from sail.errors import SailError
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+
+
+# ----------------------------------------------------------------------------------------- config
+
+
+def load_config(argv: list[str] | None) -> dict:
+    """`--config FILE` plus `--key value` / `--key=value` overrides of top-level keys -> dict."""
+    argv = list(argv or [])
+    pairs, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise SailError(f"unexpected argument {arg!r}; use --config FILE and --key value overrides")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            i += 1
+        elif i + 1 < len(argv):
+            key, value = arg[2:], argv[i + 1]
+            i += 2
+        else:
+            raise SailError(f"{arg} needs a value")
+        pairs.append((key.replace("-", "_"), value))
+    paths = [v for k, v in pairs if k == "config"]
+    if len(paths) != 1:
+        raise SailError("give exactly one --config FILE (see recipes/configs/)")
+    path = Path(paths[0])
+    if not path.is_file():
+        raise SailError(f"config {path} not found")
+    try:
+        cfg = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise SailError(f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    for key, value in pairs:
+        if key == "config":
+            continue
+        if key not in cfg:
+            raise SailError(f"unknown option --{key}; {path} has keys {', '.join(sorted(cfg))}")
+        cfg[key] = yaml.safe_load(value)
+    cfg["config"] = str(path)
+    return cfg
+
+
+def run_recipe(name: str, argv: list[str] | None = None):
+    """Run recipes/NAME.py's main(argv) (loaded by file path: the library never imports recipes/)."""
+    path = RECIPES_DIR / f"{name}.py"
+    if not path.is_file():
+        found = sorted(p.stem for p in RECIPES_DIR.glob("*.py") if not p.stem.startswith("_"))
+        raise SailError(f"no recipe {name!r} in {RECIPES_DIR}; available: {', '.join(found) or 'none'}")
+    spec = importlib.util.spec_from_file_location(f"sail_recipe_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
+
+
+# ----------------------------------------------------------------------------------------- distributed
+
+
+def setup_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
+    """(rank, world, device). Under torchrun: init the process group (nccl on GPU, gloo on CPU)."""
+    from sail.encoders import pick_device
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, pick_device(device)
+    import torch.distributed as dist
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    dev = torch.device(f"cuda:{local}") if use_cuda else pick_device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), dev
+
+
+def _world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if _world()[1] > 1:
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------- data
+
+
+def split_indices(ids: list[str], holdout: float) -> tuple[list[int], list[int]]:
+    """(train rows, held-out rows): a row is held out when the hash of its id falls below `holdout`."""
+    if not 0.0 <= holdout < 1.0:
+        raise SailError(f"holdout must be a fraction in [0, 1), got {holdout}")
+    train, held = [], []
+    for i, sid in enumerate(ids):
+        u = int.from_bytes(hashlib.blake2b(str(sid).encode(), digest_size=8).digest(), "big") / 2.0**64
+        (held if u < holdout else train).append(i)
+    return train, held
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from several integers (order matters)."""
+    h = hashlib.blake2b(digest_size=8)
+    for v in values:
+        h.update(int(v).to_bytes(8, "big", signed=True))
+    return int.from_bytes(h.digest(), "big") >> 1
+
+
+class PairData(torch.utils.data.Dataset):
+    """Item (epoch, row) -> (augmented pixels or None, [text per column], reason). Seeded per item."""
+
+    def __init__(self, images: list, columns: list[list[str]], preprocessing, seed: int):
+        self.images, self.columns, self.preprocessing, self.seed = images, columns, preprocessing, seed
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, key):
+        from sail.data import ImageError, load_image
+
+        epoch, row = key
+        texts = [col[row] for col in self.columns]
+        try:
+            image = load_image(self.images[row])
+            g = torch.Generator().manual_seed(_mix(self.seed, epoch, row))
+            return self.preprocessing.train(image, g), texts, ""
+        except ImageError as e:
+            return None, texts, str(e)
+        except Exception as e:  # an odd image that breaks preprocessing is a bad image, not a crash
+            return None, texts, f"preprocessing failed: {type(e).__name__}"
+
+
+def _collate(items):
+    kept = [(x, t) for x, t, _ in items if x is not None]
+    pixels = torch.stack([x for x, _ in kept]) if kept else None
+    texts = [list(col) for col in zip(*[t for _, t in kept])] if kept else []  # per column
+    return pixels, texts, len(items) - len(kept)
+
+
+def epoch_batches(rows: list[int], batch_size: int, epoch: int, seed: int, rank: int, world: int) -> list:
+    """This rank's part of every full global batch of `epoch`: lists of (epoch, row) keys."""
+    g = torch.Generator().manual_seed(_mix(seed, epoch, -1))
+    order = [rows[i] for i in torch.randperm(len(rows), generator=g).tolist()]
+    local = batch_size // world
+    return [[(epoch, r) for r in order[b + rank * local: b + (rank + 1) * local]]
+            for b in range(0, len(order) - batch_size + 1, batch_size)]
+
+
+def iterate_batches(data: PairData, rows: list[int], batch_size: int, seed: int, start: tuple[int, int] = (0, 0),
+                    workers: int = 0, pin_memory: bool = False):
+    """Endless (epoch, next_batch, pixels, texts, skipped) from position `start` = (epoch, batch)."""
+    import torch.distributed as dist
+
+    rank, world = _world()
+    if batch_size % world:
+        raise SailError(f"batch_size {batch_size} must be divisible by the number of processes ({world})")
+    if len(rows) < batch_size:
+        raise SailError(f"only {len(rows)} training rows for a global batch of {batch_size}; lower batch_size")
+    epoch, first = start
+    while True:
+        batches = epoch_batches(rows, batch_size, epoch, seed, rank, world)
+        # Own generator: the loader must not draw from the global RNG (dropout), or a resumed run would differ.
+        loader = torch.utils.data.DataLoader(
+            data, batch_sampler=batches[first:], collate_fn=_collate, num_workers=workers,
+            pin_memory=pin_memory, generator=torch.Generator().manual_seed(_mix(seed, epoch)),
+            prefetch_factor=4 if workers else None)
+        for b, (pixels, texts, skipped) in enumerate(loader, start=first):
+            n = 0 if pixels is None else pixels.shape[0]
+            if world > 1:  # equal local batches on every rank
+                t = torch.tensor([n, skipped], dtype=torch.int64, device=_comm_device())
+                lo = t[:1].clone()
+                dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+                dist.all_reduce(t[1:])
+                n, skipped = int(lo), int(t[1])
+            if n < 2:
+                yield epoch, b + 1, None, None, skipped
+                continue
+            yield epoch, b + 1, pixels[:n], [col[:n] for col in texts], skipped
+        epoch, first = epoch + 1, 0
+
+
+def _comm_device() -> torch.device:
+    import torch.distributed as dist
+
+    backend = str(dist.get_backend())
+    return torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+
+
+def _rng_state() -> tuple[dict, dict]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    plain = {"numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
+             "python": [version, list(py_state), py_gauss]}
+    return tensors, plain
+
+
+def _set_rng_state(tensors: dict, plain: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[f"cuda.{i}"] for i in range(torch.cuda.device_count()) if f"cuda.{i}" in tensors]
+    if cuda and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    kind, keys, pos, has_gauss, gauss = plain["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, py_state, py_gauss = plain["python"]
+    random.setstate((version, tuple(py_state), py_gauss))
+
+
+def save_checkpoint(out: str | Path, step: int, model, optimizer, scheduler, modules: dict, position: dict,
+                    keep: int = 2) -> Path:
+    """Write OUT/checkpoints/step-N on every rank's call (rank 0 writes the shared parts)."""
+    rank, _ = _world()
+    root = Path(out) / "checkpoints"
+    final, tmp = root / f"step-{step:08d}", root / f".step-{step:08d}.tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    rng_tensors, rng_plain = _rng_state()
+    save_file({k: v.contiguous() for k, v in rng_tensors.items()}, str(tmp / f"rng-rank{rank}.safetensors"))
+    (tmp / f"rng-rank{rank}.json").write_text(json.dumps(rng_plain))
+    if rank == 0:
+        save_file({k: v.detach().contiguous().clone().cpu() for k, v in model.state_dict().items()},
+                  str(tmp / "model.safetensors"))
+        opt = optimizer.state_dict()
+        tensors, plain_state = {}, {}
+        for pid, state in opt["state"].items():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"optimizer.{pid}.{key}"] = value.detach().contiguous().cpu()
+                else:
+                    plain_state.setdefault(str(pid), {})[key] = value
+        for name, module in modules.items():
+            for key, value in module.state_dict().items():
+                tensors[f"module.{name}.{key}"] = value.detach().contiguous().clone().cpu()
+        save_file(tensors, str(tmp / "state.safetensors"))
+        meta = {"step": step, "position": position, "scheduler": scheduler.state_dict(),
+                "optimizer": {"param_groups": opt["param_groups"], "state": plain_state}}
+        (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+    barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in sorted(root.glob("step-*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def latest_checkpoint(out: str | Path) -> Path | None:
+    found = sorted(p for p in (Path(out) / "checkpoints").glob("step-*") if (p / "state.json").is_file())
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, modules: dict) -> dict:
+    """Restore everything save_checkpoint wrote; returns {"step", "position"}."""
+    rank, _ = _world()
+    meta = json.loads((path / "state.json").read_text())
+    device = next(model.parameters()).device
+    model.load_state_dict(load_file(str(path / "model.safetensors"), device=str(device)), strict=True)
+    tensors = load_file(str(path / "state.safetensors"))
+    state: dict = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = value
+    for pid, values in meta["optimizer"]["state"].items():
+        state.setdefault(int(pid), {}).update(values)
+    groups = meta["optimizer"]["param_groups"]
+    for group, current in zip(groups, optimizer.param_groups):
+        for key, value in current.items():  # JSON turned tuples (betas) into lists
+            if isinstance(value, tuple) and isinstance(group.get(key), list):
+                group[key] = tuple(group[key])
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    scheduler.load_state_dict(meta["scheduler"])
+    for name, module in modules.items():
+        prefix = f"module.{name}."
+        module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=True)
+    rng = path / f"rng-rank{rank}.safetensors"
+    if rng.is_file():  # absent when resuming with more processes than before: fresh RNG for the new ranks
+        _set_rng_state(load_file(str(rng)), json.loads((path / f"rng-rank{rank}.json").read_text()))
+    return {"step": meta["step"], "position": meta["position"]}
+
+
+# ----------------------------------------------------------------------------------------- logs
+
+
+class MetricsLog:
+    """Append-only OUT/metrics.jsonl (rank 0). Resuming at step s drops lines logged after s."""
+
+    def __init__(self, path: str | Path, resume_step: int | None = None, enabled: bool = True):
+        self.path, self.enabled = Path(path), enabled
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lines = self.path.read_text().splitlines() if self.path.is_file() else []
+        if resume_step is None:
+            lines = []
+        else:
+            lines = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+        self.path.write_text("".join(ln + "\n" for ln in lines))
+
+    def log(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+
+
+def plot_curves(metrics_path: str | Path, png_path: str | Path) -> Path:
+    """OUT/curves.png: training loss, learning rate, temperature and zero-shot top-1 against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    panels = [("loss", "training loss"), ("lr", "learning rate"), ("t", "temperature t"),
+              ("zeroshot_top1", "zero-shot top-1 (%)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
+    for ax, (key, title) in zip(axes, panels):
+        pts = [(r["step"], r[key]) for r in records if key in r]
+        if pts:
+            ax.plot(*zip(*pts), marker="o" if len(pts) < 30 else None)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return Path(png_path)
+
+
+def zeroshot_check(towers, ds, rows: list[int], templates: list[str]) -> dict:
+    """sail.metrics.zeroshot of `towers` on rows of a labelled dataset, class names from the dataset."""
+    from sail.data import ImageError, load_image
+    from sail.metrics import class_embeddings, zeroshot
+
+    images, labels = [], []
+    for i in rows:
+        if ds.labels is None or ds.labels[i] < 0:
+            continue
+        try:
+            images.append(load_image(ds.images[i]))
+        except ImageError:
+            continue
+        labels.append(int(ds.labels[i]))
+    if not images:
+        return {}
+    names = ds.class_names or [str(c) for c in range(int(max(labels)) + 1)]
+    classes = class_embeddings(towers.encode_text, names, templates)
+    result = zeroshot(towers.encode_image(images), classes, torch.tensor(labels))
+    return {f"zeroshot_{k}": v for k, v in result.items()}
