@@ -1,13 +1,14 @@
 """Benchmark: images/s of the whole `sail extract` pipeline against the bare encoder forward, on CPU.
 
-    python benchmarks/extract.py                    # 256 images, 384 px, batch 64, workers default / 1 / 0
-    python benchmarks/extract.py --quick            # 128 images
+    python benchmarks/extract.py                    # 192 images, 384 px, batch 64, workers default / 1 / 0
+    python benchmarks/extract.py --quick            # 96 images, no prototype run
     python benchmarks/extract.py --images 512 --px 512 --workers default,1,0,2 --no-prototype
 
 What is measured, on one randomly initialised DINOv2 of dinov2-small's shape (sail.tiny, 224 px crop,
 processor: short side 256 bicubic, centre crop 224, ImageNet mean/std), all in this process:
 - bare:     ImageEncoder.encode_pixels over pre-decoded, pre-processed (B, 3, 224, 224) tensors, batch
-            --batch, the same images; timed twice (first and last) and averaged, to bracket the noise.
+            --batch, the same images. Timed before and after every pipeline run: the machine's load
+            drifts, so each pipeline run's ratio is against the mean of the two bare runs around it.
 - pipeline: sail.extract.extract(ExtractConfig(...)) end to end on a manifest of the same images (decode
             in DataLoader workers + image processor + forward + pooling + fp16 part files + merge into the
             HDF5 store + model load), once per --workers value. Its time is split into model load,
@@ -15,7 +16,7 @@ processor: short side 256 bicubic, centre crop 224, ImageNet mean/std), all in t
             functions; CPU seconds of this process and of its (joined) worker processes come from getrusage.
 - prototype (unless --no-prototype): the same pipeline with a faster preprocessing path (PIL resize +
             crop, normalise in torch; checked against the processor's output), to measure that patch.
-- components: decode, processor and prototype preprocessing cost per image, serial, one core.
+- components: decode, processor and prototype preprocessing cost per image, serial, one torch thread.
 The images are sail.sample renders at --px pixels with per-pixel noise (so they compress like photos),
 alternately saved as PNG and JPEG (quality 90), in a temporary directory that is deleted afterwards.
 
@@ -97,18 +98,24 @@ def components(encoder, files, fast):
     t0 = time.perf_counter()
     images = [load_image(f) for f in files]
     t1 = time.perf_counter()
-    pixels = [encoder.preprocess(im) for im in images]
-    t2 = time.perf_counter()
-    proto = [fast(im) for im in images]
-    t3 = time.perf_counter()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a DataLoader worker (torch sets 1 thread there)
+    try:
+        pixels = [encoder.preprocess(im) for im in images]
+        t2 = time.perf_counter()
+        proto = [fast(im) for im in images]
+        t3 = time.perf_counter()
+    finally:
+        torch.set_num_threads(threads)
     diff = max(float((a - b).abs().max()) for a, b in zip(pixels, proto))
     n = len(files)
     return torch.stack(pixels), {"decode_ms": 1e3 * (t1 - t0) / n, "processor_ms": 1e3 * (t2 - t1) / n,
                                  "prototype_ms": 1e3 * (t3 - t2) / n, "prototype_max_abs_diff": diff}
 
 
-def bare(encoder, pixels, batch):
-    encoder.encode_pixels(pixels[:batch])  # warm up
+def bare(encoder, pixels, batch, warm_up=False):
+    if warm_up:
+        encoder.encode_pixels(pixels[:8])
     c0 = sum(cpu_seconds())
     t0 = time.perf_counter()
     for i in range(0, len(pixels), batch):
@@ -160,14 +167,15 @@ def pipeline(model_dir, manifest, out, batch, workers, preprocess=None):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="short run: 128 images")
-    p.add_argument("--images", type=int, default=256)
+    p.add_argument("--quick", action="store_true", help="short run: 96 images, no prototype run")
+    p.add_argument("--images", type=int, default=192)
     p.add_argument("--px", type=int, default=384, help="side of the rendered images")
     p.add_argument("--batch", type=int, default=64, help="batch size (ExtractConfig's default is 64)")
     p.add_argument("--workers", default="default,1,0", help="comma-separated; 'default' = ExtractConfig's")
     p.add_argument("--no-prototype", action="store_true", help="skip the fast-preprocessing prototype run")
     args = p.parse_args(argv)
-    n = 128 if args.quick else args.images
+    n = 96 if args.quick else args.images
+    args.no_prototype |= args.quick
 
     from transformers.utils import logging as hf_logging
 
@@ -200,22 +208,25 @@ def main(argv=None):
         print(f"per image, serial: decode {comp['decode_ms']:.2f} ms, processor {comp['processor_ms']:.2f} ms, "
               f"prototype {comp['prototype_ms']:.2f} ms (max |diff| {comp['prototype_max_abs_diff']:.2g})", flush=True)
 
-        runs = [{"run": "bare", **bare(encoder, pixels, args.batch)}]
-        for k, w in enumerate(wanted):
-            label = f"pipeline w={default_workers if w is None else w}" + (" (default)" if w is None else "")
-            runs.append({"run": label, **pipeline(model_dir, manifest, tmp / f"out{k}.h5", args.batch, w)})
+        plan = [(f"pipeline w={default_workers if w is None else w}" + (" (default)" if w is None else ""), w, None)
+                for w in wanted]
         if not args.no_prototype:
-            runs.append({"run": f"prototype w={default_workers} (default)",
-                         **pipeline(model_dir, manifest, tmp / "proto.h5", args.batch, None, fast_preprocess)})
-        runs.append({"run": "bare", **bare(encoder, pixels, args.batch)})
+            plan.append((f"prototype w={default_workers} (default)", None, fast_preprocess))
+        # every pipeline run sits between two bare runs; its ratio is against their mean (the load drifts)
+        runs = [{"run": "bare", **bare(encoder, pixels, args.batch, warm_up=True)}]
+        for k, (label, w, pre) in enumerate(plan):
+            runs.append({"run": label, **pipeline(model_dir, manifest, tmp / f"out{k}.h5", args.batch, w, pre)})
+            runs.append({"run": "bare", **bare(encoder, pixels, args.batch)})
+            print(f"{label}: {runs[-2]['img_s']:.2f} img/s, bare before/after {runs[-3]['img_s']:.2f} / "
+                  f"{runs[-1]['img_s']:.2f}", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
     bare_img_s = float(np.mean([r["img_s"] for r in runs if r["run"] == "bare"]))
     print(f"\n{'run':<30} {'img/s':>7} {'ratio':>6} {'total s':>8} {'load':>6} {'fwd':>6} {'parts':>6} "
           f"{'merge':>6} {'other':>6} {'main cpu':>8} {'wkr cpu':>8}")
-    for r in runs:
-        r["ratio"] = r["img_s"] / bare_img_s
+    for i, r in enumerate(runs):
+        r["ratio"] = r["img_s"] / (r["img_s"] if r["run"] == "bare" else (runs[i - 1]["img_s"] + runs[i + 1]["img_s"]) / 2)
         if r["run"] == "bare":
             print(f"{r['run']:<30} {r['img_s']:>7.2f} {r['ratio']:>6.3f} {r['seconds']:>8.2f} {'':>6} "
                   f"{r['seconds']:>6.2f} {'':>6} {'':>6} {'':>6} {r['cpu_s']:>8.2f} {'':>8}")
