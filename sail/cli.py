@@ -306,14 +306,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         typer.echo("interrupted; rerun the same command to resume", err=True)
         return 130
-    except Exception as e:  # click's own usage errors
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+    except Exception as e:  # click's usage errors (typer vendors its own click, so match by shape)
+        if hasattr(e, "show") and hasattr(e, "exit_code"):
             e.show()
             return e.exit_code
-        if isinstance(e, click.exceptions.Abort):
-            return 1
+        if type(e).__name__ in ("Abort", "Exit"):
+            return getattr(e, "exit_code", 1)
         raise
     return 0
 

@@ -72,14 +72,29 @@ def load_config(argv: list[str] | None) -> dict:
         cfg = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise SailError(f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    cfg = {k: _number(v) for k, v in cfg.items()}
     for key, value in pairs:
         if key == "config":
             continue
         if key not in cfg:
             raise SailError(f"unknown option --{key}; {path} has keys {', '.join(sorted(cfg))}")
-        cfg[key] = yaml.safe_load(value)
+        new, old = _number(yaml.safe_load(value)), cfg[key]
+        if isinstance(old, (int, float)) and not isinstance(old, bool) and \
+                (isinstance(new, bool) or not isinstance(new, (int, float))):
+            raise SailError(f"--{key} needs a number, got {value!r}")
+        cfg[key] = new
     cfg["config"] = str(path)
     return cfg
+
+
+def _number(value):
+    """YAML 1.1 reads "1e-3" as a string; turn such strings into floats."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def run_recipe(name: str, argv: list[str] | None = None):
