@@ -256,10 +256,12 @@ class Towers(nn.Module):
         """Recompute tower activations in backward; returns the towers that cannot (e.g. AlignVision)."""
         unsupported = []
         for name, tower in (("vision", self.vision), ("text", self.text)):
-            if getattr(tower, "supports_gradient_checkpointing", False):
-                tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            else:
+            if not getattr(tower, "supports_gradient_checkpointing", False):
                 unsupported.append(f"{name} ({type(tower).__name__})")
+            elif hasattr(tower, "activation_checkpointing_enable"):  # transformers >= 5
+                tower.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return unsupported
 
     # ------------------------------------------------------------------ save / load
