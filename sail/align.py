@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 import sail
 from sail.checkpoint import load_checkpoint, save_checkpoint
+from sail.distributed import init_distributed, local_device
 from sail.encoders import autocast, pick_device
 from sail.errors import SailError
 from sail.heads import AlignmentHeads
@@ -109,17 +110,6 @@ def _check_same_encoder(a: FeatureStore, b: FeatureStore) -> None:
     if diff:
         raise SailError(f"{a.path} and {b.path} come from different encoders ({', '.join(diff)} differ); "
                         "extract both with the same --model and settings")
-
-
-def _dist() -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size()
 
 
 def _loss(cfg: AlignConfig, x: torch.Tensor, ys: list[torch.Tensor], t, b) -> torch.Tensor:
@@ -206,11 +196,8 @@ def _plot_curves(run: Path) -> None:
 def align(cfg: AlignConfig, resume: bool = False) -> AlignResult:
     if cfg.loss not in LOSSES:
         raise SailError(f"unknown loss {cfg.loss!r}; use one of {', '.join(LOSSES)}")
-    rank, world = _dist()
-    device = pick_device(cfg.device)
-    if world > 1 and device.type == "cuda":
-        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}")
-        torch.cuda.set_device(device)
+    rank, world = init_distributed()
+    device = local_device(pick_device(cfg.device), rank, world)
     if cfg.batch % world:
         raise SailError(f"--batch {cfg.batch} must divide evenly over {world} processes")
     torch.manual_seed(cfg.seed)

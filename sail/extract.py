@@ -30,6 +30,7 @@ import sail
 from sail.data import Dataset, ImageError, load_image, open_dataset
 from sail.encoders import load_encoder, model_revision, resolve_model
 from sail.errors import SailError
+from sail.distributed import barrier, init_distributed
 from sail.store import StoreWriter
 
 
@@ -73,28 +74,6 @@ class ExtractResult:
         else:
             lines.append("skipped 0")
         return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------- distributed
-
-
-def _dist() -> tuple[int, int]:
-    """(rank, world) under torchrun; initialises the process group once if needed."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
 
 
 # ----------------------------------------------------------------------------------------- image loading
@@ -203,7 +182,7 @@ def extract(cfg: ExtractConfig, dataset: Dataset | None = None) -> ExtractResult
     `dataset` replaces `cfg.data` for callers that build one in code (the eval tasks do).
     """
     start = time.time()
-    rank, world = _dist()
+    rank, world = init_distributed()
     spec = resolve_model(cfg.model, cfg.modality, cfg.trust_remote_code)
     ds = dataset if dataset is not None else open_dataset(cfg.data, cfg.columns, cfg.id_column, cfg.image_column)
     if len(ds) == 0:
@@ -225,9 +204,9 @@ def extract(cfg: ExtractConfig, dataset: Dataset | None = None) -> ExtractResult
         return ExtractResult(out, len(ds), already_complete=True)
     if rank == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
-    _barrier(world)
+    barrier(world)
     _open_parts(parts, ident, rank)
-    _barrier(world)
+    barrier(world)
 
     n_chunks = -(-len(ds) // cfg.chunk_size)
     todo = [c for c in range(n_chunks) if c % world == rank and not _part_path(parts, c).exists()]
@@ -237,11 +216,11 @@ def extract(cfg: ExtractConfig, dataset: Dataset | None = None) -> ExtractResult
             _extract_images(cfg, ds, encoder, todo, parts, rank)
         else:
             _extract_texts(cfg, ds, encoder, fields, todo, parts, rank)
-    _barrier(world)
+    barrier(world)
     skipped: dict[str, int] = {}
     if rank == 0:
         skipped = _merge(out, parts, ds, fields, n_chunks, cfg, spec, encoder)
-    _barrier(world)
+    barrier(world)
     return ExtractResult(out, len(ds), skipped, time.time() - start)
 
 

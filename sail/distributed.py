@@ -1,0 +1,38 @@
+"""torchrun support shared by extract, align and the recipes: one place that starts the process group.
+
+    rank, world = init_distributed()   # (0, 1) outside torchrun
+    barrier(world)
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def init_distributed() -> tuple[int, int]:
+    """(rank, world) under torchrun, initialising the process group once (nccl on GPU, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def local_device(device: torch.device, rank: int, world: int) -> torch.device:
+    """Under torchrun on GPUs each process takes cuda:LOCAL_RANK."""
+    if world > 1 and device.type == "cuda":
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}")
+        torch.cuda.set_device(device)
+    return device
