@@ -22,6 +22,7 @@ then one JSON line.
 
 import argparse
 import json
+import os
 import resource
 import time
 
@@ -129,7 +130,8 @@ def measure(batch, head="glu", width=4, repeats=1, device=None):
         "step_s": best["total"], "phases_s": best, "pairs_s": batch / best["total"],
         "tflop_heads": flops["heads"] / 1e12, "tflop_loss": flops["loss"] / 1e12,
         "gflops": total_flops / best["total"] / 1e9,
-        "matmul_gflops": max(peak_before, peak_after), "matmul_gflops_before_after": [round(peak_before, 1), round(peak_after, 1)],
+        "matmul_gflops": max(peak_before, peak_after),
+        "matmul_gflops_before_after": [round(peak_before, 1), round(peak_after, 1)],
         "base_rss_mb": base, "peak_rss_mb": peak_rss, "loss": loss,
     }
     out["fraction_of_peak"] = out["gflops"] / out["matmul_gflops"]
@@ -165,8 +167,10 @@ def main(argv=None):
           f"{r['base_rss_mb']:>8.0f} {r['peak_rss_mb']:>8.0f}")
     if "peak_cuda_mb" in r:
         print(f"peak CUDA memory {r['peak_cuda_mb']:.0f} MB")
-    print(json.dumps({"benchmark": "align_step", **{k: (round(v, 4) if isinstance(v, float) else v)
-                                                   for k, v in r.items() if k != "phases_s"},
+    load = round(os.getloadavg()[0], 2)
+    print(f"load average {load} on {os.cpu_count()} CPUs (other jobs slow both the step and the peak)")
+    fields = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k != "phases_s"}
+    print(json.dumps({"benchmark": "align_step", "loadavg": load, **fields,
                       "phases_s": {k: round(v, 4) for k, v in ph.items()}}))
 
 

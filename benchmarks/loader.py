@@ -17,8 +17,11 @@ Measured, one epoch each:
 - streaming: StreamingBatches read from the HDF5 stores in a background thread: time to the first
              batch (the reader fills a whole shuffle buffer first; a new epoch starts a new reader, so
              this wait recurs every epoch), pairs/s over the epoch, and the time spent in sail.loader._read_all
-             per store (the image rows are contiguous; the text rows of a buffer are scattered, since the
-             stores' orders differ).
+             per store. With the default buffer (4 x 65536 rows) 200k pairs are ONE buffer, so every read
+             is dense; a dataset larger than a buffer reads the text rows of each buffer scattered over
+             the text store (its order differs). "streaming/small" makes that happen here (blocks of B
+             rows, 2 per buffer), and "streaming/small+proto" repeats it with chunked_read_rows below
+             patched in for sail.store._read_rows (a proposed fix; --no-prototype skips it).
 The files were just written, so reads come from the page cache unless --cold evicts them first
 (posix_fadvise DONTNEED; what a dataset larger than RAM sees).
 
@@ -95,7 +98,33 @@ def run_memory(pairs: PairedFeatures, batch: int) -> dict:
             "per_batch_s": sum(times) / len(times)}
 
 
-def run_streaming(pairs: PairedFeatures, batch: int) -> dict:
+def chunked_read_rows(ds, rows):
+    """Prototype for sail.store._read_rows: sparse rows read as whole row-chunks, picked in numpy.
+
+    h5py's fancy indexing (ds[sorted_index_array]) selects row by row and is slow for thousands of rows.
+    """
+    if rows is None or isinstance(rows, slice):
+        return ds[:] if rows is None else ds[rows]
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.size == 0:
+        return np.zeros((0,) + ds.shape[1:], dtype=ds.dtype)
+    uniq, inverse = np.unique(rows, return_inverse=True)
+    if uniq[-1] - uniq[0] + 1 <= 2 * len(uniq):  # dense: one contiguous read, as before
+        return ds[uniq[0]:uniq[-1] + 1][rows - uniq[0]]
+    step = ds.chunks[0] if ds.chunks else 1024
+    out = np.empty((len(uniq),) + ds.shape[1:], dtype=ds.dtype)
+    starts = uniq // step * step  # first row of the chunk holding each wanted row
+    cuts = np.flatnonzero(np.diff(starts)) + 1
+    for sel in np.split(np.arange(len(uniq)), cuts):  # one chunk-sized read per chunk that holds wanted rows
+        lo = int(starts[sel[0]])
+        out[sel] = ds[lo:min(lo + step, ds.shape[0])][uniq[sel] - lo]
+    return out[inverse]
+
+
+def run_streaming(pairs: PairedFeatures, batch: int, block_rows: int = 65536, buffer_blocks: int = 4,
+                  prototype: bool = False) -> dict:
+    import sail.store as store_mod
+
     reads = []  # (store field, rows, seconds) of each _read_all call in the reader thread
     original = loader_mod._read_all
 
@@ -105,9 +134,12 @@ def run_streaming(pairs: PairedFeatures, batch: int) -> dict:
         reads.append((field, len(rows), time.perf_counter() - t))
         return out
 
+    original_rows = store_mod._read_rows
     loader_mod._read_all = timed_read
+    if prototype:
+        store_mod._read_rows = chunked_read_rows
     try:
-        batches = StreamingBatches(pairs, batch, seed=0)
+        batches = StreamingBatches(pairs, batch, seed=0, block_rows=block_rows, buffer_blocks=buffer_blocks)
         times, t0 = [], time.perf_counter()
         t = t0
         for img, txt in batches.epoch(0):
@@ -116,6 +148,7 @@ def run_streaming(pairs: PairedFeatures, batch: int) -> dict:
             t = time.perf_counter()
     finally:
         loader_mod._read_all = original
+        store_mod._read_rows = original_rows
     n = len(times) * batch
     read = {f: sum(s for g, _, s in reads if g == f) for f in dict.fromkeys(g for g, _, _ in reads)}
     rows = {f: sum(r for g, r, _ in reads if g == f) for f in read}
@@ -145,6 +178,7 @@ def main(argv=None):
     p.add_argument("--text-dim", type=int, default=1024)
     p.add_argument("--step-seconds", type=float, default=0.0, help="align step time at --batch (0: estimate)")
     p.add_argument("--cold", action="store_true", help="also measure with the stores evicted from the page cache")
+    p.add_argument("--no-prototype", action="store_true", help="skip the chunked-read prototype run")
     p.add_argument("--dir", default=None, help="where to write the temporary stores (default: the temp dir)")
     args = p.parse_args(argv)
     if args.quick:
@@ -167,52 +201,60 @@ def main(argv=None):
         t0 = time.perf_counter()
         pairs = PairedFeatures.from_stores(image_store, text_store, ["caption"])
         join_s = time.perf_counter() - t0
+        small = dict(block_rows=args.batch, buffer_blocks=2)  # several buffers: scattered text rows
+        runs = [("memory", lambda: run_memory(pairs, args.batch)),
+                ("streaming", lambda: run_streaming(pairs, args.batch)),
+                ("streaming/small", lambda: run_streaming(pairs, args.batch, **small))]
+        if not args.no_prototype:
+            runs.append(("streaming/small+proto", lambda: run_streaming(pairs, args.batch, **small, prototype=True)))
         results = {}
-        modes = [("warm", False)] + ([("cold", True)] if args.cold else [])
-        for temp, cold in modes:
-            if cold:
-                evict(tmp / "image.h5", tmp / "text.h5")
-            results[f"memory/{temp}"] = run_memory(pairs, args.batch)
-            print(f"memory/{temp} done", flush=True)
-            if cold:
-                evict(tmp / "image.h5", tmp / "text.h5")
-            results[f"streaming/{temp}"] = run_streaming(pairs, args.batch)
-            print(f"streaming/{temp} done", flush=True)
+        for temp in ["warm"] + (["cold"] if args.cold else []):
+            for name, fn in runs:
+                if temp == "cold":
+                    evict(tmp / "image.h5", tmp / "text.h5")
+                results[f"{name}/{temp}"] = fn()
+                print(f"{name}/{temp}: {results[f'{name}/{temp}']['pairs_s']:.0f} pairs/s", flush=True)
         image_store.close()
         text_store.close()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
+    peak_rss = rss_mb()  # before the step estimate below, which needs memory of its own
     if args.step_seconds > 0:
         step_s, source = args.step_seconds, "given (--step-seconds)"
     else:
         step_s, source = step_seconds(args.batch)
 
     print(f"\njoin by id: {join_s:.2f} s; align step at B = {args.batch}: {step_s:.1f} s ({source})")
-    print(f"{'mode':<16} {'load s':>7} {'first s':>8} {'s/batch':>8} {'pairs/s':>10} {'batch/step':>10} "
+    print(f"{'mode':<26} {'load s':>7} {'first s':>8} {'s/batch':>8} {'pairs/s':>10} {'batch/step':>10} "
           f"{'read s img/txt':>15} {'wait/epoch':>10}")
     for name, r in results.items():
         r["batch_over_step"] = r["per_batch_s"] / step_s
         # the trainer waits for the first batch of every epoch, then only if a batch outlasts a step
         epoch_train_s = r["batches"] * step_s
-        r["epoch_wait_fraction"] = (r["first_batch_s"] + max(0.0, r["per_batch_s"] - step_s) * (r["batches"] - 1)) / epoch_train_s
+        late = max(0.0, r["per_batch_s"] - step_s) * (r["batches"] - 1)
+        r["epoch_wait_fraction"] = (r["first_batch_s"] + late) / epoch_train_s
         load = f"{r['load_s']:.2f}" if "load_s" in r else "-"
         reads = "/".join(f"{v:.2f}" for v in r["read_s"].values()) if "read_s" in r else "-"
-        print(f"{name:<16} {load:>7} {r['first_batch_s']:>8.3f} {r['per_batch_s']:>8.3f} {r['pairs_s']:>10.0f} "
+        print(f"{name:<26} {load:>7} {r['first_batch_s']:>8.3f} {r['per_batch_s']:>8.3f} {r['pairs_s']:>10.0f} "
               f"{r['batch_over_step']:>10.4f} {reads:>15} {r['epoch_wait_fraction']:>10.4f}")
     waits = {k: r["batch_over_step"] > 1 for k, r in results.items()}
-    print("trainer waits for data (steady state): " + ", ".join(f"{k} {'YES' if v else 'no'}" for k, v in waits.items()))
-    print(f"peak RSS {rss_mb():.0f} MB")
+    print("trainer waits for data (steady state): " +
+          ", ".join(f"{k} {'YES' if v else 'no'}" for k, v in waits.items()))
+    print("shortest step each keeps up with (s per batch delivered, epoch average): " +
+          ", ".join(f"{k} {r['per_batch_s']:.3f}" for k, r in results.items()))
+    print(f"peak RSS of the loader runs {peak_rss:.0f} MB")
 
     def rounded(v):
         if isinstance(v, dict):
             return {k: rounded(x) for k, x in v.items()}
         return float(f"{v:.4g}") if isinstance(v, float) else v
 
-    print(json.dumps({"benchmark": "loader", "device": "cpu", "pairs": n, "batch": args.batch,
+    print(json.dumps({"benchmark": "loader", "device": "cpu", "loadavg": round(os.getloadavg()[0], 2),
+                      "pairs": n, "batch": args.batch,
                       "image_dim": args.image_dim, "text_dim": args.text_dim, "write_s": rounded(write_s),
                       "join_s": rounded(join_s), "step_s": rounded(step_s), "step_source": source,
-                      "trainer_waits": waits, "peak_rss_mb": round(rss_mb()), "results": rounded(results)}))
+                      "trainer_waits": waits, "peak_rss_mb": round(peak_rss), "results": rounded(results)}))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,9 @@ from 1.0 (towers.scale() = 1 / sigma):
 gathered from every process. Paper settings: LAMB lr 1e-3, wd 1e-5, linear warm-up (10k steps) then
 linear decay to 0, global batch 16384, embedding 640 for B7.
 
+EfficientNet has BatchNorm: before each zero-shot check and the final save, its running statistics are
+recomputed on `bn_recalibration` fixed training images (Towers.recalibrate_batchnorm; 0 = off).
+
 Outputs in OUT: config.json + model.safetensors + tokenizer/ (sail.towers.Towers.from_pretrained, `sail
 eval`), metrics.jsonl, curves.png, recipe-config.yaml, checkpoints/. Rerun the same command to resume.
 """
@@ -32,12 +35,12 @@ import yaml
 from tqdm.auto import tqdm
 
 from sail.data import open_dataset
-from sail.encoders import autocast
 from sail.losses import info_nce_loss
 from sail.optim import build_optimizer, linear_warmup_decay
-from sail.recipe import (MetricsLog, PairData, iterate_batches, latest_checkpoint, load_checkpoint, load_config,
-                         plot_curves, save_checkpoint, setup_distributed, split_indices, zeroshot_check)
-from sail.templates import load_templates
+from sail.recipe import (MetricsLog, PairData, cleanup_distributed, iterate_batches, latest_checkpoint,
+                         load_checkpoint, load_config, plot_curves, save_checkpoint, setup_distributed,
+                         split_indices, train_autocast, wrap_ddp, zeroshot_check,
+                         zeroshot_templates)
 from sail.towers import build_towers
 
 
@@ -68,22 +71,20 @@ def main(argv=None) -> dict:
     step, position = 0, (0, 0)
     ckpt = latest_checkpoint(out)
     if ckpt is not None:
-        state = load_checkpoint(ckpt, towers, optimizer, scheduler, {})
+        state = load_checkpoint(ckpt, towers, optimizer, scheduler, {}, config=cfg)
         step, position = state["step"], tuple(state["position"])
     log = MetricsLog(out / "metrics.jsonl", resume_step=step if ckpt else None, enabled=rank == 0)
     if rank == 0:
         (out / "recipe-config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    model = towers
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(towers, device_ids=[device.index] if device.type == "cuda" else None)
+    model = wrap_ddp(towers, device)  # towers itself when there is one process
 
-    templates = load_templates(cfg["zeroshot_templates"]) if isinstance(cfg["zeroshot_templates"], str) \
-        else list(cfg["zeroshot_templates"])
+    templates = zeroshot_templates(cfg["zeroshot_templates"])
+    calibration = [ds.images[i] for i in train_rows[:cfg["bn_recalibration"]]]  # fixed images for precise BN
     data = PairData(ds.images, [ds.captions[cfg["text_column"]]], towers.preprocessing, seed=cfg["seed"])
     batches = iterate_batches(data, train_rows, cfg["batch_size"], cfg["seed"], position, workers=cfg["workers"],
                               pin_memory=device.type == "cuda")
     bar = tqdm(total=steps, initial=step, desc="align", disable=rank != 0 or not cfg["progress"], dynamic_ncols=True)
-    summary = {"out": str(out), "first_loss": None, "last_loss": None}
+    summary = {"out": str(out), "towers": towers, "first_loss": None, "last_loss": None}
     skipped, tick = 0, time.time()
     towers.train()
     while step < steps:
@@ -92,7 +93,7 @@ def main(argv=None) -> dict:
         if pixels is None:  # too few good images left in this batch
             continue
         tokens = towers.tokenize(texts[0])
-        with autocast(device):
+        with train_autocast(device):
             x, y, t = model(pixels.to(device, non_blocking=True), tokens["input_ids"].to(device),
                             tokens["attention_mask"].to(device))
         loss = 2 * info_nce_loss(x, y, t, label_smoothing=cfg["label_smoothing"])  # sum of both directions
@@ -110,28 +111,33 @@ def main(argv=None) -> dict:
         now = time.time()
         record = {"step": step, "epoch": epoch, "loss": loss.item(), "lr": lr, "t": towers.scale().item(),
                   "grad_norm": grad_norm.item(), "skipped": skipped,
-                  "images_per_s": pixels.shape[0] * world / max(now - tick, 1e-9)}
+                  "world": world, "images_per_s": pixels.shape[0] * world / max(now - tick, 1e-9)}
         tick = now
-        summary["first_loss"] = summary["first_loss"] if summary["first_loss"] is not None else record["loss"]
+        if summary["first_loss"] is None:
+            summary["first_loss"] = record["loss"]
         summary["last_loss"] = record["loss"]
         log.log(record)
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", t=f"{record['t']:.2f}")
 
         if rank == 0 and cfg["eval_every"] and (step % cfg["eval_every"] == 0 or step == steps):
+            towers.recalibrate_batchnorm(calibration)
             zs = zeroshot_check(towers, ds, held_rows, templates)
             if zs:
                 log.log({"step": step, **zs})
                 summary.update(zs)
                 bar.write(f"step {step}: zero-shot top-1 {zs['zeroshot_top1']:.1f}% on {len(held_rows)} held-out rows")
         if step % cfg["checkpoint_every"] == 0 or step == steps:
-            save_checkpoint(out, step, towers, optimizer, scheduler, {}, list(position), keep=cfg["keep_checkpoints"])
+            save_checkpoint(out, step, towers, optimizer, scheduler, {}, list(position), keep=cfg["keep_checkpoints"],
+                            config=cfg)
     bar.close()
 
     if rank == 0:
+        towers.recalibrate_batchnorm(calibration)
         towers.save_pretrained(out, metadata={"steps": steps, "data": ds.name})
         plot_curves(out / "metrics.jsonl", out / "curves.png")
         print(f"saved {out} (load with sail.towers.Towers.from_pretrained); curves in {out / 'curves.png'}")
+    cleanup_distributed()
     return summary
 
 

@@ -32,13 +32,13 @@ import yaml
 from tqdm.auto import tqdm
 
 from sail.data import open_dataset
-from sail.encoders import autocast
 from sail.errors import SailError
 from sail.losses import ConsistencyGates, info_nce_loss
 from sail.optim import build_optimizer, one_cycle
-from sail.recipe import (MetricsLog, PairData, iterate_batches, latest_checkpoint, load_checkpoint, load_config,
-                         plot_curves, save_checkpoint, setup_distributed, split_indices, zeroshot_check)
-from sail.templates import load_templates
+from sail.recipe import (MetricsLog, PairData, cleanup_distributed, iterate_batches, latest_checkpoint,
+                         load_checkpoint, load_config, plot_curves, save_checkpoint, setup_distributed,
+                         split_indices, train_autocast, wrap_ddp, zeroshot_check,
+                         zeroshot_templates)
 from sail.towers import build_towers
 
 
@@ -58,7 +58,8 @@ def main(argv=None) -> dict:
                           max_scale=cfg["max_scale"]).to(device)
     if cfg["gradient_checkpointing"]:
         towers.enable_gradient_checkpointing()
-    gates = ConsistencyGates(cfg["gate_momentum"], cfg["gamma_s"], cfg["gamma_p"], enabled=bool(cfg["gates"])).to(device)
+    gates = ConsistencyGates(cfg["gate_momentum"], cfg["gamma_s"], cfg["gamma_p"], enabled=bool(cfg["gates"]))
+    gates.to(device)
     optimizer = build_optimizer("adamw", towers.param_groups(cfg["weight_decay"]), lr=cfg["lr"],
                                 weight_decay=cfg["weight_decay"], betas=cfg["betas"], eps=cfg["eps"])
     steps = int(cfg["steps"])
@@ -71,23 +72,20 @@ def main(argv=None) -> dict:
     step, position = 0, (0, 0)
     ckpt = latest_checkpoint(out)
     if ckpt is not None:
-        state = load_checkpoint(ckpt, towers, optimizer, scheduler, {"gates": gates})
+        state = load_checkpoint(ckpt, towers, optimizer, scheduler, {"gates": gates}, config=cfg)
         step, position = state["step"], tuple(state["position"])
     log = MetricsLog(out / "metrics.jsonl", resume_step=step if ckpt else None, enabled=rank == 0)
     if rank == 0:
         (out / "recipe-config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    model = towers
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(towers, device_ids=[device.index] if device.type == "cuda" else None)
+    model = wrap_ddp(towers, device)  # towers itself when there is one process
 
-    templates = load_templates(cfg["zeroshot_templates"]) if isinstance(cfg["zeroshot_templates"], str) \
-        else list(cfg["zeroshot_templates"])
+    templates = zeroshot_templates(cfg["zeroshot_templates"])
     data = PairData(ds.images, [ds.captions[cfg["text_column"]], ds.captions[cfg["caption_column"]]],
                     towers.preprocessing, seed=cfg["seed"])
     batches = iterate_batches(data, train_rows, cfg["batch_size"], cfg["seed"], position, workers=cfg["workers"],
                               pin_memory=device.type == "cuda")
     bar = tqdm(total=steps, initial=step, desc="alip", disable=rank != 0 or not cfg["progress"], dynamic_ncols=True)
-    summary = {"out": str(out), "first_loss": None, "last_loss": None}
+    summary = {"out": str(out), "towers": towers, "first_loss": None, "last_loss": None}
     skipped, tick = 0, time.time()
     towers.train()
     while step < steps:
@@ -98,7 +96,7 @@ def main(argv=None) -> dict:
         raw, synthetic = texts
         b = pixels.shape[0]
         tokens = towers.tokenize(raw + synthetic)  # one text encoder for both: (2B, L)
-        with autocast(device):
+        with train_autocast(device):
             x, y, t = model(pixels.to(device, non_blocking=True), tokens["input_ids"].to(device),
                             tokens["attention_mask"].to(device))
         t_emb, c_emb = y[:b], y[b:]  # (2B, D) -> raw text (B, D), synthetic caption (B, D)
@@ -106,8 +104,9 @@ def main(argv=None) -> dict:
         loss_xt = info_nce_loss(x, t_emb, t, weights=w_t)
         loss_xc = info_nce_loss(x, c_emb, t, weights=w_c)
         loss = loss_xt + loss_xc
-        with torch.no_grad():  # the same loss without the gates, to watch learning (the gated one rises as H adapts)
-            plain = info_nce_loss(x.detach(), t_emb.detach(), t.detach()) + info_nce_loss(x.detach(), c_emb.detach(), t.detach())
+        with torch.no_grad():  # the loss without gates, to watch learning (the gated one rises as H adapts)
+            xd, td = x.detach(), t.detach()
+            plain = info_nce_loss(xd, t_emb.detach(), td) + info_nce_loss(xd, c_emb.detach(), td)
         lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -123,9 +122,10 @@ def main(argv=None) -> dict:
                   "loss_xc": loss_xc.item(), "loss_ungated": plain.item(), "lr": lr, "t": towers.scale().item(),
                   "grad_norm": grad_norm.item(), "w_t": w_t.mean().item(), "w_c": w_c.mean().item(),
                   "frac_wc_gt_wt": (w_c > w_t).double().mean().item(), "skipped": skipped,
-                  "images_per_s": b * world / max(now - tick, 1e-9)}
+                  "world": world, "images_per_s": b * world / max(now - tick, 1e-9)}
         tick = now
-        summary["first_loss"] = summary["first_loss"] if summary["first_loss"] is not None else record["loss"]
+        if summary["first_loss"] is None:
+            summary["first_loss"] = record["loss"]
         summary["last_loss"] = record["loss"]
         log.log(record)
         bar.update(1)
@@ -139,13 +139,14 @@ def main(argv=None) -> dict:
                 bar.write(f"step {step}: zero-shot top-1 {zs['zeroshot_top1']:.1f}% on {len(held_rows)} held-out rows")
         if step % cfg["checkpoint_every"] == 0 or step == steps:
             save_checkpoint(out, step, towers, optimizer, scheduler, {"gates": gates}, list(position),
-                            keep=cfg["keep_checkpoints"])
+                            keep=cfg["keep_checkpoints"], config=cfg)
     bar.close()
 
     if rank == 0:
         towers.save_pretrained(out, metadata={"steps": steps, "data": ds.name})
         plot_curves(out / "metrics.jsonl", out / "curves.png")
         print(f"saved {out} (load with sail.towers.Towers.from_pretrained); curves in {out / 'curves.png'}")
+    cleanup_distributed()
     return summary
 
 

@@ -95,7 +95,9 @@ def to_tensor(image: Image.Image, mean=None, std=None) -> torch.Tensor:
     array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0  # (H, W, 3)
     x = torch.from_numpy(array.copy()).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
     if mean is not None:
-        x = (x - torch.tensor(mean, dtype=torch.float32)[:, None, None]) / torch.tensor(std, dtype=torch.float32)[:, None, None]
+        m = torch.tensor(mean, dtype=torch.float32)[:, None, None]  # (3,) -> (3, 1, 1) broadcasts over H, W
+        s = torch.tensor(std, dtype=torch.float32)[:, None, None]
+        x = (x - m) / s
     return x.contiguous()
 
 

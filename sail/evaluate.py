@@ -72,6 +72,28 @@ def _valid_embeddings(model, store: FeatureStore, field: str, modality: str):
     return emb, rows
 
 
+def _dataset_image_embeddings(model, ds: Dataset, features_root: str, progress: bool):
+    """Embeddings of the readable images of a dataset, and their rows.
+
+    A `sail align` run goes through a cached feature store; a full-model recipe's towers embed the
+    images directly (their encoders are trained, so there is nothing frozen to cache).
+    """
+    if isinstance(model, SAILModel):
+        store = cached_store(model, ds, "image", features_root, progress=progress)
+        return _valid_embeddings(model, store, "image", "image")
+    from sail.data import ImageError, load_image
+
+    images, rows = [], []
+    for i, ref in enumerate(ds.images):
+        try:
+            images.append(load_image(ref))
+            rows.append(i)
+        except ImageError:
+            continue
+    emb = model.encode_image(images) if images else torch.zeros(0, 1)
+    return emb, np.array(rows, dtype=np.int64)
+
+
 # --------------------------------------------------------------------------------------- zero-shot
 
 
@@ -82,20 +104,25 @@ def zeroshot(run: str, data: str, classnames: str | None = None, templates: str 
 
     model = load_model(run, vision_model, text_model, device)
     if image_store:
+        if not isinstance(model, SAILModel):
+            raise SailError("--image-store needs a run trained with `sail align` (heads over stored features)")
         store = FeatureStore(image_store)
         check_store_matches_run(run, store, "image")
+        labels, store_names, where = store.labels, store.class_names, store.path
+        image_emb, rows = _valid_embeddings(model, store, "image", "image")
     else:
-        store = cached_store(model, open_dataset(data), "image", features_root, progress=progress)
-    labels = store.labels
+        ds = open_dataset(data)
+        labels, store_names, where = ds.labels, ds.class_names, data
     if labels is None or (labels < 0).all():
-        raise SailError(f"{store.path} has no class labels; zero-shot needs a labelled dataset (label column or class folders)")
-    names = load_classnames(classnames) if classnames else store.class_names
+        raise SailError(f"{where} has no class labels; zero-shot needs a labelled dataset (label column or class folders)")
+    if not image_store:
+        image_emb, rows = _dataset_image_embeddings(model, ds, features_root, progress)
+    names = load_classnames(classnames) if classnames else store_names
     if not names:
-        raise SailError(f"{store.path} has integer labels without class names; pass --classnames FILE")
+        raise SailError(f"{where} has integer labels without class names; pass --classnames FILE")
     if labels.max() >= len(names):
         raise SailError(f"labels go up to {labels.max()} but only {len(names)} class names were given")
     prompts = load_templates(templates)
-    image_emb, rows = _valid_embeddings(model, store, "image", "image")
     keep = labels[rows] >= 0
     class_emb = metrics.class_embeddings(model.encode_text, names, prompts)
     result = metrics.zeroshot(image_emb[keep], class_emb.to(image_emb.device), torch.from_numpy(labels[rows][keep]))
@@ -176,18 +203,20 @@ def retrieval(run: str, data: str, images_root: str | None = None, split: str = 
               vision_model: str | None = None, text_model: str | None = None, progress: bool = True) -> dict:
     model = load_model(run, vision_model, text_model, device)
     ds, captions, owner = read_retrieval_data(data, images_root, split, columns)
-    store = cached_store(model, ds, "image", features_root, progress=progress)
-    valid = store.valid("image")
-    if not valid.any():
+    image_emb, rows = _dataset_image_embeddings(model, ds, features_root, progress)
+    if len(rows) == 0:
         raise SailError(f"none of the {len(ds)} images of {data} could be read; check --images-root")
-    image_emb, rows = _valid_embeddings(model, store, "image", "image")
     new_index = -np.ones(len(ds), dtype=np.int64)
     new_index[rows] = np.arange(len(rows))
     keep = [j for j, o in enumerate(owner) if new_index[o] >= 0]
-    text_ds = Dataset(f"{ds.name}-captions", ds.source, ds.source_hash + "-captions",
-                      [f"{ds.ids[owner[j]]}#{j}" for j in keep], [None] * len(keep), {"caption": [captions[j] for j in keep]})
-    text_store = cached_store(model, text_ds, "text", features_root, progress=progress)
-    text_emb = project_store(model.heads, text_store.read("caption"), "text", device=model.device)
+    texts = [captions[j] for j in keep]
+    if isinstance(model, SAILModel):
+        text_ds = Dataset(f"{ds.name}-captions", ds.source, ds.source_hash + "-captions",
+                          [f"{ds.ids[owner[j]]}#{j}" for j in keep], [None] * len(keep), {"caption": texts})
+        text_store = cached_store(model, text_ds, "text", features_root, progress=progress)
+        text_emb = project_store(model.heads, text_store.read("caption"), "text", device=model.device)
+    else:
+        text_emb = model.encode_text(texts)
     result = metrics.retrieval(image_emb, text_emb, torch.from_numpy(new_index[[owner[j] for j in keep]]))
     return {**result, "images": len(rows), "captions": len(keep), "chance_text_to_image_R@1": 100.0 / len(rows)}
 
@@ -291,6 +320,8 @@ def segmentation(run: str, images: str, masks: str, classnames: str, templates: 
     if not pairs:
         raise SailError(f"no image in {images} has a mask <stem>.png in {masks}")
     model = load_model(run, vision_model, text_model, device)
+    if not isinstance(model, SAILModel):
+        raise SailError(f"{run} is a full-model recipe run; segmentation needs a `sail align` run (patch tokens through a head)")
     ds = Dataset(f"seg-{image_dir.parent.name}-{image_dir.name}", str(image_dir.resolve()),
                  _paths_hash([p for p, _ in pairs]), [p.stem for p, _ in pairs], [str(p) for p, _ in pairs], {})
     store = cached_store(model, ds, "image", features_root, patch_tokens=True, progress=progress)

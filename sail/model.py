@@ -50,7 +50,7 @@ class SAILModel(torch.nn.Module):
         if cfg.get("format") == "sail-towers":
             from sail.towers import Towers
 
-            return Towers.from_pretrained(run_dir, device=device)
+            return Towers.from_pretrained(run_dir, map_location=pick_device(device))
         heads = AlignmentHeads.from_pretrained(run_dir)
         img, txt = cfg.get("image_encoder", {}), cfg.get("text_encoder", {})
         if not (vision_model or img.get("model_id")) or not (text_model or txt.get("model_id")):

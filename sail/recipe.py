@@ -3,8 +3,10 @@
     cfg = load_config(["--config", "recipes/configs/alip-tiny.yaml", "--steps", "20"])
     rank, world, device = setup_distributed(cfg["device"])
     data = PairData(ds.images, [ds.captions["caption"]], towers.preprocessing, seed=cfg["seed"])
-    for epoch, next_batch, (pixels, texts) in iterate_batches(data, train_idx, cfg["batch_size"], ...): ...
-    save_checkpoint(out, step, towers, optimizer, scheduler, {"gates": gates}, position)
+    for epoch, next_batch, pixels, texts, skipped in iterate_batches(data, train_rows, cfg["batch_size"], seed):
+        ...
+    save_checkpoint(out, step, towers, optimizer, scheduler, {"gates": gates}, [epoch, next_batch])
+    load_checkpoint(latest_checkpoint(out), towers, optimizer, scheduler, {"gates": gates})
     run_recipe("alip", ["--config", "recipes/configs/alip-tiny.yaml"])     # what `sail recipe` calls
 
 Conventions
@@ -40,6 +42,7 @@ from safetensors.torch import load_file, save_file
 from sail.errors import SailError
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+RESUME_KEYS = ("data", "batch_size", "steps", "seed", "vision", "text", "embed_dim", "head", "image")
 
 
 # ----------------------------------------------------------------------------------------- config
@@ -113,22 +116,33 @@ def run_recipe(name: str, argv: list[str] | None = None):
 
 
 def setup_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
-    """(rank, world, device). Under torchrun: init the process group (nccl on GPU, gloo on CPU)."""
+    """(rank, world, device). Under torchrun: the process group (sail.distributed) and cuda:LOCAL_RANK."""
+    from sail.distributed import init_distributed, local_device
     from sail.encoders import pick_device
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, pick_device(device)
+    rank, world = init_distributed()
+    return rank, world, local_device(pick_device(device), rank, world)
+
+
+def train_autocast(device: torch.device):
+    """bf16 autocast on GPUs that have bf16; otherwise full precision (fp16 would need loss scaling)."""
+    use = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return torch.autocast("cuda" if device.type == "cuda" else "cpu", dtype=torch.bfloat16, enabled=use)
+
+
+def cleanup_distributed() -> None:
     import torch.distributed as dist
 
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
-    dev = torch.device(f"cuda:{local}") if use_cuda else pick_device(device)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), dev
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel around `module` under torch.distributed, else `module` itself."""
+    if _world()[1] == 1:
+        return module
+    ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
 
 
 def _world() -> tuple[int, int]:
@@ -229,11 +243,11 @@ def iterate_batches(data: PairData, rows: list[int], batch_size: int, seed: int,
         for b, (pixels, texts, skipped) in enumerate(loader, start=first):
             n = 0 if pixels is None else pixels.shape[0]
             if world > 1:  # equal local batches on every rank
-                t = torch.tensor([n, skipped], dtype=torch.int64, device=_comm_device())
-                lo = t[:1].clone()
-                dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-                dist.all_reduce(t[1:])
-                n, skipped = int(lo), int(t[1])
+                smallest = torch.tensor([n], dtype=torch.int64, device=_comm_device())
+                bad = torch.tensor([skipped], dtype=torch.int64, device=_comm_device())
+                dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+                dist.all_reduce(bad)
+                n, skipped = int(smallest), int(bad)
             if n < 2:
                 yield epoch, b + 1, None, None, skipped
                 continue
@@ -274,9 +288,10 @@ def _set_rng_state(tensors: dict, plain: dict) -> None:
     random.setstate((version, tuple(py_state), py_gauss))
 
 
-def save_checkpoint(out: str | Path, step: int, model, optimizer, scheduler, modules: dict, position: dict,
-                    keep: int = 2) -> Path:
-    """Write OUT/checkpoints/step-N on every rank's call (rank 0 writes the shared parts)."""
+def save_checkpoint(out: str | Path, step: int, model, optimizer, scheduler, modules: dict, position: list,
+                    keep: int = 2, config: dict | None = None) -> Path:
+    """Write OUT/checkpoints/step-N on every rank's call (rank 0 writes the shared parts). `config`: the
+    run's config; its RESUME_KEYS are stored so a resume with different settings is refused."""
     rank, _ = _world()
     root = Path(out) / "checkpoints"
     final, tmp = root / f"step-{step:08d}", root / f".step-{step:08d}.tmp"
@@ -303,13 +318,14 @@ def save_checkpoint(out: str | Path, step: int, model, optimizer, scheduler, mod
                 tensors[f"module.{name}.{key}"] = value.detach().contiguous().clone().cpu()
         save_file(tensors, str(tmp / "state.safetensors"))
         meta = {"step": step, "position": position, "scheduler": scheduler.state_dict(),
+                "config": {k: (config or {})[k] for k in RESUME_KEYS if k in (config or {})},
                 "optimizer": {"param_groups": opt["param_groups"], "state": plain_state}}
         (tmp / "state.json").write_text(json.dumps(meta, indent=1))
     barrier()
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        for old in sorted(root.glob("step-*"))[:-keep]:
+        for old in sorted(root.glob("step-*"))[:-max(1, keep)]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
@@ -320,10 +336,15 @@ def latest_checkpoint(out: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, modules: dict) -> dict:
+def load_checkpoint(path: Path, model, optimizer, scheduler, modules: dict, config: dict | None = None) -> dict:
     """Restore everything save_checkpoint wrote; returns {"step", "position"}."""
     rank, _ = _world()
     meta = json.loads((path / "state.json").read_text())
+    saved = meta.get("config", {})
+    changed = [k for k in saved if config is not None and k in config and config[k] != saved[k]]
+    if changed:
+        raise SailError(f"{path.parent.parent} holds a run with different {', '.join(changed)}; resume with the "
+                        "same settings or choose another --out")
     device = next(model.parameters()).device
     model.load_state_dict(load_file(str(path / "model.safetensors"), device=str(device)), strict=True)
     tensors = load_file(str(path / "state.safetensors"))
@@ -386,19 +407,29 @@ def plot_curves(metrics_path: str | Path, png_path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     records = read_metrics(metrics_path)
-    panels = [("loss", "training loss"), ("lr", "learning rate"), ("t", "temperature t"),
-              ("zeroshot_top1", "zero-shot top-1 (%)")]
+    panels = [(("loss", "loss_ungated"), "training loss"), (("lr",), "learning rate"), (("t",), "temperature t"),
+              (("zeroshot_top1",), "zero-shot top-1 (%)")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
-    for ax, (key, title) in zip(axes, panels):
-        pts = [(r["step"], r[key]) for r in records if key in r]
-        if pts:
-            ax.plot(*zip(*pts), marker="o" if len(pts) < 30 else None)
+    for ax, (keys, title) in zip(axes, panels):
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in records if key in r]
+            if pts:
+                ax.plot(*zip(*pts), marker="o" if len(pts) < 30 else None, label=key)
+        if len(ax.lines) > 1:
+            ax.legend()
         ax.set_title(title)
         ax.set_xlabel("step")
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
     return Path(png_path)
+
+
+def zeroshot_templates(spec) -> list[str]:
+    """A list of templates as given, or a built-in set name / file for sail.templates.load_templates."""
+    from sail.templates import load_templates
+
+    return load_templates(spec) if isinstance(spec, str) else [str(t) for t in spec]
 
 
 def zeroshot_check(towers, ds, rows: list[int], templates: list[str]) -> dict:

@@ -50,7 +50,11 @@ def make_text_model(path: str | Path, hidden: int = 32, layers: int = 2, seed: i
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(string.ascii_lowercase + string.digits)
     vocab += ["##" + c for c in string.ascii_lowercase + string.digits] + list(".,!?'-")
     (bert_dir / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(bert_dir / "vocab.txt"), do_lower_case=True).save_pretrained(bert_dir)
+    # `vocab=` (not `vocab_file=`, which some transformers versions silently ignore) so words are not [UNK]
+    tok = BertTokenizerFast(vocab=str(bert_dir / "vocab.txt"), do_lower_case=True)
+    if tok.vocab_size != len(vocab):
+        raise RuntimeError(f"tiny tokenizer has {tok.vocab_size} tokens, expected {len(vocab)}")
+    tok.save_pretrained(bert_dir)
     torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
                      intermediate_size=2 * hidden, max_position_embeddings=128)

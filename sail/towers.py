@@ -245,6 +245,47 @@ class Towers(nn.Module):
             self.train(was_training)
         return torch.cat(out) if out else torch.zeros(0, self.embed_dim)
 
+    @torch.no_grad()
+    def recalibrate_batchnorm(self, images, batch_size: int = 64) -> int:
+        """Recompute the vision tower's BatchNorm running statistics as plain averages over `images` (PIL or
+        refs, eval preprocessing; unreadable refs are skipped); returns the number of BatchNorm layers.
+
+        Why: some of EfficientNet's BatchNorm layers keep a slow moving average (torch momentum 0.1) that lags
+        behind weights that move every step, so after a short run the eval-mode embeddings can collapse.
+        Running statistics never change training-mode outputs, so this does not alter training itself.
+        """
+        from sail.data import ImageError, load_image
+        from sail.encoders import autocast
+
+        def decoded(refs):
+            for x in refs:
+                try:
+                    yield x if hasattr(x, "convert") else load_image(str(x))
+                except ImageError:
+                    continue
+
+        norms = [m for m in self.vision.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not norms or not images:
+            return len(norms)
+        was_training, device = self.training, self._device()
+        momenta = [m.momentum for m in norms]
+        self.eval()  # dropout and drop-connect off ...
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # ... and a cumulative average over the batches below
+            m.train()
+        try:
+            for a in range(0, len(images), batch_size):
+                pixels = [self.preprocessing.eval(x) for x in decoded(images[a:a + batch_size])]
+                if len(pixels) > 1:  # BatchNorm needs two values per channel
+                    with autocast(device):
+                        self.vision(pixel_values=torch.stack(pixels).to(device))
+        finally:
+            for m, momentum in zip(norms, momenta):
+                m.momentum = momentum
+            self.train(was_training)
+        return len(norms)
+
     # ------------------------------------------------------------------ training helpers
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Matrices and conv kernels decay; biases, norms, embeddings' 1-d params and t do not (CLIP rule)."""

@@ -198,3 +198,23 @@ def test_gradient_checkpointing(align):
     after = grads()
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(before, after))
     assert align.enable_gradient_checkpointing() == ["vision (AlignVisionModel)"]
+
+
+def test_recalibrate_batchnorm_is_a_plain_average(align, alip):
+    images = _images(16)
+    first = align.vision.embeddings.batchnorm
+    seen = []
+    handle = first.register_forward_hook(lambda m, inp, out: seen.append(inp[0].detach().clone()))
+    momentum = first.momentum
+    align.train()
+    with torch.no_grad():
+        first.running_mean.fill_(5.0)
+    assert align.recalibrate_batchnorm(images, batch_size=8) == 21  # BatchNorm layers of this EfficientNet
+    handle.remove()
+    assert len(seen) == 2 and align.training and first.momentum == momentum
+    # reference: the average over the two batches of each batch's per-channel mean and unbiased variance
+    means = torch.stack([x.mean(dim=(0, 2, 3)) for x in seen])
+    variances = torch.stack([x.transpose(0, 1).reshape(x.shape[1], -1).var(dim=1) for x in seen])
+    assert torch.allclose(first.running_mean, means.mean(0), atol=1e-5)
+    assert torch.allclose(first.running_var, variances.mean(0), atol=1e-5)
+    assert alip.recalibrate_batchnorm(images) == 0  # a ViT has none

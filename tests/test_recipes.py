@@ -1,0 +1,231 @@
+"""The ALIP and ALIGN recipes end to end on tiny configs and the embedded sample (CPU): training lowers the
+loss, outputs load with Towers.from_pretrained, a killed-and-resumed run ends with identical weights, two
+gloo processes train like one, bad images are skipped, and the gates can be switched off."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sail.errors import SailError
+from sail.recipe import epoch_batches, load_config, read_metrics, run_recipe, split_indices
+from sail.towers import Towers
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "recipes" / "configs"
+FAST = {"workers": 0, "progress": "false", "batch_size": 16, "eval_every": 0}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models on a shared 2-core machine: one intra-op thread avoids OpenMP barrier stalls (2-3x faster).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _argv(recipe: str, out: Path, **overrides) -> list[str]:
+    argv = ["--config", str(CONFIGS / f"{recipe}-tiny.yaml"), "--out", str(out), "--device", "cpu"]
+    for key, value in {**FAST, **overrides}.items():
+        argv += [f"--{key}", str(value)]
+    return argv
+
+
+def _main(recipe: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"recipe_{recipe}", ROOT / "recipes" / f"{recipe}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def _train_records(out: Path) -> list[dict]:
+    return [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+
+
+def _mean(values):
+    return sum(values) / len(values)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def test_load_config_overrides(tmp_path):
+    cfg = load_config(["--config", str(CONFIGS / "alip-tiny.yaml"), "--steps", "7", "--lr=1e-2",
+                       "--gates", "false", "--batch-size", "8"])
+    assert cfg["steps"] == 7 and cfg["lr"] == 0.01 and cfg["gates"] is False and cfg["batch_size"] == 8
+    with pytest.raises(SailError, match="unknown option --stepz"):
+        load_config(["--config", str(CONFIGS / "alip-tiny.yaml"), "--stepz", "7"])
+    with pytest.raises(SailError, match="needs a number"):
+        load_config(["--config", str(CONFIGS / "alip-tiny.yaml"), "--steps", "many"])
+    with pytest.raises(SailError, match="exactly one --config"):
+        load_config(["--steps", "3"])
+
+
+def test_every_config_starts_with_its_command():
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        first = path.read_text().splitlines()[0]
+        recipe = path.stem.split("-")[0]
+        assert first == f"# python recipes/{recipe}.py --config recipes/configs/{path.name}", path.name
+        load_config(["--config", str(path)])  # parses
+
+
+def test_epoch_batches_split_each_global_batch_over_ranks():
+    rows = list(range(100, 150))
+    whole = epoch_batches(rows, 12, epoch=3, seed=5, rank=0, world=1)
+    parts = [epoch_batches(rows, 12, epoch=3, seed=5, rank=r, world=3) for r in range(3)]
+    assert len(whole) == 4 and all(len(b) == 12 for b in whole)  # 50 // 12, last partial batch dropped
+    for b, batch in enumerate(whole):
+        assert sum((p[b] for p in parts), []) == batch  # ranks' pieces, concatenated in rank order
+    assert {k for batch in whole for k in batch} <= {(3, r) for r in rows}
+    assert epoch_batches(rows, 12, 4, 5, 0, 1) != whole  # a new order each epoch
+
+
+def test_split_indices_is_stable():
+    ids = [f"id{i}" for i in range(2000)]
+    train, held = split_indices(ids, 0.25)
+    assert sorted(train + held) == list(range(2000))
+    assert 0.2 < len(held) / 2000 < 0.3
+    assert split_indices(list(reversed(ids)), 0.25)[1] == sorted(1999 - i for i in held)  # depends on ids only
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def test_alip_tiny_trains_and_saves(tmp_path):
+    out = tmp_path / "alip"
+    summary = _main("alip")(_argv("alip", out, steps=12, eval_every=12))
+    records = _train_records(out)
+    assert [r["step"] for r in records] == list(range(1, 13))
+    ungated = [r["loss_ungated"] for r in records]
+    assert _mean(ungated[-3:]) < _mean(ungated[:3]) - 0.2
+    assert min(r["w_t"] for r in records) < 1.0  # the gates are on
+    zs = [r for r in read_metrics(out / "metrics.jsonl") if "zeroshot_top1" in r]
+    assert len(zs) == 1 and zs[0]["step"] == 12 and 0.0 <= zs[0]["zeroshot_top1"] <= 100.0
+    for name in ("config.json", "model.safetensors", "tokenizer", "curves.png", "recipe-config.yaml"):
+        assert (out / name).exists(), name
+
+    # the saved directory reproduces the trained module
+    trained, loaded = summary["towers"], Towers.from_pretrained(out)
+    texts = ["a red circle", "a small green cross towards the top left of a plain light grey background"]
+    from sail.data import open_dataset
+
+    images = open_dataset("sample").images[:4]
+    assert torch.allclose(loaded.encode_text(texts), trained.encode_text(texts), atol=1e-6)
+    assert torch.allclose(loaded.encode_image(images), trained.encode_image(images), atol=1e-6)
+    assert loaded.scale().item() == pytest.approx(records[-1]["t"], rel=1e-6)
+
+
+def test_align_tiny_trains_and_saves(tmp_path):
+    out = tmp_path / "align"
+    _main("align")(_argv("align", out, steps=12, warmup_steps=2))
+    records = _train_records(out)
+    losses = [r["loss"] for r in records]
+    assert _mean(losses[-3:]) < _mean(losses[:3]) - 0.1
+    assert records[0]["t"] == pytest.approx(1.0, abs=0.02)  # logits x.y / sigma, sigma from 1.0
+    assert records[0]["lr"] < records[1]["lr"] and records[-1]["lr"] < records[2]["lr"]  # warm-up, decay
+    loaded = Towers.from_pretrained(out)
+    assert loaded.recipe == "align" and loaded.temperature == "sigma"
+
+
+def test_gates_off_through_run_recipe(tmp_path):
+    out = tmp_path / "nogates"
+    run_recipe("alip", _argv("alip", out, steps=3, gates="false"))
+    for r in _train_records(out):
+        assert r["w_t"] == 1.0 and r["w_c"] == 1.0
+        assert r["loss"] == pytest.approx(r["loss_ungated"], rel=1e-6)
+    with pytest.raises(SailError, match="no recipe 'nope'"):
+        run_recipe("nope", [])
+
+
+@pytest.mark.parametrize("recipe", ["alip", "align"])
+def test_resume_after_a_kill_gives_identical_weights(recipe, tmp_path):
+    # batch 96 of 364 training rows: 3 batches per epoch, so the run resumes mid-epoch and crosses an epoch.
+    args = dict(steps=4, batch_size=96, checkpoint_every=2, workers=1, warmup_steps=2) if recipe == "align" \
+        else dict(steps=4, batch_size=96, checkpoint_every=2, workers=1)
+    main = _main(recipe)
+    full = tmp_path / "full"
+    main(_argv(recipe, full, **args))
+    # "kill" after step 2: a fresh output folder holding only the step-2 checkpoint and the log so far
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "step-00000002", resumed / "checkpoints" / "step-00000002")
+    lines = (full / "metrics.jsonl").read_text().splitlines()
+    (resumed / "metrics.jsonl").write_text("\n".join(lines[:3]) + "\n")  # steps 1, 2 and a line of step 3
+    main(_argv(recipe, resumed, **args))
+    a, b = load_file(str(full / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["step"] for r in _train_records(resumed)] == [1, 2, 3, 4]
+    assert [r["loss"] for r in _train_records(resumed)] == [r["loss"] for r in _train_records(full)]
+    with pytest.raises(SailError, match="different batch_size"):
+        main(_argv(recipe, resumed, **{**args, "batch_size": 48}))
+
+
+def test_bad_images_are_skipped(tmp_path):
+    from sail.data import open_dataset
+
+    ds = open_dataset("sample", columns=["caption", "long_caption"])
+    rows = [{"id": ds.ids[i], "image": ds.images[i], "caption": ds.captions["caption"][i],
+             "long_caption": ds.captions["long_caption"][i]} for i in range(36)]
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    rows[3]["image"] = str(tmp_path / "missing.png")
+    rows[20]["image"] = str(tmp_path / "broken.png")
+    manifest = tmp_path / "data.csv"
+    with open(manifest, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    out = tmp_path / "run"
+    _main("alip")(_argv("alip", out, steps=4, data=manifest, holdout=0.0))
+    records = _train_records(out)
+    assert len(records) == 4 and records[-1]["skipped"] >= 2
+    assert all(r["loss"] == r["loss"] for r in records)  # finite, not NaN
+
+
+def test_two_gloo_processes_train_like_one(tmp_path):
+    args = dict(steps=3, batch_size=16)
+    single = tmp_path / "single"
+    _main("alip")(_argv("alip", single, **args))
+    two = tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "recipes" / "alip.py"), *_argv("alip", two, **args)]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (two / "model.safetensors").is_file()
+    # global negatives + the same global batches: the two-process losses are the one-process losses
+    one, both = _train_records(single), _train_records(two)
+    assert [r["step"] for r in both] == [1, 2, 3] and all(r["world"] == 2 for r in both)
+    assert all(r["world"] == 1 for r in one)
+    for r1, r2 in zip(one, both):
+        assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-4)
+        assert r2["loss_ungated"] == pytest.approx(r1["loss_ungated"], rel=1e-4)
+    a, b = load_file(str(single / "model.safetensors")), load_file(str(two / "model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-3
+    assert json.loads((two / "config.json").read_text())["recipe"] == "alip"
+
+
+def test_recipe_output_evaluates_through_sail_eval(tmp_path):
+    """A recipe run loads as SAILModel.from_pretrained and `sail eval` works on it unchanged."""
+    from sail.evaluate import retrieval, zeroshot
+    from sail.model import SAILModel
+    from sail.recipe import run_recipe
+
+    out = tmp_path / "alip"
+    run_recipe("alip", ["--config", str(CONFIGS / "alip-tiny.yaml"), "--steps", "3", "--out", str(out), "--device", "cpu"])
+    model = SAILModel.from_pretrained(out)
+    assert type(model).__name__ == "Towers"
+    zs = zeroshot(str(out), "sample-val", templates="imagenet", features_root=str(tmp_path / "f"), progress=False)
+    assert 0 <= zs["top1"] <= 100 and zs["classes"] == 24 and zs["images"] == 240
+    rt = retrieval(str(out), "sample-val", columns=["long_caption"], features_root=str(tmp_path / "f"), progress=False)
+    assert rt["images"] == 240 and 0 <= rt["text_to_image_R@1"] <= 100
