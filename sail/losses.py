@@ -158,12 +158,14 @@ def _sigmoid_sums(x, y, t, b, rows, want_grad):
     py = torch.zeros_like(y) if want_grad else None
     p_sum = x.new_zeros(())
     buf = x.new_empty((rows, m))  # reused so big blocks are not re-allocated (and page-faulted) each step
+    tmp = x.new_empty((rows, m))
+    zero = x.new_zeros(())
     for r0 in range(0, n, rows):
         r1 = min(r0 + rows, n)
         blk = buf[: r1 - r0]
         torch.mm(x[r0:r1], y.T, out=blk)  # (rows, D) @ (D, m) -> (rows, m) cosine similarities
         blk.mul_(t).add_(b)  # logits
-        loss += F.softplus(blk).sum()
+        loss += torch.logaddexp(blk, zero, out=tmp[: r1 - r0]).sum()  # softplus(l), into a reused buffer
         if want_grad:
             blk.sigmoid_()  # P block, in place
             p_sum += blk.sum()
