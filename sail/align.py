@@ -35,6 +35,7 @@ from sail.errors import SailError
 from sail.heads import AlignmentHeads
 from sail.loader import MemoryBatches, PairedFeatures, StreamingBatches
 from sail.optim import build_optimizer, cosine_with_warmup
+from sail.runlog import MetricsLog, plot_curves
 from sail.store import FeatureStore
 
 LOSSES = ("sigmoid", "multi-positive", "info-nce")
@@ -165,29 +166,8 @@ def _prepare_run_dir(cfg: AlignConfig, resume: bool) -> Path:
     return run
 
 
-def _plot_curves(run: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    if not rows:
-        return
-    panels = [("loss", ["loss"]), ("t, b", ["t", "b"]), ("logits", ["pos_logit", "neg_logit"]),
-              ("val R@1 (%)", ["val_i2t_R@1", "val_t2i_R@1"])]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
-    for ax, (title, keys) in zip(axes, panels):
-        for k in keys:
-            pts = [(r["step"], r[k]) for r in rows if k in r]
-            if pts:
-                ax.plot(*zip(*pts), label=k, marker="o" if len(pts) < 30 else None)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(run / "curves.png", dpi=100)
-    plt.close(fig)
+PANELS = [(("loss",), "loss"), (("t", "b"), "t, b"), (("pos_logit", "neg_logit"), "logits"),
+          (("val_i2t_R@1", "val_t2i_R@1"), "val R@1 (%)")]
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -248,7 +228,7 @@ def align(cfg: AlignConfig, resume: bool = False) -> AlignResult:
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
         (run / "train_config.json").write_text(json.dumps(cfg.resolved(), indent=1))
-        _truncate_metrics(run / "metrics.jsonl", start)
+    log = MetricsLog(run / "metrics.jsonl", resume_step=start if ck is not None else None, enabled=rank == 0)
     extra = {
         "loss": cfg.loss, "average": cfg.average, "captions": captions,
         "image_encoder": {**_encoder_info(image_store), "store": str(image_store.path)},
@@ -264,7 +244,6 @@ def align(cfg: AlignConfig, resume: bool = False) -> AlignResult:
     # ---- loop
     bar = tqdm(total=total, initial=start, disable=not cfg.progress or rank != 0, unit="step", dynamic_ncols=True)
     step, last = start, {}
-    log = open(run / "metrics.jsonl", "a") if rank == 0 else None
     try:
         while step < total:
             epoch, offset = divmod(step, steps_per_epoch)
@@ -300,9 +279,8 @@ def align(cfg: AlignConfig, resume: bool = False) -> AlignResult:
                 if val_image is not None and (step % cfg.eval_every == 0 or step == total):
                     row.update(_validate(heads, val_image, val_texts[0], device))
                 last.update(row)
-                if log and (step % cfg.log_every == 0 or step == total or "val_i2t_R@1" in row):
-                    log.write(json.dumps(row) + "\n")
-                    log.flush()
+                if step % cfg.log_every == 0 or step == total or "val_i2t_R@1" in row:
+                    log.log(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", t=f"{row['t']:.1f}", b=f"{row['b']:.2f}",
                                 pairs_s=f"{row['pairs_per_s']:.0f}", refresh=False)
                 bar.update(1)
@@ -312,15 +290,13 @@ def align(cfg: AlignConfig, resume: bool = False) -> AlignResult:
                     torch.distributed.barrier()
     finally:
         bar.close()
-        if log:
-            log.close()
 
     if rank == 0:
         heads.save_pretrained(run, extra_config=extra, metadata={
             "image_model": str(extra["image_encoder"]["model_id"]), "text_model": str(extra["text_encoder"]["model_id"]),
             "loss": cfg.loss})
         save_checkpoint(run, step, heads, opt, sched, {"epoch": step // max(1, steps_per_epoch)})
-        _plot_curves(run)
+        plot_curves(run / "metrics.jsonl", run / "curves.png", PANELS)
         metrics = {k: v for k, v in last.items() if k not in ("step",)}
         (run / "summary.json").write_text(json.dumps({"steps": step, **metrics}, indent=1))
         return AlignResult(run, step, metrics)
@@ -336,11 +312,3 @@ def _fits(nbytes: int, device: torch.device) -> bool:
     except (ValueError, OSError):
         return True
     return nbytes < 0.5 * avail
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop lines logged after the checkpoint so the log matches the weights."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))

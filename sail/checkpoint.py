@@ -23,25 +23,34 @@ from safetensors.torch import load_file, save_file
 from sail.errors import SailError
 
 
-def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+def flatten_optimizer(sd: dict, prefix: str = "state.") -> tuple[dict[str, torch.Tensor], dict]:
     """Optimizer state_dict -> (tensors, JSON-able rest). Works for Lion, AdamW, LAMB, SGD..."""
     tensors, plain = {}, {"param_groups": sd["param_groups"], "state": {}}
     for idx, st in sd["state"].items():
         plain["state"][str(idx)] = {}
         for k, v in st.items():
             if torch.is_tensor(v):
-                tensors[f"state.{idx}.{k}"] = v.detach().cpu().contiguous()
+                tensors[f"{prefix}{idx}.{k}"] = v.detach().cpu().contiguous()
             else:
                 plain["state"][str(idx)][k] = v
     return tensors, plain
 
 
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], plain: dict) -> dict:
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], plain: dict, current_groups: list | None = None,
+                        prefix: str = "state.") -> dict:
+    """Inverse of flatten_optimizer. JSON turned tuples (betas) into lists: restore them from the live groups."""
+    groups = plain["param_groups"]
+    for group, current in zip(groups, current_groups or []):
+        for key, value in current.items():
+            if isinstance(value, tuple) and isinstance(group.get(key), list):
+                group[key] = tuple(group[key])
     state: dict[int, dict] = {int(i): dict(v) for i, v in plain["state"].items()}
     for key, v in tensors.items():
-        _, idx, name = key.split(".", 2)
+        if not key.startswith(prefix):
+            continue
+        idx, name = key[len(prefix):].split(".", 1)
         state.setdefault(int(idx), {})[name] = v
-    return {"state": state, "param_groups": plain["param_groups"]}
+    return {"state": state, "param_groups": groups}
 
 
 def _rng_state() -> dict[str, torch.Tensor]:
@@ -73,7 +82,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opti
         save_file({k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()}, str(tmp / f"{name}.safetensors"))
     meta: dict = {"step": step, "state": state or {}, "modules": list(modules)}
     if optimizer is not None:
-        tensors, plain = _flatten_optimizer(optimizer.state_dict())
+        tensors, plain = flatten_optimizer(optimizer.state_dict())
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         meta["optimizer"] = plain
     if scheduler is not None:
@@ -107,8 +116,8 @@ class Checkpoint:
         for name, m in {"model": model, **(extra_modules or {})}.items():
             m.load_state_dict(load_file(str(self.path / f"{name}.safetensors")), strict=True)
         if optimizer is not None and "optimizer" in self.meta:
-            optimizer.load_state_dict(_unflatten_optimizer(load_file(str(self.path / "optimizer.safetensors")),
-                                                           self.meta["optimizer"]))
+            optimizer.load_state_dict(unflatten_optimizer(load_file(str(self.path / "optimizer.safetensors")),
+                                                          self.meta["optimizer"], optimizer.param_groups))
         if scheduler is not None and "scheduler" in self.meta:
             scheduler.load_state_dict({**scheduler.state_dict(), **self.meta["scheduler"]})
         if rng:

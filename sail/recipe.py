@@ -39,7 +39,10 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from sail import runlog
+from sail.checkpoint import flatten_optimizer, unflatten_optimizer
 from sail.errors import SailError
+from sail.runlog import MetricsLog, read_metrics  # noqa: F401  (the recipes import them from here)
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 RESUME_KEYS = ("data", "batch_size", "steps", "seed", "vision", "text", "embed_dim", "head", "image")
@@ -306,20 +309,14 @@ def save_checkpoint(out: str | Path, step: int, model, optimizer, scheduler, mod
         save_file({k: v.detach().contiguous().clone().cpu() for k, v in model.state_dict().items()},
                   str(tmp / "model.safetensors"))
         opt = optimizer.state_dict()
-        tensors, plain_state = {}, {}
-        for pid, state in opt["state"].items():
-            for key, value in state.items():
-                if isinstance(value, torch.Tensor):
-                    tensors[f"optimizer.{pid}.{key}"] = value.detach().contiguous().cpu()
-                else:
-                    plain_state.setdefault(str(pid), {})[key] = value
+        tensors, plain_opt = flatten_optimizer(opt, prefix="optimizer.")
         for name, module in modules.items():
             for key, value in module.state_dict().items():
                 tensors[f"module.{name}.{key}"] = value.detach().contiguous().clone().cpu()
         save_file(tensors, str(tmp / "state.safetensors"))
         meta = {"step": step, "position": position, "scheduler": scheduler.state_dict(),
                 "config": {k: (config or {})[k] for k in RESUME_KEYS if k in (config or {})},
-                "optimizer": {"param_groups": opt["param_groups"], "state": plain_state}}
+                "optimizer": plain_opt}
         (tmp / "state.json").write_text(json.dumps(meta, indent=1))
     barrier()
     if rank == 0:
@@ -348,19 +345,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, modules: dict, conf
     device = next(model.parameters()).device
     model.load_state_dict(load_file(str(path / "model.safetensors"), device=str(device)), strict=True)
     tensors = load_file(str(path / "state.safetensors"))
-    state: dict = {}
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, pid, name = key.split(".", 2)
-            state.setdefault(int(pid), {})[name] = value
-    for pid, values in meta["optimizer"]["state"].items():
-        state.setdefault(int(pid), {}).update(values)
-    groups = meta["optimizer"]["param_groups"]
-    for group, current in zip(groups, optimizer.param_groups):
-        for key, value in current.items():  # JSON turned tuples (betas) into lists
-            if isinstance(value, tuple) and isinstance(group.get(key), list):
-                group[key] = tuple(group[key])
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    optimizer.load_state_dict(unflatten_optimizer(tensors, meta["optimizer"], optimizer.param_groups, prefix="optimizer."))
     scheduler.load_state_dict(meta["scheduler"])
     for name, module in modules.items():
         prefix = f"module.{name}."
@@ -373,56 +358,13 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, modules: dict, conf
 
 # ----------------------------------------------------------------------------------------- logs
 
-
-class MetricsLog:
-    """Append-only OUT/metrics.jsonl (rank 0). Resuming at step s drops lines logged after s."""
-
-    def __init__(self, path: str | Path, resume_step: int | None = None, enabled: bool = True):
-        self.path, self.enabled = Path(path), enabled
-        if not enabled:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        lines = self.path.read_text().splitlines() if self.path.is_file() else []
-        if resume_step is None:
-            lines = []
-        else:
-            lines = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-        self.path.write_text("".join(ln + "\n" for ln in lines))
-
-    def log(self, record: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+RECIPE_PANELS = [(("loss", "loss_ungated"), "training loss"), (("lr",), "learning rate"), (("t",), "temperature t"),
+                 (("zeroshot_top1",), "zero-shot top-1 (%)")]
 
 
 def plot_curves(metrics_path: str | Path, png_path: str | Path) -> Path:
     """OUT/curves.png: training loss, learning rate, temperature and zero-shot top-1 against step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = read_metrics(metrics_path)
-    panels = [(("loss", "loss_ungated"), "training loss"), (("lr",), "learning rate"), (("t",), "temperature t"),
-              (("zeroshot_top1",), "zero-shot top-1 (%)")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
-    for ax, (keys, title) in zip(axes, panels):
-        for key in keys:
-            pts = [(r["step"], r[key]) for r in records if key in r]
-            if pts:
-                ax.plot(*zip(*pts), marker="o" if len(pts) < 30 else None, label=key)
-        if len(ax.lines) > 1:
-            ax.legend()
-        ax.set_title(title)
-        ax.set_xlabel("step")
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
-    return Path(png_path)
+    return runlog.plot_curves(metrics_path, png_path, RECIPE_PANELS)
 
 
 def zeroshot_templates(spec) -> list[str]:

@@ -1,0 +1,61 @@
+"""Per-step training logs shared by `sail align` and the recipes: metrics.jsonl and curves.png.
+
+    log = MetricsLog(run / "metrics.jsonl", resume_step=step_or_None, enabled=rank == 0)
+    log.log({"step": 1, "loss": 0.5})
+    plot_curves(run / "metrics.jsonl", run / "curves.png", [(("loss",), "loss"), (("t", "b"), "t, b")])
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class MetricsLog:
+    """Append-only metrics.jsonl (rank 0). Resuming at step s drops lines logged after s, so the log
+    always matches the weights; a fresh run (resume_step None) starts it empty."""
+
+    def __init__(self, path: str | Path, resume_step: int | None = None, enabled: bool = True):
+        self.path, self.enabled = Path(path), enabled
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lines = self.path.read_text().splitlines() if self.path.is_file() else []
+        if resume_step is None:
+            lines = []
+        else:
+            lines = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+        self.path.write_text("".join(ln + "\n" for ln in lines))
+
+    def log(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+
+
+def plot_curves(metrics_path: str | Path, png_path: str | Path, panels: list[tuple[tuple[str, ...], str]]) -> Path:
+    """One panel per (metric keys, title), each metric against step; keys absent from the log are skipped."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
+    for ax, (keys, title) in zip(axes, panels):
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in records if key in r]
+            if pts:
+                ax.plot(*zip(*pts), marker="o" if len(pts) < 30 else None, label=key)
+        if len(ax.lines) > 1:
+            ax.legend(fontsize=8)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return Path(png_path)
