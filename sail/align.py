@@ -225,9 +225,17 @@ def align(cfg: AlignConfig, resume: bool = False) -> AlignResult:
     if ck is not None:
         ck.restore(heads, opt, sched)
         start = ck.step
+    encoders = {"image": _encoder_info(image_store), "text": _encoder_info(text_store)}
+    saved_encoders = run / "encoders.json"
+    if resume and saved_encoders.exists():
+        before = json.loads(saved_encoders.read_text())
+        if before != json.loads(json.dumps(encoders, default=str)):
+            raise SailError(f"cannot resume {run}: the stores now come from other encoders than when the run started "
+                            f"({before['image']['model_id']} / {before['text']['model_id']}); re-extract or use another --out")
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
         (run / "train_config.json").write_text(json.dumps(cfg.resolved(), indent=1))
+        saved_encoders.write_text(json.dumps(encoders, indent=1, default=str))
     log = MetricsLog(run / "metrics.jsonl", resume_step=start if ck is not None else None, enabled=rank == 0)
     extra = {
         "loss": cfg.loss, "average": cfg.average, "captions": captions,

@@ -131,7 +131,9 @@ def _read_manifest_rows(path: Path) -> tuple[list[str], list[dict]]:
 def open_manifest(path: Path, columns: list[str] | None, id_column: str = "id",
                   image_column: str = "image", label_column: str = "label") -> Dataset:
     header, rows = _read_manifest_rows(path)
-    wanted = [id_column] + ([image_column] if image_column else []) + list(columns or [])
+    if image_column and image_column not in header:
+        image_column = ""  # a text-only manifest; image extraction then says which column is missing
+    wanted = [id_column] + list(columns or [])
     missing = [c for c in wanted if c not in header]
     if missing:
         raise SailError(f"{path} has no column(s) {', '.join(missing)}; its columns are {', '.join(header)}"

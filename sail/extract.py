@@ -190,7 +190,8 @@ def extract(cfg: ExtractConfig, dataset: Dataset | None = None) -> ExtractResult
     if spec.modality == "image":
         fields = ["image"]
         if all(r is None for r in ds.images):
-            raise SailError(f"{cfg.data} has no image column/files, but {cfg.model} is an image model")
+            raise SailError(f"{cfg.data} has no images (no column {cfg.image_column!r}?), but {cfg.model} is an "
+                            "image model; name the image-path column with --image-column")
     else:
         fields = list(ds.captions)
         if not fields:

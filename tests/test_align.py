@@ -123,6 +123,11 @@ def test_bad_inputs(tmp_path):
         align(_cfg(tmp_path, img, txt, steps=2))
     with pytest.raises(SailError, match="settings differ"):
         align(_cfg(tmp_path, img, txt, steps=2, lr=1.0), resume=True)
+    # the same paths re-extracted with another encoder: resuming would mix feature spaces
+    write_store(img, [f"id{i:05d}" for i in range(300)], {"image": np.zeros((300, 48), np.float16)}, "image",
+                "another-vision-model")
+    with pytest.raises(SailError, match="other encoders"):
+        align(_cfg(tmp_path, img, txt, steps=2), resume=True)
 
 
 def test_streaming_batches_cover_rows_once_per_buffer_and_resume(tmp_path):

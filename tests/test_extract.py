@@ -174,7 +174,7 @@ def test_existing_store_from_another_model_is_not_overwritten(tmp_path, tiny_vis
     assert _run(tiny_vision, "sample", out).already_complete
 
 
-def test_user_errors_are_one_line(tmp_path, tiny_text):
+def test_user_errors_are_one_line(tmp_path, tiny_text, tiny_vision):
     with pytest.raises(SailError, match="unknown model"):
         _run("not-a-model", "sample", tmp_path / "a.h5")
     with pytest.raises(SailError, match="no column"):
@@ -184,7 +184,10 @@ def test_user_errors_are_one_line(tmp_path, tiny_text):
     dup = _manifest(tmp_path, [{"id": "a", "caption": "x"}, {"id": "a", "caption": "y"}])
     with pytest.raises(SailError, match="more than once"):
         _run(tiny_text, dup, tmp_path / "d.h5", image_column="")
-    for s in ("a.h5", "b.h5", "c.h5", "d.h5"):
+    with pytest.raises(SailError, match="--image-column"):
+        _run(tiny_vision, _manifest(tmp_path, [{"id": "a", "caption": "x"}], "t.csv"),
+             tmp_path / "e.h5")
+    for s in ("a.h5", "b.h5", "c.h5", "d.h5", "e.h5"):
         assert not (tmp_path / s).exists()
 
 
@@ -258,3 +261,22 @@ def test_torchrun_two_processes_match_one(tmp_path, tiny_vision):
     with FeatureStore(single.path) as a, FeatureStore(out) as b:
         assert list(a.ids) == list(b.ids)
         np.testing.assert_allclose(a.read("image").astype(np.float32), b.read("image").astype(np.float32), atol=2e-3)
+
+
+@pytest.mark.parametrize("fmt", ["tsv", "jsonl", "parquet"])
+def test_manifest_formats(tmp_path, tiny_text, fmt):
+    rows = [{"id": f"r{i}", "caption": f"caption number {i}", "label": "a" if i % 2 else "b"} for i in range(6)]
+    path = tmp_path / f"m.{fmt}"
+    if fmt == "tsv":
+        path.write_text("id\tcaption\tlabel\n" + "".join(f"{r['id']}\t{r['caption']}\t{r['label']}\n" for r in rows))
+    elif fmt == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    res = _run(tiny_text, path, tmp_path / "t.h5")  # no image column: a text-only manifest
+    with FeatureStore(res.path) as s:
+        assert list(s.ids) == [r["id"] for r in rows] and s.class_names == ["a", "b"]
+        assert s.labels.tolist() == [1, 0, 1, 0, 1, 0] and s.valid("caption").all()
