@@ -186,6 +186,13 @@ def align(cfg: AlignConfig, resume: bool = False) -> AlignResult:
     # ---- data: join stores by id, hold out a validation split
     image_store, text_store = FeatureStore(cfg.image), FeatureStore(cfg.text)
     captions = cfg.captions or (text_store.fields if cfg.loss == "multi-positive" else text_store.fields[:1])
+    encoders = {"image": _encoder_info(image_store), "text": _encoder_info(text_store)}
+    saved_encoders = run / "encoders.json"
+    if resume and saved_encoders.exists():
+        before = json.loads(saved_encoders.read_text())
+        if before != json.loads(json.dumps(encoders, default=str)):
+            raise SailError(f"cannot resume {run}: the stores now come from other encoders than when the run started "
+                            f"({before['image']['model_id']} / {before['text']['model_id']}); re-extract or use another --out")
     pairs = PairedFeatures.from_stores(image_store, text_store, captions)
     if cfg.val_image or cfg.val_text:
         if not (cfg.val_image and cfg.val_text):
@@ -225,13 +232,6 @@ def align(cfg: AlignConfig, resume: bool = False) -> AlignResult:
     if ck is not None:
         ck.restore(heads, opt, sched)
         start = ck.step
-    encoders = {"image": _encoder_info(image_store), "text": _encoder_info(text_store)}
-    saved_encoders = run / "encoders.json"
-    if resume and saved_encoders.exists():
-        before = json.loads(saved_encoders.read_text())
-        if before != json.loads(json.dumps(encoders, default=str)):
-            raise SailError(f"cannot resume {run}: the stores now come from other encoders than when the run started "
-                            f"({before['image']['model_id']} / {before['text']['model_id']}); re-extract or use another --out")
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
         (run / "train_config.json").write_text(json.dumps(cfg.resolved(), indent=1))
@@ -239,8 +239,8 @@ def align(cfg: AlignConfig, resume: bool = False) -> AlignResult:
     log = MetricsLog(run / "metrics.jsonl", resume_step=start if ck is not None else None, enabled=rank == 0)
     extra = {
         "loss": cfg.loss, "average": cfg.average, "captions": captions,
-        "image_encoder": {**_encoder_info(image_store), "store": str(image_store.path)},
-        "text_encoder": {**_encoder_info(text_store), "store": str(text_store.path)},
+        "image_encoder": {**encoders["image"], "store": str(image_store.path)},
+        "text_encoder": {**encoders["text"], "store": str(text_store.path)},
         "train": {"batch": batch, "steps": total, "optimizer": cfg.optimizer, "lr": cfg.lr, "pairs": len(train),
                   "val_pairs": len(val)},
     }
