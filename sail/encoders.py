@@ -155,6 +155,7 @@ class ImageEncoder:
         if pooling not in POOLINGS:
             raise SailError(f"unknown pooling {pooling!r}; use one of {', '.join(POOLINGS)}")
         hf_logging.set_verbosity_error()  # the "fast processor needs torchvision" notice is expected
+        hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars drown sail's own progress
         self.spec, self.device, self.pooling = spec, device, pooling
         try:
             self.processor = AutoImageProcessor.from_pretrained(spec.source, trust_remote_code=spec.trust_remote_code)
@@ -197,7 +198,9 @@ class TextEncoder:
 
     def __init__(self, spec: ModelSpec, device: torch.device, max_length: int | None = None):
         from sentence_transformers import SentenceTransformer
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()
         try:
             self.model = SentenceTransformer(spec.source, device=str(device), trust_remote_code=spec.trust_remote_code)
         except (OSError, ValueError) as e:
