@@ -28,9 +28,9 @@ from tqdm.auto import tqdm
 
 import sail
 from sail.data import Dataset, ImageError, load_image, open_dataset
-from sail.encoders import load_encoder, model_revision, resolve_model
+from sail.encoders import load_encoder, model_revision, pick_device, resolve_model
 from sail.errors import SailError
-from sail.distributed import barrier, init_distributed
+from sail.distributed import barrier, init_distributed, local_device
 from sail.store import StoreWriter
 
 
@@ -211,7 +211,7 @@ def extract(cfg: ExtractConfig, dataset: Dataset | None = None) -> ExtractResult
 
     n_chunks = -(-len(ds) // cfg.chunk_size)
     todo = [c for c in range(n_chunks) if c % world == rank and not _part_path(parts, c).exists()]
-    encoder = load_encoder(spec, _rank_device(cfg.device, rank, world), cfg.pooling, cfg.max_length)
+    encoder = load_encoder(spec, local_device(pick_device(cfg.device), rank, world), cfg.pooling, cfg.max_length)
     if todo:
         if spec.modality == "image":
             _extract_images(cfg, ds, encoder, todo, parts, rank)
@@ -223,12 +223,6 @@ def extract(cfg: ExtractConfig, dataset: Dataset | None = None) -> ExtractResult
         skipped = _merge(out, parts, ds, fields, n_chunks, cfg, spec, encoder)
     barrier(world)
     return ExtractResult(out, len(ds), skipped, time.time() - start)
-
-
-def _rank_device(device: str, rank: int, world: int) -> str:
-    if device == "auto" and world > 1 and torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
-    return device
 
 
 def _progress(total: int, unit: str, cfg: ExtractConfig, rank: int):
