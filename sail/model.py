@@ -60,10 +60,18 @@ class SAILModel(torch.nn.Module):
                    None if max_length in (None, -1) else int(max_length), device)
 
     # ------------------------------------------------------------------ encoders (lazy)
+    @staticmethod
+    def _spec(source: str, modality: str, option: str):
+        try:
+            return resolve_model(source, modality)
+        except SailError as e:
+            raise SailError(f"cannot find the run's {modality} encoder {source!r} ({e}); pass {option}= "
+                            f"(--{option.replace('_', '-')}) pointing at a local copy") from None
+
     @property
     def vision(self) -> ImageEncoder:
         if self._vision is None:
-            enc = ImageEncoder(resolve_model(self.image_model, "image"), self.device, self.pooling)
+            enc = ImageEncoder(self._spec(self.image_model, "image", "vision_model"), self.device, self.pooling)
             if enc.dim != self.heads.config["image_dim"]:
                 raise SailError(f"vision model {self.image_model} gives {enc.dim}-d features but the run's image head "
                                 f"expects {self.heads.config['image_dim']}; use the encoder the run was trained on")
@@ -73,7 +81,7 @@ class SAILModel(torch.nn.Module):
     @property
     def text(self) -> TextEncoder:
         if self._text is None:
-            enc = TextEncoder(resolve_model(self.text_model, "text"), self.device, self.max_length)
+            enc = TextEncoder(self._spec(self.text_model, "text", "text_model"), self.device, self.max_length)
             if enc.dim != self.heads.config["text_dim"]:
                 raise SailError(f"text model {self.text_model} gives {enc.dim}-d features but the run's text head "
                                 f"expects {self.heads.config['text_dim']}; use the encoder the run was trained on")

@@ -206,3 +206,15 @@ def test_index_and_search(trained, tmp_path):
         search(str(tmp_path / "idx"), "  ")
     with pytest.raises(SailError, match="not a sail index"):
         search(str(tmp_path), "x")
+
+
+def test_missing_encoder_names_the_override(trained, tmp_path):
+    import json as _json
+
+    run = tmp_path / "moved"
+    shutil.copytree(trained["run"], run)
+    cfg = _json.loads((run / "config.json").read_text())
+    cfg["image_encoder"]["model_id"] = "/nowhere/on/this/machine/dino"
+    (run / "config.json").write_text(_json.dumps(cfg))
+    with pytest.raises(SailError, match="vision_model="):
+        SAILModel.from_pretrained(run).encode_image([open_dataset("sample").images[0]])
