@@ -35,10 +35,11 @@ from sail.data import open_dataset
 from sail.errors import SailError
 from sail.losses import ConsistencyGates, info_nce_loss
 from sail.optim import build_optimizer, one_cycle
-from sail.recipe import (MetricsLog, PairData, cleanup_distributed, iterate_batches, latest_checkpoint,
+from sail.recipe import (PairData, cleanup_distributed, iterate_batches, latest_checkpoint,
                          load_checkpoint, load_config, plot_curves, save_checkpoint, setup_distributed,
                          split_indices, train_autocast, wrap_ddp, zeroshot_check,
                          zeroshot_templates)
+from sail.runlog import MetricsLog
 from sail.towers import build_towers
 
 

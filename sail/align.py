@@ -17,17 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-import sail
 from sail.checkpoint import load_checkpoint, save_checkpoint
 from sail.distributed import init_distributed, local_device
 from sail.encoders import autocast, pick_device

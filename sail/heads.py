@@ -193,21 +193,9 @@ class AlignmentHeads(nn.Module):
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "AlignmentHeads":
         """Build heads from `config.json` and load `model.safetensors` strictly; returned in eval mode."""
         directory = Path(directory)
-        config_path, weights_path = directory / "config.json", directory / "model.safetensors"
         if not directory.is_dir():
             raise SailError(f"heads directory {directory} not found; train heads with `sail align` first")
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                raise SailError(f"{path} is missing; {directory} is not a saved sail-heads directory")
-        try:
-            config = json.loads(config_path.read_text())
-        except json.JSONDecodeError as e:
-            raise SailError(f"{config_path} is not valid JSON ({e})") from None
-        if not isinstance(config, dict) or config.get("format") != FORMAT:
-            raise SailError(f"{config_path} is not a sail-heads config (no \"format\": \"{FORMAT}\")")
-        if config.get("format_version", 0) > FORMAT_VERSION:
-            raise SailError(f"{config_path} has format_version {config['format_version']}; this sail reads "
-                            f"up to {FORMAT_VERSION}, upgrade sail")
+        config, config_path, weights_path = read_saved_config(directory, FORMAT, FORMAT_VERSION)
         missing = [k for k in ("image_dim", "text_dim", "out_dim", "kind", "width", "activation") if k not in config]
         if missing:
             raise SailError(f"{config_path} lacks {', '.join(missing)}")
@@ -225,6 +213,24 @@ class AlignmentHeads(nn.Module):
         heads.load_state_dict(tensors, strict=True)
         heads.extra_config = {k: v for k, v in config.items() if k not in CONFIG_KEYS}
         return heads.eval()
+
+
+def read_saved_config(directory: Path, fmt: str, version: int, extra_files: tuple[str, ...] = ()):
+    """(config, config path, weights path) of a saved directory; one clear error for anything off."""
+    config_path, weights_path = directory / "config.json", directory / "model.safetensors"
+    for path in (config_path, weights_path, *(directory / f for f in extra_files)):
+        if not path.exists():
+            raise SailError(f"{path} is missing; {directory} is not a saved {fmt} directory")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise SailError(f"{config_path} is not valid JSON ({e})") from None
+    if not isinstance(config, dict) or config.get("format") != fmt:
+        raise SailError(f"{config_path} is not a {fmt} config (no \"format\": \"{fmt}\")")
+    if config.get("format_version", 0) > version:
+        raise SailError(f"{config_path} has format_version {config['format_version']}; this sail reads "
+                        f"up to {version}, upgrade sail")
+    return config, config_path, weights_path
 
 
 def _check_state(expected: dict, found: dict, path: Path) -> None:

@@ -36,7 +36,6 @@ ConsistencyGates are ALIP's per-sample weights for info_nce_loss(weights=...).
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from sail.errors import SailError

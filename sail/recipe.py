@@ -42,7 +42,6 @@ from safetensors.torch import load_file, save_file
 from sail import runlog
 from sail.checkpoint import flatten_optimizer, unflatten_optimizer
 from sail.errors import SailError
-from sail.runlog import MetricsLog, read_metrics  # noqa: F401  (the recipes import them from here)
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 RESUME_KEYS = ("data", "batch_size", "steps", "seed", "vision", "text", "embed_dim", "head", "image")

@@ -42,7 +42,7 @@ from torch import nn
 
 from sail.augment import ImagePreprocessing
 from sail.errors import SailError
-from sail.heads import _check_state, make_head
+from sail.heads import _check_state, make_head, read_saved_config
 
 FORMAT = "sail-towers"
 FORMAT_VERSION = 1
@@ -334,18 +334,7 @@ class Towers(nn.Module):
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "Towers":
         """Rebuild from config.json, load model.safetensors strictly; returned in eval mode."""
         directory = Path(directory)
-        config_path, weights_path = directory / "config.json", directory / "model.safetensors"
-        for path in (config_path, weights_path, directory / "tokenizer"):
-            if not path.exists():
-                raise SailError(f"{path} is missing; {directory} is not a saved sail-towers directory")
-        try:
-            config = json.loads(config_path.read_text())
-        except json.JSONDecodeError as e:
-            raise SailError(f"{config_path} is not valid JSON ({e})") from None
-        if not isinstance(config, dict) or config.get("format") != FORMAT:
-            raise SailError(f"{config_path} is not a sail-towers config (no \"format\": \"{FORMAT}\")")
-        if config.get("format_version", 0) > FORMAT_VERSION:
-            raise SailError(f"{config_path} has format_version {config['format_version']}; upgrade sail")
+        config, config_path, weights_path = read_saved_config(directory, FORMAT, FORMAT_VERSION, ("tokenizer",))
         vision_type, text_type = config["vision"]["type"], config["text"]["type"]
         vision_cfg = _classes(vision_type, "vision")[0].from_dict(config["vision"]["config"])
         text_cfg = _classes(text_type, "text")[0].from_dict(config["text"]["config"])

@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from sail.errors import SailError
-from sail.recipe import epoch_batches, load_config, read_metrics, run_recipe, split_indices
+from sail.recipe import epoch_batches, load_config, run_recipe, split_indices
+from sail.runlog import read_metrics
 from sail.towers import Towers
 
 ROOT = Path(__file__).resolve().parents[1]
