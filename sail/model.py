@@ -141,3 +141,41 @@ def project_store(heads: AlignmentHeads, features: np.ndarray, modality: str, ba
         for i in range(0, len(features), batch):
             out.append(encode(torch.from_numpy(np.asarray(features[i:i + batch])).float().to(device)).cpu())
     return torch.cat(out) if out else torch.zeros(0, heads.config["out_dim"])
+
+
+class _TextBatch(list):
+    """Raw strings standing in for a token tensor: CLIP evaluation code calls `.to(device)` on it."""
+
+    def to(self, *args, **kwargs):
+        return self
+
+
+class OpenCLIPAdapter(torch.nn.Module):
+    """open_clip's (model, preprocess, tokenizer) triple over a SAILModel, for CLIP evaluation tools.
+
+        model, preprocess, tokenizer = OpenCLIPAdapter.create(sail.SAILModel.from_pretrained(run))
+        image_emb = model.encode_image(torch.stack([preprocess(im) for im in images]))
+        text_emb = model.encode_text(tokenizer(["a photo of a cat"]).to(device))
+
+    Tokenisation happens inside the text encoder (each model keeps its own tokenizer), so the
+    "tokens" are the strings themselves.
+    """
+
+    def __init__(self, model: SAILModel):
+        super().__init__()
+        self.model = model
+        self.logit_scale = torch.nn.Parameter(model.heads.logit_scale.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def create(cls, model: SAILModel):
+        adapter = cls(model)
+        return adapter, model.vision.preprocess, lambda texts: _TextBatch([texts] if isinstance(texts, str) else texts)
+
+    @torch.no_grad()
+    def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        pooled, _ = self.model.vision.encode_pixels(pixels)
+        return self.model.heads.encode_image(pooled.to(self.model.device))  # already L2-normalised
+
+    @torch.no_grad()
+    def encode_text(self, texts, normalize: bool = True) -> torch.Tensor:
+        return self.model.encode_text(list(texts))

@@ -218,3 +218,16 @@ def test_missing_encoder_names_the_override(trained, tmp_path):
     (run / "config.json").write_text(_json.dumps(cfg))
     with pytest.raises(SailError, match="vision_model="):
         SAILModel.from_pretrained(run).encode_image([open_dataset("sample").images[0]])
+
+
+def test_open_clip_adapter_matches_sailmodel(trained):
+    from sail.model import OpenCLIPAdapter
+
+    model = SAILModel.from_pretrained(trained["run"])
+    adapter, preprocess, tokenizer = OpenCLIPAdapter.create(model)
+    images = [Image.open(p).convert("RGB") for p in open_dataset("sample").images[:3]]
+    x = adapter.encode_image(torch.stack([preprocess(im) for im in images]))
+    assert torch.allclose(x, model.encode_image(images), atol=1e-6)
+    y = adapter.encode_text(tokenizer(["a red circle", "a blue cross"]).to("cpu"))
+    assert torch.allclose(y, model.encode_text(["a red circle", "a blue cross"]), atol=1e-6)
+    assert float(adapter.logit_scale.exp()) == pytest.approx(float(model.logit_scale))
