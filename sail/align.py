@@ -281,7 +281,7 @@ def align(cfg: AlignConfig, resume: bool = False) -> AlignResult:
                 row = {"step": step, "loss": loss.item(), "t": t_val, "b": b_val,
                        "lr": opt.param_groups[0]["lr"], "pairs_per_s": batch / dt}
                 row["pos_logit"], row["neg_logit"] = _logit_stats(x.float(), ys[0].float(), row["t"], row["b"])
-                if val_image is not None and (step % cfg.eval_every == 0 or step == total):
+                if rank == 0 and val_image is not None and (step % cfg.eval_every == 0 or step == total):
                     row.update(_validate(heads, val_image, val_texts[0], device))
                 last.update(row)
                 if step % cfg.log_every == 0 or step == total or "val_i2t_R@1" in row:

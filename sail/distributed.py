@@ -23,8 +23,18 @@ def init_distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def barrier(world: int) -> None:
-    if world > 1:
+def current() -> tuple[int, int]:
+    """(rank, world) of the initialised process group, (0, 1) when there is none."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def barrier(world: int | None = None) -> None:
+    """Wait for every rank; a no-op in a single process."""
+    if (world if world is not None else current()[1]) > 1:
         import torch.distributed as dist
 
         dist.barrier()

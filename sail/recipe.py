@@ -41,6 +41,7 @@ from safetensors.torch import load_file, save_file
 
 from sail import runlog
 from sail.checkpoint import flatten_optimizer, unflatten_optimizer
+from sail.distributed import barrier, current
 from sail.errors import SailError
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
@@ -141,25 +142,10 @@ def cleanup_distributed() -> None:
 
 def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """DistributedDataParallel around `module` under torch.distributed, else `module` itself."""
-    if _world()[1] == 1:
+    if current()[1] == 1:
         return module
     ids = [device.index] if device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
-
-
-def _world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def barrier() -> None:
-    import torch.distributed as dist
-
-    if _world()[1] > 1:
-        dist.barrier()
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -229,7 +215,7 @@ def iterate_batches(data: PairData, rows: list[int], batch_size: int, seed: int,
     """Endless (epoch, next_batch, pixels, texts, skipped) from position `start` = (epoch, batch)."""
     import torch.distributed as dist
 
-    rank, world = _world()
+    rank, world = current()
     if batch_size % world:
         raise SailError(f"batch_size {batch_size} must be divisible by the number of processes ({world})")
     if len(rows) < batch_size:
@@ -294,7 +280,7 @@ def save_checkpoint(out: str | Path, step: int, model, optimizer, scheduler, mod
                     keep: int = 2, config: dict | None = None) -> Path:
     """Write OUT/checkpoints/step-N on every rank's call (rank 0 writes the shared parts). `config`: the
     run's config; its RESUME_KEYS are stored so a resume with different settings is refused."""
-    rank, _ = _world()
+    rank, _ = current()
     root = Path(out) / "checkpoints"
     final, tmp = root / f"step-{step:08d}", root / f".step-{step:08d}.tmp"
     if rank == 0:
@@ -334,7 +320,7 @@ def latest_checkpoint(out: str | Path) -> Path | None:
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, modules: dict, config: dict | None = None) -> dict:
     """Restore everything save_checkpoint wrote; returns {"step", "position"}."""
-    rank, _ = _world()
+    rank, _ = current()
     meta = json.loads((path / "state.json").read_text())
     saved = meta.get("config", {})
     changed = [k for k in saved if config is not None and k in config and config[k] != saved[k]]
