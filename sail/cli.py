@@ -90,6 +90,7 @@ def align(
     val_text: Optional[str] = typer.Option(None, help="separate validation text store"),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N"),
+    precision: str = typer.Option("auto", help="auto | fp32 | bf16 | fp16 (auto: bf16 on Ampere+ GPUs, fp32 on CPU)"),
     in_memory: str = typer.Option("auto", help="auto | yes | no (stream from the stores)"),
     checkpoint_every: int = typer.Option(500, help="steps between checkpoints"),
     eval_every: int = typer.Option(500, help="steps between validation R@1"),
@@ -103,7 +104,8 @@ def align(
                              head=head, width=width, out_dim=out_dim, activation=activation, batch=batch, epochs=epochs,
                              steps=steps, optimizer=optimizer, lr=lr, weight_decay=weight_decay, betas=(beta1, beta2),
                              warmup=warmup, init_scale=init_scale, init_bias=init_bias, val_fraction=val_fraction,
-                             val_image=val_image, val_text=val_text, seed=seed, device=device, in_memory=in_memory,
+                             val_image=val_image, val_text=val_text, seed=seed, device=device, precision=precision,
+                             in_memory=in_memory,
                              checkpoint_every=checkpoint_every, eval_every=eval_every, block_size=block_size),
                  resume=resume)
     if result.metrics:
