@@ -51,6 +51,8 @@ class ExtractConfig:
     features_root: str = "features"
     id_column: str = "id"
     image_column: str = "image"
+    split: str = "test"                # CLIP_benchmark webdataset split
+    allow_truncated: bool = False      # keep the complete samples of truncated shards (recorded as skipped)
     trust_remote_code: bool | None = None
     progress: bool = True
 
@@ -184,7 +186,8 @@ def extract(cfg: ExtractConfig, dataset: Dataset | None = None) -> ExtractResult
     start = time.time()
     rank, world = init_distributed()
     spec = resolve_model(cfg.model, cfg.modality, cfg.trust_remote_code)
-    ds = dataset if dataset is not None else open_dataset(cfg.data, cfg.columns, cfg.id_column, cfg.image_column)
+    ds = dataset if dataset is not None else open_dataset(cfg.data, cfg.columns, cfg.id_column, cfg.image_column,
+                                                              split=cfg.split, allow_truncated=cfg.allow_truncated)
     if len(ds) == 0:
         raise SailError(f"{cfg.data} holds no samples")
     if spec.modality == "image":
@@ -307,7 +310,7 @@ def _merge(out: Path, parts: Path, ds: Dataset, fields: list[str], n_chunks: int
         with np.load(_part_path(parts, 0)) as z:
             patch_shapes = {"image": tuple(z["patch/image"].shape[1:])}
     writer = StoreWriter(out, ds.ids, {f: encoder.dim for f in fields}, patch_shapes)
-    skipped: list[tuple[str, str, str]] = []
+    skipped: list[tuple[str, str, str]] = list(ds.skipped)  # what reading the source lost (truncated shards)
     try:
         for c in range(n_chunks):
             lo = c * cfg.chunk_size
