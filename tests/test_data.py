@@ -281,3 +281,139 @@ def test_shard_index_is_cached_on_path_size_and_mtime(tmp_path, monkeypatch):
     os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched: indexed again
     open_dataset(str(shard.parent))
     assert len(calls) == 2
+
+
+# ----------------------------------------------------------------------------------------- image modes
+
+
+def _save(image, path, **kw):
+    image.save(path, **kw)
+    return str(path)
+
+
+def _grey_rgb(values):
+    """Expected RGB of a greyscale image whose expected grey levels are `values` (H, W)."""
+    return np.repeat(np.asarray(values, dtype=np.uint8)[..., None], 3, axis=2)
+
+
+@pytest.fixture(autouse=False)
+def no_warnings():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        yield
+
+
+def test_16bit_png_is_scaled_by_its_range_not_saturated(tmp_path, no_warnings):
+    values = np.array([[0, 1000], [4000, 2000]], dtype=np.uint16)
+    path = _save(Image.fromarray(values), tmp_path / "g16.png")
+    with Image.open(path) as im:
+        assert im.mode.startswith("I")  # what 16-bit greyscale PNGs decode to
+    got = np.asarray(load_image(path))
+    want = _grey_rgb([[0, round(1000 / 4000 * 255)], [255, round(2000 / 4000 * 255)]])
+    np.testing.assert_array_equal(got, want)
+
+
+def test_16bit_big_endian_and_int32_greyscale():
+    be = Image.frombytes("I;16B", (3, 1), np.array([[100, 300, 200]], dtype=">u2").tobytes())
+    np.testing.assert_array_equal(np.asarray(data.to_rgb(be)), _grey_rgb([[0, 255, round(100 / 200 * 255)]]))
+    i32 = Image.fromarray(np.array([[-5, 0], [5, 10]], dtype=np.int32), "I")
+    want = [[0, round(5 / 15 * 255)], [round(10 / 15 * 255), 255]]
+    np.testing.assert_array_equal(np.asarray(data.to_rgb(i32)), _grey_rgb(want))
+    flat = Image.fromarray(np.full((1, 2), 7, dtype=np.uint16))  # constant: no range to scale by
+    np.testing.assert_array_equal(np.asarray(data.to_rgb(flat)), _grey_rgb([[255, 255]]))
+
+
+def test_float_greyscale_with_nan_and_inf(tmp_path, no_warnings):
+    values = np.array([[0.25, -1.0], [np.nan, np.inf], [3.0, -np.inf]], dtype=np.float32)
+    path = _save(Image.fromarray(values, "F"), tmp_path / "f.tif")
+    got = np.asarray(load_image(path))
+    # finite range -1 .. 3; NaN and -inf black, +inf white
+    want = [[round((0.25 + 1) / 4 * 255), 0], [0, 255], [255, 0]]
+    np.testing.assert_array_equal(got, _grey_rgb(want))
+
+
+def test_palette_with_transparency_is_composited_on_white(tmp_path, no_warnings):
+    image = Image.new("P", (3, 1))
+    image.putpalette([200, 10, 10, 10, 20, 240, 0, 0, 0] + [0] * (256 * 3 - 9))
+    image.putdata([0, 1, 2])
+    image.info["transparency"] = bytes([255, 128, 0])  # index 0 opaque, 1 half, 2 fully transparent
+    path = _save(image, tmp_path / "p.png", transparency=bytes([255, 128, 0]))
+    with Image.open(path) as im:
+        assert im.mode == "P" and "transparency" in im.info
+    got = np.asarray(load_image(path)).astype(int)
+    half = [round(c * 128 / 255 + 255 * 127 / 255) for c in (10, 20, 240)]
+    np.testing.assert_array_equal(got, [[[200, 10, 10], half, [255, 255, 255]]])
+
+
+def test_alpha_modes_and_grey_trns_composite_by_hand(tmp_path, no_warnings):
+    la = Image.fromarray(np.array([[[100, 64], [30, 255]]], dtype=np.uint8), "LA")
+    want = [round(100 * 64 / 255 + 255 * 191 / 255), 30]
+    np.testing.assert_array_equal(np.asarray(load_image(_save(la, tmp_path / "la.png"))), _grey_rgb([want]))
+    rgba = np.array([[[255, 0, 0, 0], [0, 0, 255, 200], [10, 20, 30, 255]]], dtype=np.uint8)
+    got = np.asarray(load_image(_save(Image.fromarray(rgba, "RGBA"), tmp_path / "rgba.png")))
+    mid = [round(c * 200 / 255 + 255 * 55 / 255) for c in (0, 0, 255)]
+    np.testing.assert_array_equal(got, [[[255, 255, 255], mid, [10, 20, 30]]])
+    grey = Image.fromarray(np.array([[0, 90]], dtype=np.uint8), "L")
+    path = _save(grey, tmp_path / "trns.png", transparency=0)  # tRNS: grey level 0 is transparent
+    np.testing.assert_array_equal(np.asarray(load_image(path)), _grey_rgb([[255, 90]]))
+
+
+def test_cmyk_by_the_formula(tmp_path, no_warnings):
+    cmyk = np.array([[[0, 0, 0, 0], [255, 0, 0, 0], [0, 128, 64, 100]]], dtype=np.uint8)
+    path = _save(Image.frombytes("CMYK", (3, 1), cmyk.tobytes()), tmp_path / "c.tif")
+    with Image.open(path) as im:
+        assert im.mode == "CMYK"
+    want = [[[255, 255, 255], [0, 255, 255],
+             [round(255 * 155 / 255), round(127 * 155 / 255), round(191 * 155 / 255)]]]
+    np.testing.assert_array_equal(np.asarray(load_image(path)), want)
+
+
+@pytest.mark.parametrize("orientation,turn", [(3, lambda a: np.rot90(a, 2)), (6, lambda a: np.rot90(a, -1)),
+                                              (8, lambda a: np.rot90(a, 1)), (2, lambda a: a[:, ::-1])])
+def test_exif_orientation_is_applied(tmp_path, orientation, turn):
+    pixels = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3) * 10
+    image = Image.fromarray(pixels, "RGB")
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    path = _save(image, tmp_path / "o.png", exif=exif)
+    np.testing.assert_array_equal(np.asarray(load_image(path)), turn(pixels))
+
+
+def test_pixel_limit_skips_with_a_reason_and_no_warning(tmp_path, monkeypatch, no_warnings):
+    path = _save(Image.new("RGB", (20, 10), (1, 2, 3)), tmp_path / "big.png")
+    with pytest.raises(data.ImageError, match=r"too large: 20x10 = 200 pixels, over the limit of 199"):
+        load_image(path, max_pixels=199)
+    assert load_image(path, max_pixels=200).size == (20, 10)
+    # PIL's own guard: a warning above its limit, an error above twice it; our limit decides instead
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 90)
+    assert load_image(path, max_pixels=1000).size == (20, 10)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 150)
+    assert load_image(path, max_pixels=None).size == (20, 10)
+
+
+def test_extract_cli_truncated_shard_and_pixel_limit(tmp_path, tiny_vision, capsys):
+    from sail.cli import main
+    from sail.store import FeatureStore
+
+    root = tmp_path / "wds_toy"
+    expected = make_clip_benchmark(root)  # shards of 3 and 2 samples, images 5x4
+    shard = root / "test" / "1.tar"
+    index = data.shard_index(shard)
+    _, offset, size = index.members[1]  # cut after the first sample's two members
+    shard.write_bytes(shard.read_bytes()[:offset + size])
+    out = tmp_path / "img.h5"
+    argv = ["extract", "--model", str(tiny_vision), "--data", str(root), "--out", str(out), "--workers", "0"]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: truncated shard ") and "1.tar" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+    assert main(argv + ["--allow-truncated", "--max-pixels", "19"]) == 0
+    assert "skipped 4: too large x3; truncated shard x1" in capsys.readouterr().out
+    with FeatureStore(out) as s:
+        assert list(s.ids) == [k for k, *_ in expected[:3]] and not s.valid("image").any()
+        reasons = [(i, f, r.split(":")[0]) for i, f, r in s.skipped]
+        assert sorted(reasons) == sorted([(k, "image", "too large") for k, *_ in expected[:3]]
+                                         + [("1.tar", "shard", "truncated shard")])
