@@ -47,6 +47,10 @@ def extract(
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N"),
     id_column: str = typer.Option("id", help="manifest id column"),
     image_column: str = typer.Option("image", help="manifest image-path column (relative to the manifest)"),
+    split: str = typer.Option("test", help="split of a CLIP_benchmark webdataset folder"),
+    allow_truncated: bool = typer.Option(False, "--allow-truncated",
+                                         help="keep the complete samples of truncated shards (recorded as skipped)"),
+    max_pixels: int = typer.Option(100_000_000, help="skip larger images as 'too large' (0: no limit)"),
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code/--no-trust-remote-code",
                                                      help="allow model code from the hub (default: per alias)"),
 ):
@@ -56,7 +60,8 @@ def extract(
     result = run(ExtractConfig(model=model, data=data, columns=_split(columns), out=out, pooling=pooling,
                                patch_tokens=patch_tokens, max_length=max_length, modality=modality,
                                batch_size=batch_size, chunk_size=chunk_size, workers=workers, device=device,
-                               id_column=id_column, image_column=image_column, trust_remote_code=trust_remote_code))
+                               id_column=id_column, image_column=image_column, split=split,
+                               allow_truncated=allow_truncated, max_pixels=max_pixels, trust_remote_code=trust_remote_code))
     import os
 
     if int(os.environ.get("RANK", "0")) == 0:
