@@ -236,7 +236,7 @@ def _pick_kernel(impl, image):
     if impl == "torch" or (impl == "auto" and not (image.is_cuda and image.dtype != torch.float64)):
         return _multi_positive_kernel
     try:
-        from sail import triton_sigmoid
+        import sail.triton_sigmoid as triton_sigmoid  # optional: needs the triton package
     except ImportError as e:
         if impl == "auto":
             return _multi_positive_kernel
