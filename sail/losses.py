@@ -242,7 +242,14 @@ def _pick_kernel(impl, image):
             return _multi_positive_kernel
         raise SailError(f"impl='triton' needs the triton package ({e}); pip install 'sail[triton]' "
                         "(torch's CUDA wheels ship it) or use impl='torch'") from None
+    if impl == "triton":
+        triton_sigmoid.check_inputs(image)
     return triton_sigmoid.multi_positive_kernel
+
+
+def check_impl(impl, device):
+    """Raise SailError now if the sigmoid losses cannot run impl on device (for up-front CLI checks)."""
+    _pick_kernel(impl, torch.empty(0, device=device))
 
 
 def multi_positive_loss(image, texts, t, b, average="pairs", block_size=None, group=None, impl="auto"):

@@ -170,7 +170,8 @@ def _stripe_rows(block_size, n, m, elem_bytes):
     return max(1, min(n, STRIPE_ROWS, STRIPE_BYTES // (m * elem_bytes)))
 
 
-def _check_inputs(x):
+def check_inputs(x):
+    """SailError unless x can go through the kernel: CUDA (or the interpreter), bf16 / fp16 / fp32."""
     if x.device.type != "cuda" and not INTERPRET:
         raise SailError(
             f"impl='triton' runs on CUDA tensors, got {x.device.type} tensors; use impl='auto' or 'torch' "
@@ -183,7 +184,7 @@ def _check_inputs(x):
 def multi_positive_kernel(image, t_in, b_in, *texts, average, block_size, group, want_grad):
     """sail.losses' kernel contract: (loss, [d image, d t, d b, d texts...]), gradients of the global mean
     (scaled by world size for the local embeddings; see sail.losses' module docstring)."""
-    _check_inputs(image)
+    check_inputs(image)
     x = image.detach().contiguous()
     cdt = x.dtype
     t = t_in.detach().to(x.device, torch.float32).reshape(1)

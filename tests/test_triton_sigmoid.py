@@ -9,6 +9,7 @@ averages, extreme t and b, fp32 / bf16 / fp16 inputs, no-grad calls, the diagona
 (simulated, and with 2 gloo processes), the grouped tile order, and the impl= selection and its errors.
 """
 
+import json
 import math
 import os
 import random
@@ -199,6 +200,37 @@ def test_impl_selection_and_errors(monkeypatch):
     with pytest.raises(SailError, match="needs the triton package"):
         losses.sigmoid_loss(cpu, cpu, 1.0, 0.0, impl="triton")
     assert losses._pick_kernel("auto", cpu) is losses._multi_positive_kernel
+
+
+def test_cli_loss_impl_errors_before_reading_data(tmp_path, capsys):
+    from sail.cli import main
+
+    missing = str(tmp_path / "missing.h5")  # never opened: the impl is checked first
+    for extra, msg in [(["--loss-impl", "cuda"], "impl must be one of auto, torch, triton"),
+                       (["--loss", "info-nce", "--loss-impl", "triton"], "is for the sigmoid and multi-positive")]:
+        assert main(["align", "--image", missing, "--text", missing, "--out", str(tmp_path / "run"), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and msg in err and len(err.splitlines()) == 1
+        assert not (tmp_path / "run").exists()
+
+
+def test_align_with_triton_impl_matches_torch_impl(tmp_path):
+    # the same 3 training steps with each impl: the logged losses agree to fp32 accuracy
+    from sail.align import AlignConfig, align
+    from synthetic import paired_stores
+
+    img, txt = paired_stores(tmp_path, n=120)
+    logged = {}
+    for impl in ("torch", "triton"):
+        out = tmp_path / impl
+        align(AlignConfig(image=str(img), text=str(txt), out=str(out), head="linear", out_dim=16, batch=24, steps=3,
+                          lr=1e-3, optimizer="adamw", val_fraction=0.1, eval_every=1000, progress=False,
+                          device=DEVICE, loss_impl=impl))
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        logged[impl] = torch.tensor([r["loss"] for r in rows], dtype=torch.float64)
+        assert json.loads((out / "train_config.json").read_text())["loss_impl"] == impl
+    assert len(logged["torch"]) == 3
+    torch.testing.assert_close(logged["triton"], logged["torch"], rtol=1e-5, atol=0)
 
 
 # --------------------------------------------------------------------------------------------------
