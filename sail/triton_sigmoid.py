@@ -92,13 +92,18 @@ def _sigmoid_tile_kernel(
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,) rows of the stripe
     cols = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) rows of the gathered Y
     ks = tl.arange(0, BLOCK_D)
+    # int64 offsets: at B = 1M a stripe of G has 4096 x 2^20 = 2^32 elements, past int32
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
+    x_ptrs = x_ptr + rows64[:, None] * stride_x + ks[None, :]  # (BLOCK_R, BLOCK_D), advanced along D
+    y_ptrs = y_ptr + cols64[:, None] * stride_y + ks[None, :]  # (BLOCK_M, BLOCK_D)
     acc = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_D):
-        kk = k0 + ks
-        xt = tl.load(x_ptr + rows[:, None] * stride_x + kk[None, :],
-                     mask=(rows[:, None] < R) & (kk[None, :] < D), other=0.0)  # (BLOCK_R, BLOCK_D)
-        yt = tl.load(y_ptr + cols[:, None] * stride_y + kk[None, :],
-                     mask=(cols[:, None] < M) & (kk[None, :] < D), other=0.0)  # (BLOCK_M, BLOCK_D)
+        kmask = (k0 + ks)[None, :] < D
+        xt = tl.load(x_ptrs, mask=(rows[:, None] < R) & kmask, other=0.0)
+        yt = tl.load(y_ptrs, mask=(cols[:, None] < M) & kmask, other=0.0)
+        x_ptrs += BLOCK_D
+        y_ptrs += BLOCK_D
         if UPCAST:
             xt = xt.to(tl.float32)
             yt = yt.to(tl.float32)
@@ -122,12 +127,15 @@ def _sigmoid_tile_kernel(
     if STORE_G:
         sig_u = tl.where(u >= 0, 1.0 / (1.0 + e), e / (1.0 + e))  # sigmoid(u), stable both sides
         g = tl.where(valid, tl.where(pos, -sig_u, sig_u), 0.0)  # dL/dl * N: sigmoid(l) - [positive]
-        tl.store(g_ptr + rows[:, None] * stride_g + cols[None, :], g.to(g_ptr.dtype.element_ty), mask=valid)
+        tl.store(g_ptr + rows64[:, None] * stride_g + cols64[None, :], g.to(g_ptr.dtype.element_ty), mask=valid)
         tl.store(part_ptr + pid * 3 + 1, tl.sum(tl.sum(g * acc, 1), 0))
         tl.store(part_ptr + pid * 3 + 2, tl.sum(tl.sum(g, 1), 0))
 
 
-_tuned_kernel = triton.autotune(configs=GPU_CONFIGS, key=["R", "M", "D", "STORE_G"])(_sigmoid_tile_kernel)
+# reset_to_zero: autotuning runs every config into the same partial-sums buffer, and a config with bigger
+# tiles writes fewer rows, so the buffer is zeroed before each trial and before the chosen config runs
+_tuned_kernel = triton.autotune(configs=GPU_CONFIGS, key=["R", "M", "D", "STORE_G"],
+                                reset_to_zero=["part_ptr"])(_sigmoid_tile_kernel)
 
 
 def stripe_sums(x, y, t, b, diag, g=None):
