@@ -73,6 +73,7 @@ class AlignConfig:
     eval_every: int = 500
     log_every: int = 1
     block_size: int | None = None
+    loss_impl: str = "auto"                # sigmoid losses: auto | torch | triton (fused GPU kernel)
     progress: bool = True
 
     def resolved(self) -> dict:
@@ -116,10 +117,21 @@ def _loss(cfg: AlignConfig, x: torch.Tensor, ys: list[torch.Tensor], t, b) -> to
     from sail import losses
 
     if cfg.loss == "sigmoid":
-        return losses.sigmoid_loss(x, ys[0], t, b, average=cfg.average, block_size=cfg.block_size)
+        return losses.sigmoid_loss(x, ys[0], t, b, average=cfg.average, block_size=cfg.block_size,
+                                   impl=cfg.loss_impl)
     if cfg.loss == "multi-positive":
-        return losses.multi_positive_loss(x, ys, t, b, average=cfg.average, block_size=cfg.block_size)
+        return losses.multi_positive_loss(x, ys, t, b, average=cfg.average, block_size=cfg.block_size,
+                                          impl=cfg.loss_impl)
     return losses.info_nce_loss(x, ys[0], t, block_size=cfg.block_size)
+
+
+def _check_loss_impl(cfg: AlignConfig, device: torch.device) -> None:
+    """Fail before any data is read when --loss-impl cannot run (unknown, no triton, not CUDA)."""
+    from sail import losses
+
+    if cfg.loss == "info-nce" and cfg.loss_impl == "triton":
+        raise SailError("--loss-impl triton is for the sigmoid and multi-positive losses; info-nce runs in torch")
+    losses.check_impl(cfg.loss_impl, device)
 
 
 @torch.no_grad()
@@ -178,6 +190,7 @@ def align(cfg: AlignConfig, resume: bool = False) -> AlignResult:
     rank, world = init_distributed()
     device = local_device(pick_device(cfg.device), rank, world)
     prec = resolve_precision(cfg.precision, device)
+    _check_loss_impl(cfg, device)
     if cfg.batch % world:
         raise SailError(f"--batch {cfg.batch} must divide evenly over {world} processes")
     torch.manual_seed(cfg.seed)
