@@ -51,6 +51,7 @@ def extract(
     allow_truncated: bool = typer.Option(False, "--allow-truncated",
                                          help="keep the complete samples of truncated shards (recorded as skipped)"),
     max_pixels: int = typer.Option(100_000_000, help="skip larger images as 'too large' (0: no limit)"),
+    encoding: str = typer.Option("utf-8", help="text encoding of a CSV/TSV/JSONL manifest (e.g. latin-1, utf-16)"),
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code/--no-trust-remote-code",
                                                      help="allow model code from the hub (default: per alias)"),
 ):
@@ -61,7 +62,8 @@ def extract(
                                patch_tokens=patch_tokens, max_length=max_length, modality=modality,
                                batch_size=batch_size, chunk_size=chunk_size, workers=workers, device=device,
                                id_column=id_column, image_column=image_column, split=split,
-                               allow_truncated=allow_truncated, max_pixels=max_pixels, trust_remote_code=trust_remote_code))
+                               allow_truncated=allow_truncated, max_pixels=max_pixels, encoding=encoding,
+                               trust_remote_code=trust_remote_code))
     import os
 
     if int(os.environ.get("RANK", "0")) == 0:

@@ -54,6 +54,7 @@ class ExtractConfig:
     split: str = "test"                # CLIP_benchmark webdataset split
     allow_truncated: bool = False      # keep the complete samples of truncated shards (recorded as skipped)
     max_pixels: int | None = DEFAULT_MAX_PIXELS  # larger images are skipped as "too large" (0/None: no limit)
+    encoding: str = "utf-8"            # text encoding of CSV/TSV/JSONL manifests
     trust_remote_code: bool | None = None
     progress: bool = True
 
@@ -188,7 +189,8 @@ def extract(cfg: ExtractConfig, dataset: Dataset | None = None) -> ExtractResult
     rank, world = init_distributed()
     spec = resolve_model(cfg.model, cfg.modality, cfg.trust_remote_code)
     ds = dataset if dataset is not None else open_dataset(cfg.data, cfg.columns, cfg.id_column, cfg.image_column,
-                                                              split=cfg.split, allow_truncated=cfg.allow_truncated)
+                                                              split=cfg.split, allow_truncated=cfg.allow_truncated,
+                                                              encoding=cfg.encoding)
     if len(ds) == 0:
         raise SailError(f"{cfg.data} holds no samples")
     if spec.modality == "image":
