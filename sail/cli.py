@@ -111,11 +111,15 @@ def align(
 
 
 @app.command()
-def info(path: str = typer.Argument(..., help="feature store (.h5)")):
-    """Print a store's attributes, fields, labels and skipped samples."""
-    from sail.store import describe
+def info(path: str = typer.Argument(..., help="feature store (.h5)"),
+         verify: bool = typer.Option(False, "--verify", help="re-read every dataset and compare its sha256 checksum")):
+    """Print a store's attributes, fields, labels, skipped samples and integrity (exit 2 if it is damaged)."""
+    from sail.store import describe, verify as run_verify
 
-    typer.echo(describe(path))
+    text, problems = describe(path, run_verify(path) if verify else None)
+    typer.echo(text)
+    if problems:
+        raise SailError(f"{path} is damaged: {'; '.join(problems)}; extract it again")
 
 
 # ----------------------------------------------------------------------------------------- eval
