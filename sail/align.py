@@ -162,6 +162,8 @@ def _validate(heads: AlignmentHeads, image: torch.Tensor, text: torch.Tensor, de
 
 def _prepare_run_dir(cfg: AlignConfig, resume: bool) -> Path:
     run = Path(cfg.out)
+    if run.exists() and not run.is_dir():
+        raise SailError(f"--out {run} is a file; a run is a directory: choose another --out")
     saved = run / "train_config.json"
     if saved.exists():
         if not resume:
@@ -187,6 +189,12 @@ PANELS = [(("loss",), "loss"), (("t", "b"), "t, b"), (("pos_logit", "neg_logit")
 def align(cfg: AlignConfig, resume: bool = False) -> AlignResult:
     if cfg.loss not in LOSSES:
         raise SailError(f"unknown loss {cfg.loss!r}; use one of {', '.join(LOSSES)}")
+    for flag, value in (("--steps", cfg.steps), ("--checkpoint-every", cfg.checkpoint_every),
+                        ("--eval-every", cfg.eval_every)):
+        if value is not None and value < 1:
+            raise SailError(f"{flag} must be >= 1, not {value}")
+    if Path(cfg.image).resolve() == Path(cfg.text).resolve():
+        raise SailError(f"--image and --text are the same store {cfg.image}; give the text store to --text")
     rank, world = init_distributed()
     device = local_device(pick_device(cfg.device), rank, world)
     prec = resolve_precision(cfg.precision, device)

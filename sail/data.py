@@ -66,11 +66,14 @@ DEFAULT_MAX_PIXELS = 100_000_000  # larger images are skipped ("too large"), lik
 BACKGROUND = (255, 255, 255)  # what transparent pixels are composited on
 
 
-def load_image(ref: str | None, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(ref: str | None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+               draft: int | None = None) -> Image.Image:
     """Decode one image fully (so truncated files fail here, not later) and return it as RGB.
 
     Raises ImageError with a short reason for a missing, unreadable or too large (> max_pixels; None
     or 0 = no limit) image. See `to_rgb` for how each PIL mode becomes RGB.
+    draft: a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (DCT scaling, several times faster) while its
+    shorter side stays >= draft pixels.
     """
     if ref is None:
         raise ImageError("no image")
@@ -96,6 +99,8 @@ def load_image(ref: str | None, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> 
             w, h = image.size
             if max_pixels and w * h > max_pixels:
                 raise ImageError(f"too large: {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,} (--max-pixels)")
+            if draft and image.format == "JPEG" and min(w, h) >= 2 * draft:
+                image.draft("RGB", (-(-w * draft // min(w, h)), -(-h * draft // min(w, h))))  # sides stay >= asked
             image.load()
             return to_rgb(image)
     except ImageError:
