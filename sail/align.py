@@ -392,8 +392,9 @@ def align(cfg: AlignConfig, resume: bool = False) -> AlignResult:
         image_all, texts_all = train.load(device)
         batches = MemoryBatches(image_all, texts_all, batch, cfg.seed, rank, world)
     else:
+        # reuse: the loop is done with a batch when it asks for the next one
         batches = StreamingBatches(train, batch, cfg.seed, cfg.stream_block_rows, cfg.stream_buffer_blocks,
-                                   device=device, rank=rank, world=world)
+                                   device=device, rank=rank, world=world, reuse=True)
     steps_per_epoch = batches.steps_per_epoch
     total = cfg.steps or cfg.epochs * steps_per_epoch
     val_image, val_texts = val.load("cpu") if len(val) else (None, None)

@@ -236,12 +236,17 @@ class StreamingBatches:
     """Batches streamed from the stores by a `StreamPlan`, prefetched by one thread that runs across epochs.
 
     Per buffer the reader copies each store's rows once into a reused scratch array; per batch it gathers
-    the rank's B/W rows once into a fresh (pinned, on CUDA) tensor that goes to the device as is.
+    the rank's B/W rows once into a (pinned, on CUDA) batch tensor that goes to the device as is.
+
+    reuse: recycle prefetch + 2 batch tensors instead of allocating each batch (fresh 100+ MB tensors cost
+    page faults that take longer than the gather). On CUDA this is always safe (the trainer gets device
+    copies; a slot waits for its copy's event); on CPU the trainer gets the recycled tensors themselves, so a
+    batch is valid only until the next one is requested (how `sail align` uses them). Default: CUDA only.
     """
 
     def __init__(self, pairs: PairedFeatures, batch: int, seed: int = 0, block_rows: int = 65536,
                  buffer_blocks: int = 4, device: torch.device | str = "cpu", rank: int = 0, world: int = 1,
-                 prefetch: int = 2):
+                 prefetch: int = 2, reuse: bool | None = None):
         _check_batch(len(pairs), batch, world, rank)
         if block_rows < 1 or buffer_blocks < 1:
             raise SailError(f"block_rows ({block_rows}) and buffer_blocks ({buffer_blocks}) must be positive")
@@ -251,16 +256,17 @@ class StreamingBatches:
         self.block_rows, self.buffer_blocks = block_rows, buffer_blocks
         self.steps_per_epoch = self.plan.steps_per_epoch
         self.prefetch = prefetch
+        self.reuse = self.device.type == "cuda" if reuse is None else reuse
         self._worker: tuple[threading.Thread, queue.Queue, threading.Event] | None = None
         self._next: tuple[int, int] | None = None  # (epoch, step) the running worker delivers next
         self.reader_starts = 0                    # how many times a reader thread was started
+        self._events: dict[int, object] = {}      # slot -> CUDA event of its last host-to-device copy
 
     # ---- the producer: runs in the worker thread
-    def _batches(self, epoch: int, start_step: int, scratch: _Scratch):
+    def _batches(self, epoch: int, start_step: int, scratch: _Scratch, new_out):
         p, fields = self.pairs, [("image", self.pairs.image_store, "image")] + \
             [(f"text:{c}", self.pairs.text_store, c) for c in self.pairs.captions]
         store_rows = {"image": p.image_rows, **{f"text:{c}": p.text_rows for c in p.captions}}
-        pin = self.device.type == "cuda"
         out, fill = None, 0
         for _, take, _ in self.plan.pieces(epoch, start_step, self.rank, self.world):
             srcs = []
@@ -270,15 +276,14 @@ class StreamingBatches:
             i = 0
             while i < len(take):
                 if out is None:
-                    out = [torch.empty((self.local, src.shape[1]), dtype=torch.float16, pin_memory=pin)
-                           for src, _ in srcs]
+                    slot, out = new_out([src.shape[1] for src, _ in srcs])
                     fill = 0
                 m = min(self.local - fill, len(take) - i)
                 for (src, pos), dst in zip(srcs, out):   # (m, D) rows gathered straight into the batch
                     torch.index_select(src, 0, pos[i:i + m], out=dst[fill:fill + m])
                 fill, i = fill + m, i + m
                 if fill == self.local:
-                    yield out[0], out[1:]
+                    yield slot, (out[0], out[1:])
                     out = None
 
     def _produce(self, q: queue.Queue, stop: threading.Event, epoch: int, start_step: int) -> None:
@@ -292,10 +297,25 @@ class StreamingBatches:
             return False
 
         scratch = _Scratch()  # one per reader thread, reused by every buffer of every epoch
+        pin = self.device.type == "cuda"
+        slots: list[list[torch.Tensor]] = []
+        turn = itertools.count()
+
+        def new_out(dims: list[int]) -> tuple[int, list[torch.Tensor]]:
+            if not self.reuse:
+                return -1, [torch.empty((self.local, d), dtype=torch.float16, pin_memory=pin) for d in dims]
+            k = next(turn) % (self.prefetch + 2)  # the trainer holds 1 batch, the queue `prefetch`
+            if k == len(slots):
+                slots.append([torch.empty((self.local, d), dtype=torch.float16, pin_memory=pin) for d in dims])
+            event = self._events.pop(k, None)
+            if event is not None:
+                event.synchronize()  # the slot's last host-to-device copy has finished
+            return k, slots[k]
+
         try:
             for ep in itertools.count(epoch):
                 first = start_step if ep == epoch else 0
-                for s, batch in enumerate(self._batches(ep, first, scratch), start=first):
+                for s, batch in enumerate(self._batches(ep, first, scratch, new_out), start=first):
                     if not put((ep, s, batch)):
                         return
         except BaseException as e:  # surface reader errors in the training loop
@@ -311,6 +331,7 @@ class StreamingBatches:
                                  name="sail-stream")
             t.start()
             self._worker, self.reader_starts = (t, q, stop), self.reader_starts + 1
+            self._events = {}
         _, q, _ = self._worker
         self._next = (epoch, start_step)
         for s in range(start_step, self.steps_per_epoch):
@@ -321,8 +342,13 @@ class StreamingBatches:
             if (ep, got) != (epoch, s):
                 raise RuntimeError(f"stream out of step: expected batch {s} of epoch {epoch}, got {got} of {ep}")
             self._next = (epoch, s + 1) if s + 1 < self.steps_per_epoch else (epoch + 1, 0)
-            image, texts = item
-            yield image.to(self.device, non_blocking=True), [t.to(self.device, non_blocking=True) for t in texts]
+            slot, (image, texts) = item
+            image, texts = image.to(self.device, non_blocking=True), [t.to(self.device, non_blocking=True) for t in texts]
+            if slot >= 0 and self.device.type == "cuda":
+                event = torch.cuda.Event()
+                event.record()
+                self._events[slot] = event
+            yield image, texts
 
     def close(self) -> None:
         """Stop the reader thread (it also stops by itself when the process exits)."""

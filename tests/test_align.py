@@ -140,10 +140,13 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_torchrun_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("in_memory", ["yes", "no"])
+def test_torchrun_two_processes_match_one(tmp_path, in_memory):
+    # "no": each rank streams only its half of every global batch from the stores
     img, txt = paired_stores(tmp_path, n=600)
     args = ["--image", str(img), "--text", str(txt), "--head", "glu", "--width", "2", "--out-dim", "16", "--batch", "128",
-            "--steps", "6", "--optimizer", "adamw", "--lr", "1e-3", "--val-fraction", "0.1", "--eval-every", "6"]
+            "--steps", "6", "--optimizer", "adamw", "--lr", "1e-3", "--val-fraction", "0.1", "--eval-every", "6",
+            "--in-memory", in_memory, "--stream-block-rows", "100", "--stream-buffer-blocks", "2"]
     subprocess.run([sys.executable, "-m", "sail.cli", "align", *args, "--out", str(tmp_path / "one")], check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",

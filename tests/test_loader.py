@@ -150,3 +150,15 @@ def test_bad_batch_sizes(pairs):
     for batch, world in [(1, 1), (0, 1), (700, 1), (97, 2)]:
         with pytest.raises(SailError, match="batch"):
             StreamingBatches(pairs, batch=batch, world=world)
+
+
+def test_reused_batch_tensors_hold_the_same_batches(pairs):
+    # reuse=True recycles prefetch + 2 tensors: each batch is valid until the next one is requested
+    fresh = list(StreamingBatches(pairs, batch=64, seed=2, block_rows=100, buffer_blocks=2).epoch(0))
+    stream = StreamingBatches(pairs, batch=64, seed=2, block_rows=100, buffer_blocks=2, reuse=True, prefetch=1)
+    held = []
+    for x, (y,) in stream.epoch(0):
+        held.append(x)
+        assert torch.equal(x, fresh[len(held) - 1][0]) and torch.equal(y, fresh[len(held) - 1][1][0])
+    assert len({t.data_ptr() for t in held}) == 3  # prefetch + 2 tensors served all 9 batches
+    stream.close()
