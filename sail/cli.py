@@ -18,6 +18,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="sail: vision-language alignment tuning on frozen unimodal encoders.")
 
 
+_ARGV: list[str] = []  # the arguments of this invocation, for the resume command printed after Ctrl-C
+
 _OVERWRITE = typer.Option(False, "--overwrite", help="replace an existing output")
 
 
@@ -120,7 +122,9 @@ def align(
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N"),
     precision: str = typer.Option("auto", help="auto | fp32 | bf16 | fp16 (auto: bf16 on Ampere+ GPUs, fp32 on CPU)"),
-    in_memory: str = typer.Option("auto", help="auto | yes | no (stream from the stores)"),
+    in_memory: str = typer.Option("auto", help="auto | yes | no (stream from the stores); a resumed run keeps its own"),
+    stream_block_rows: int = typer.Option(65536, help="streaming: rows per contiguous read"),
+    stream_buffer_blocks: int = typer.Option(4, help="streaming: blocks shuffled together"),
     checkpoint_every: int = typer.Option(500, help="steps between checkpoints"),
     eval_every: int = typer.Option(500, help="steps between validation R@1"),
     block_size: Optional[int] = typer.Option(None, help="loss block rows (default: automatic)"),
@@ -128,19 +132,41 @@ def align(
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
 ):
     """Train alignment heads on cached features; writes config.json + model.safetensors."""
-    from sail.align import AlignConfig, align as run
+    from sail.align import AlignConfig, AlignInterrupted, align as run
 
-    result = run(AlignConfig(image=image, text=text, out=out, captions=_split(captions), loss=loss, average=average,
-                             head=head, width=width, out_dim=out_dim, activation=activation, batch=batch, epochs=epochs,
-                             steps=steps, optimizer=optimizer, lr=lr, weight_decay=weight_decay, betas=(beta1, beta2),
-                             warmup=warmup, init_scale=init_scale, init_bias=init_bias, val_fraction=val_fraction,
-                             val_image=val_image, val_text=val_text, seed=seed, device=device, precision=precision,
-                             in_memory=in_memory,
-                             checkpoint_every=checkpoint_every, eval_every=eval_every, block_size=block_size,
-                             loss_impl=loss_impl),
-                 resume=resume)
+    try:
+        result = run(AlignConfig(image=image, text=text, out=out, captions=_split(captions), loss=loss, average=average,
+                                 head=head, width=width, out_dim=out_dim, activation=activation, batch=batch, epochs=epochs,
+                                 steps=steps, optimizer=optimizer, lr=lr, weight_decay=weight_decay, betas=(beta1, beta2),
+                                 warmup=warmup, init_scale=init_scale, init_bias=init_bias, val_fraction=val_fraction,
+                                 val_image=val_image, val_text=val_text, seed=seed, device=device, precision=precision,
+                                 in_memory=in_memory, checkpoint_every=checkpoint_every, eval_every=eval_every,
+                                 block_size=block_size, loss_impl=loss_impl,
+                                 stream_block_rows=stream_block_rows, stream_buffer_blocks=stream_buffer_blocks),
+                     resume=resume)
+    except AlignInterrupted as e:
+        _interrupted(e)
     if result.metrics:
         typer.echo(result.summary())
+
+
+def _interrupted(e) -> None:
+    """Ctrl-C in `sail align`: say where the run stands and print the exact command that continues it."""
+    import os
+    import shlex
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        raise typer.Exit(130)
+    args = list(_ARGV)
+    if "--resume" not in args:
+        args.append("--resume")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    prefix = f"torchrun --nproc_per_node {world} -m sail.cli" if world > 1 else "sail"
+    where = (f"the last checkpoint is step {e.checkpoint_step}" if e.checkpoint_step is not None
+             else "no checkpoint was written yet, so it restarts from step 0")
+    typer.echo(f"interrupted at step {e.step} of {e.run_dir}; {where}. Resume with:\n  {prefix} {shlex.join(args)}",
+               err=True)
+    raise typer.Exit(130)
 
 
 @app.command()
@@ -350,8 +376,12 @@ def demo(out: str = typer.Option("runs/demo", help="run directory"),
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point: user mistakes (SailError) print one line and exit 2, with no traceback."""
+    global _ARGV
+    _ARGV = list(sys.argv[1:] if argv is None else argv)
     try:
-        app(args=argv, prog_name="sail", standalone_mode=False)
+        rc = app(args=argv, prog_name="sail", standalone_mode=False)
+        if isinstance(rc, int):  # click returns typer.Exit's code instead of raising it here
+            return rc
     except SailError as e:
         typer.echo(f"error: {e}", err=True)
         return 2
