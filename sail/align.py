@@ -353,8 +353,6 @@ PANELS = [(("loss",), "loss"), (("t", "b"), "t, b"), (("pos_logit", "neg_logit")
 
 def align(cfg: AlignConfig, resume: bool = False) -> AlignResult:
     cfg.validate()
-    if Path(cfg.image).resolve() == Path(cfg.text).resolve():
-        raise SailError(f"--image and --text are the same store {cfg.image}; give the text store to --text")
     rank, world = init_distributed()
     device = local_device(pick_device(cfg.device), rank, world)
     prec = resolve_precision(cfg.precision, device)
