@@ -239,12 +239,12 @@ def _pread(path, dest: np.ndarray, file_off: np.ndarray, dest_row: np.ndarray, r
     import os
     from concurrent.futures import ThreadPoolExecutor
 
+    parts = max(1, min(4, os.cpu_count() or 1))
     if _POOL is None:
-        _POOL = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="sail-read")
+        _POOL = ThreadPoolExecutor(parts, thread_name_prefix="sail-read")
     buf = memoryview(dest.reshape(-1).view(np.uint8))
     row_bytes = dest.shape[1] * dest.itemsize
     jobs = list(zip(file_off.tolist(), (dest_row * row_bytes).tolist(), (rows * row_bytes).tolist()))
-    parts = _POOL._max_workers
     with open(path, "rb", buffering=0) as f:
         fd = f.fileno()
 

@@ -144,6 +144,12 @@ def _free_port():
 def test_torchrun_two_processes_match_one(tmp_path, in_memory):
     # "no": each rank streams only its half of every global batch from the stores
     img, txt = paired_stores(tmp_path, n=600)
+    if in_memory == "no":  # two NaN rows, found by the ranks' shared check (each reads half the slabs)
+        s = FeatureStore(img)
+        x, ids = s.read("image"), list(s.ids)
+        s.close()
+        x[[7, 400]] = np.nan
+        write_store(img, ids, {"image": x}, "image", "synthetic-vision")
     args = ["--image", str(img), "--text", str(txt), "--head", "glu", "--width", "2", "--out-dim", "16", "--batch", "128",
             "--steps", "6", "--optimizer", "adamw", "--lr", "1e-3", "--val-fraction", "0.1", "--eval-every", "6",
             "--in-memory", in_memory, "--stream-block-rows", "100", "--stream-buffer-blocks", "2"]
@@ -159,6 +165,8 @@ def test_torchrun_two_processes_match_one(tmp_path, in_memory):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    used = [json.loads((tmp_path / d / "config.json").read_text())["train"] for d in ("one", "two")]
+    assert used[0] == used[1] and used[0]["pairs"] + used[0]["val_pairs"] == (598 if in_memory == "no" else 600)
 
 
 def _cli(*args, **kw):
