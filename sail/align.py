@@ -76,6 +76,7 @@ class AlignConfig:
     eval_every: int = 500
     log_every: int = 1
     block_size: int | None = None
+    loss_impl: str = "auto"                # sigmoid losses: auto | torch | triton (fused GPU kernel)
     progress: bool = True
 
     def resolved(self) -> dict:
@@ -112,7 +113,7 @@ class AlignConfig:
 
 # Settings that may differ between a run and its resumption. The stores and the run directory are
 # compared by identity (see _store_identity), not by spelling; in_memory is replaced by the recorded mode.
-_RESUME_FREE = {"progress", "device", "precision", "in_memory", "eval_every", "log_every", "checkpoint_every",
+_RESUME_FREE = {"progress", "device", "precision", "loss_impl", "in_memory", "eval_every", "log_every", "checkpoint_every",
                 "out", "image", "text", "val_image", "val_text"}
 _STORE_FLAGS = ("image", "text", "val_image", "val_text")
 
@@ -190,10 +191,21 @@ def _loss(cfg: AlignConfig, x: torch.Tensor, ys: list[torch.Tensor], t, b) -> to
     from sail import losses
 
     if cfg.loss == "sigmoid":
-        return losses.sigmoid_loss(x, ys[0], t, b, average=cfg.average, block_size=cfg.block_size)
+        return losses.sigmoid_loss(x, ys[0], t, b, average=cfg.average, block_size=cfg.block_size,
+                                   impl=cfg.loss_impl)
     if cfg.loss == "multi-positive":
-        return losses.multi_positive_loss(x, ys, t, b, average=cfg.average, block_size=cfg.block_size)
+        return losses.multi_positive_loss(x, ys, t, b, average=cfg.average, block_size=cfg.block_size,
+                                          impl=cfg.loss_impl)
     return losses.info_nce_loss(x, ys[0], t, block_size=cfg.block_size)
+
+
+def _check_loss_impl(cfg: AlignConfig, device: torch.device) -> None:
+    """Fail before any data is read when --loss-impl cannot run (unknown, no triton, not CUDA)."""
+    from sail import losses
+
+    if cfg.loss == "info-nce" and cfg.loss_impl == "triton":
+        raise SailError("--loss-impl triton is for the sigmoid and multi-positive losses; info-nce runs in torch")
+    losses.check_impl(cfg.loss_impl, device)
 
 
 @torch.no_grad()
@@ -255,6 +267,8 @@ def _prepare_run_dir(cfg: AlignConfig, resume: bool) -> tuple[Path, dict | None]
     """The run directory and, when resuming, its saved settings. A directory left by a failed start (no
     checkpoint) is reused as new, with or without --resume."""
     run = Path(cfg.out)
+    if run.exists() and not run.is_dir():
+        raise SailError(f"--out {run} is a file; a run is a directory: choose another --out")
     saved = run / "train_config.json"
     if saved.exists():
         if _is_failed_start(run):
@@ -347,9 +361,12 @@ PANELS = [(("loss",), "loss"), (("t", "b"), "t, b"), (("pos_logit", "neg_logit")
 
 def align(cfg: AlignConfig, resume: bool = False) -> AlignResult:
     cfg.validate()
+    if Path(cfg.image).resolve() == Path(cfg.text).resolve():
+        raise SailError(f"--image and --text are the same store {cfg.image}; give the text store to --text")
     rank, world = init_distributed()
     device = local_device(pick_device(cfg.device), rank, world)
     prec = resolve_precision(cfg.precision, device)
+    _check_loss_impl(cfg, device)
     if cfg.batch % world:
         raise SailError(f"--batch {cfg.batch} must divide evenly over {world} processes")
     torch.manual_seed(cfg.seed)
