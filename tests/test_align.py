@@ -358,3 +358,15 @@ def test_nonfinite_rows_are_skipped_and_join_drops_are_reported(tmp_path, capsys
     assert "skipping 3 training pairs with NaN/Inf features (ids id0003, id0007, id0010)" in out
     cfg = json.loads((tmp_path / "r2" / "config.json").read_text())
     assert cfg["train"]["pairs"] == 397
+
+
+def test_stores_with_repeated_or_empty_ids_are_refused(tmp_path):
+    # the join would silently keep one row of a repeated id; sail.store refuses such stores on open
+    img, txt = paired_stores(tmp_path, n=300)
+    x = np.zeros((300, 32), np.float16)
+    for ids, needle in [([f"id{i:05d}" for i in range(299)] + ["id00005"], "id00005"),
+                        ([f"id{i:05d}" for i in range(299)] + [""], "empty id")]:
+        bad = write_store(tmp_path / "bad.h5", ids, {"caption": x}, "text", "synthetic-text")
+        with pytest.raises(SailError, match=f"bad.h5.*{needle}|{needle}.*bad.h5"):
+            align(_cfg(tmp_path, img, bad, steps=1))
+        assert not (tmp_path / "run").exists()
