@@ -149,13 +149,14 @@ class StreamPlan:
     def steps_per_epoch(self) -> int:
         return self.n // self.batch
 
-    def buffers(self, epoch: int) -> list[np.ndarray]:
-        """Pair indices of each buffer (ascending: contiguous store reads), in this epoch's read order."""
+    def buffers(self, epoch: int):
+        """Pair indices of each buffer (ascending: contiguous store reads), in this epoch's read order; lazily,
+        so a 23M-pair epoch never holds more than one buffer's indices."""
         starts = np.arange(0, self.n, self.block_rows)
         order = np.random.default_rng([self.seed, epoch]).permutation(len(starts))
-        return [np.sort(np.concatenate([np.arange(starts[b], min(self.n, starts[b] + self.block_rows))
-                                        for b in order[g:g + self.buffer_blocks]]))
-                for g in range(0, len(order), self.buffer_blocks)]
+        for g in range(0, len(order), self.buffer_blocks):
+            yield np.sort(np.concatenate([np.arange(starts[b], min(self.n, starts[b] + self.block_rows))
+                                          for b in order[g:g + self.buffer_blocks]]))
 
     def shuffle(self, epoch: int, k: int, size: int) -> np.ndarray:
         """The order in which buffer k's rows enter the stream."""
@@ -201,7 +202,7 @@ class _Scratch:
         return a
 
 
-_CHUNKS: dict[tuple[str, str], tuple[np.ndarray, int] | None] = {}
+_CHUNKS: dict[tuple, tuple[np.ndarray, int] | None] = {}  # (path, dataset, inode, size, mtime) -> layout
 _POOL = None
 
 
