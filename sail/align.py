@@ -277,7 +277,8 @@ def _prepare_run_dir(cfg: AlignConfig, resume: bool) -> tuple[Path, dict | None]
             raise SailError(f"{run} already holds a run; pass --resume to continue it or choose another --out")
         old = json.loads(saved.read_text())
         new = cfg.resolved()
-        diff = [k for k in new if k not in _RESUME_FREE and old.get(k) != new[k]]
+        defaults = {f.name: f.default for f in dataclasses.fields(AlignConfig)}  # settings added since the run began
+        diff = [k for k in new if k not in _RESUME_FREE and old.get(k, defaults.get(k)) != new[k]]
         if diff:
             raise SailError(f"cannot resume {run}: settings differ from the saved run "
                             f"({', '.join('--' + k.replace('_', '-') for k in diff)}); use the same settings or another --out")
@@ -303,23 +304,30 @@ def _batching_mode(cfg: AlignConfig, saved: dict | None, nbytes: int, device: to
     return "memory" if _fits(nbytes * (world if device.type != "cuda" else 1), device) else "stream"
 
 
-def _finite_rows(store: FeatureStore, field: str, rows: np.ndarray, progress: bool) -> np.ndarray:
-    """(len(rows),) bool: False where a feature row holds NaN or Inf (float16: exponent bits all ones)."""
+def _finite_rows(store: FeatureStore, field: str, rows: np.ndarray, progress: bool, rank: int = 0,
+                 world: int = 1) -> np.ndarray:
+    """(len(rows),) bool: False where a feature row holds NaN or Inf (float16: exponent bits all ones).
+    Under torchrun each rank checks every W-th slab; the caller combines the ranks' answers."""
     ok = np.ones(len(rows), dtype=bool)
     order = np.argsort(rows, kind="stable")
     step = 65536
-    for i in tqdm(range(0, len(rows), step), desc=f"check {store.path.name}:{field}", unit="slab",
+    for i in tqdm(range(rank * step, len(rows), world * step), desc=f"check {store.path.name}:{field}", unit="slab",
                   disable=not progress or len(rows) <= 4 * step, leave=False):
         x = store.read(field, rows[order[i:i + step]]).view(np.uint16)
         ok[order[i:i + step]] = ~((x & 0x7C00) == 0x7C00).any(1)
     return ok
 
 
-def _drop_nonfinite(pairs: PairedFeatures, what: str, progress: bool, say) -> PairedFeatures:
+def _drop_nonfinite(pairs: PairedFeatures, what: str, progress: bool, say, rank: int = 0, world: int = 1,
+                    device: torch.device | None = None) -> PairedFeatures:
     """Skip pairs whose image or text row holds NaN/Inf, printing how many and the first ids."""
-    ok = _finite_rows(pairs.image_store, "image", pairs.image_rows, progress)
+    ok = _finite_rows(pairs.image_store, "image", pairs.image_rows, progress, rank, world)
     for c in pairs.captions:
-        ok &= _finite_rows(pairs.text_store, c, pairs.text_rows, progress)
+        ok &= _finite_rows(pairs.text_store, c, pairs.text_rows, progress, rank, world)
+    if world > 1:  # every rank must drop the same pairs: AND over the ranks' slabs
+        t = torch.from_numpy(ok.astype(np.uint8)).to(device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        ok = t.cpu().numpy().astype(bool)
     if not ok.all():
         bad = pairs.ids[~ok]
         say(f"align: skipping {len(bad)} {what} pairs with NaN/Inf features (ids {', '.join(map(str, bad[:5]))}"
@@ -396,9 +404,9 @@ def align(cfg: AlignConfig, resume: bool = False) -> AlignResult:
     identities = {k: _store_identity(v) for k, v in stores.items()}
     if resume:
         _check_same_stores(run, saved.get("stores", {}), stores)
-    train = _drop_nonfinite(train, "training", cfg.progress and rank == 0, say)
+    train = _drop_nonfinite(train, "training", cfg.progress and rank == 0, say, rank, world, device)
     if len(val):
-        val = _drop_nonfinite(val, "validation", cfg.progress and rank == 0, say)
+        val = _drop_nonfinite(val, "validation", cfg.progress and rank == 0, say, rank, world, device)
     batch = min(cfg.batch, len(train) - len(train) % world)
     if batch < 2:
         raise SailError(f"only {len(train)} training pairs; need at least 2 (check the stores and --val-fraction)")

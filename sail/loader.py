@@ -149,13 +149,14 @@ class StreamPlan:
     def steps_per_epoch(self) -> int:
         return self.n // self.batch
 
-    def buffers(self, epoch: int) -> list[np.ndarray]:
-        """Pair indices of each buffer (ascending: contiguous store reads), in this epoch's read order."""
+    def buffers(self, epoch: int):
+        """Pair indices of each buffer (ascending: contiguous store reads), in this epoch's read order; lazily,
+        so a 23M-pair epoch never holds more than one buffer's indices."""
         starts = np.arange(0, self.n, self.block_rows)
         order = np.random.default_rng([self.seed, epoch]).permutation(len(starts))
-        return [np.sort(np.concatenate([np.arange(starts[b], min(self.n, starts[b] + self.block_rows))
-                                        for b in order[g:g + self.buffer_blocks]]))
-                for g in range(0, len(order), self.buffer_blocks)]
+        for g in range(0, len(order), self.buffer_blocks):
+            yield np.sort(np.concatenate([np.arange(starts[b], min(self.n, starts[b] + self.block_rows))
+                                          for b in order[g:g + self.buffer_blocks]]))
 
     def shuffle(self, epoch: int, k: int, size: int) -> np.ndarray:
         """The order in which buffer k's rows enter the stream."""
@@ -201,7 +202,7 @@ class _Scratch:
         return a
 
 
-_CHUNKS: dict[tuple[str, str], tuple[np.ndarray, int] | None] = {}
+_CHUNKS: dict[tuple, tuple[np.ndarray, int] | None] = {}  # (path, dataset, inode, size, mtime) -> layout
 _POOL = None
 
 
@@ -239,12 +240,12 @@ def _pread(path, dest: np.ndarray, file_off: np.ndarray, dest_row: np.ndarray, r
     import os
     from concurrent.futures import ThreadPoolExecutor
 
+    parts = max(1, min(4, os.cpu_count() or 1))
     if _POOL is None:
-        _POOL = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="sail-read")
+        _POOL = ThreadPoolExecutor(parts, thread_name_prefix="sail-read")
     buf = memoryview(dest.reshape(-1).view(np.uint8))
     row_bytes = dest.shape[1] * dest.itemsize
     jobs = list(zip(file_off.tolist(), (dest_row * row_bytes).tolist(), (rows * row_bytes).tolist()))
-    parts = _POOL._max_workers
     with open(path, "rb", buffering=0) as f:
         fd = f.fileno()
 

@@ -67,18 +67,20 @@ def test_streaming_matches_in_memory_statistics(tmp_path):
     assert b.metrics["val_i2t_R@1"] > 60 and a.metrics["val_i2t_R@1"] > 60
 
 
-def test_kill_and_resume_gives_identical_weights(tmp_path):
+@pytest.mark.parametrize("in_memory", ["yes", "no"])
+def test_kill_and_resume_gives_identical_weights(tmp_path, in_memory):
+    # "no": streamed, blocks of 200 rows 2 per buffer, batch 128 not dividing them: batches straddle buffers
     img, txt = paired_stores(tmp_path, n=1200)
     args = ["--image", str(img), "--text", str(txt), "--head", "mlp", "--width", "2", "--out-dim", "32", "--batch", "128",
             "--steps", "160", "--optimizer", "lion", "--lr", "1e-4", "--checkpoint-every", "10", "--eval-every", "50",
-            "--val-fraction", "0.1"]
+            "--val-fraction", "0.1", "--in-memory", in_memory, "--stream-block-rows", "200", "--stream-buffer-blocks", "2"]
     ref = tmp_path / "ref"
     subprocess.run([sys.executable, "-m", "sail.cli", "align", *args, "--out", str(ref)], check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run = tmp_path / "killed"
     cmd = [sys.executable, "-m", "sail.cli", "align", *args, "--out", str(run)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while time.time() < deadline and not list(run.glob("checkpoint-000000[3-9]0")):
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
@@ -144,6 +146,12 @@ def _free_port():
 def test_torchrun_two_processes_match_one(tmp_path, in_memory):
     # "no": each rank streams only its half of every global batch from the stores
     img, txt = paired_stores(tmp_path, n=600)
+    if in_memory == "no":  # two NaN rows, found by the ranks' shared check (each reads half the slabs)
+        s = FeatureStore(img)
+        x, ids = s.read("image"), list(s.ids)
+        s.close()
+        x[[7, 400]] = np.nan
+        write_store(img, ids, {"image": x}, "image", "synthetic-vision")
     args = ["--image", str(img), "--text", str(txt), "--head", "glu", "--width", "2", "--out-dim", "16", "--batch", "128",
             "--steps", "6", "--optimizer", "adamw", "--lr", "1e-3", "--val-fraction", "0.1", "--eval-every", "6",
             "--in-memory", in_memory, "--stream-block-rows", "100", "--stream-buffer-blocks", "2"]
@@ -159,6 +167,8 @@ def test_torchrun_two_processes_match_one(tmp_path, in_memory):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    used = [json.loads((tmp_path / d / "config.json").read_text())["train"] for d in ("one", "two")]
+    assert used[0] == used[1] and used[0]["pairs"] + used[0]["val_pairs"] == (598 if in_memory == "no" else 600)
 
 
 def _cli(*args, **kw):
@@ -350,3 +360,15 @@ def test_nonfinite_rows_are_skipped_and_join_drops_are_reported(tmp_path, capsys
     assert "skipping 3 training pairs with NaN/Inf features (ids id0003, id0007, id0010)" in out
     cfg = json.loads((tmp_path / "r2" / "config.json").read_text())
     assert cfg["train"]["pairs"] == 397
+
+
+def test_stores_with_repeated_or_empty_ids_are_refused(tmp_path):
+    # the join would silently keep one row of a repeated id; sail.store refuses such stores on open
+    img, txt = paired_stores(tmp_path, n=300)
+    x = np.zeros((300, 32), np.float16)
+    for ids, needle in [([f"id{i:05d}" for i in range(299)] + ["id00005"], "id00005"),
+                        ([f"id{i:05d}" for i in range(299)] + [""], "empty id")]:
+        bad = write_store(tmp_path / "bad.h5", ids, {"caption": x}, "text", "synthetic-text")
+        with pytest.raises(SailError, match=f"bad.h5.*{needle}|{needle}.*bad.h5"):
+            align(_cfg(tmp_path, img, bad, steps=1))
+        assert not (tmp_path / "run").exists()
