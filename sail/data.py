@@ -93,8 +93,9 @@ def load_image(ref: str | None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
             # PIL's own process-wide guard (an error above twice its limit) would refuse what the caller allows
             Image.MAX_IMAGE_PIXELS = max_pixels or None
         with warnings.catch_warnings():
-            # the pixel limit is ours (below); PIL's warning would only break the progress bar
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # the pixel limit is ours (below); PIL's DecompressionBombWarning, and its warnings about odd
+            # EXIF or TIFF tags, would only break the progress bar: a usable image is used, a bad one fails
+            warnings.simplefilter("ignore")
             image = Image.open(source)
             w, h = image.size
             if max_pixels and w * h > max_pixels:

@@ -557,3 +557,17 @@ def test_extract_cli_manifest_mistakes_are_one_line(tmp_path, tiny_text, capsys)
     assert main(["extract", "--model", str(tiny_text), "--data", str(tmp_path / "empty.csv")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "empty.csv is empty" in err and len(err.splitlines()) == 1
+
+
+def test_load_image_lets_no_pil_warning_through(tmp_path, monkeypatch, no_warnings):
+    import warnings
+
+    path = _save(Image.new("RGB", (3, 2), (9, 8, 7)), tmp_path / "w.png")
+    real = data.to_rgb
+
+    def noisy(image, background=data.BACKGROUND):  # as PIL does for odd EXIF / TIFF tags
+        warnings.warn("Corrupt EXIF data", UserWarning)
+        return real(image, background)
+
+    monkeypatch.setattr(data, "to_rgb", noisy)
+    assert np.asarray(load_image(path)).tolist() == [[[9, 8, 7]] * 3] * 2
