@@ -27,11 +27,12 @@ from tqdm.auto import tqdm
 
 from sail.checkpoint import load_checkpoint, save_checkpoint
 from sail.distributed import init_distributed, local_device
-from sail.encoders import autocast, pick_device
+from sail.encoders import pick_device
 from sail.errors import SailError
 from sail.heads import AlignmentHeads
 from sail.loader import MemoryBatches, PairedFeatures, StreamingBatches
 from sail.optim import build_optimizer, cosine_with_warmup
+from sail.precision import Precision, resolve_precision
 from sail.runlog import MetricsLog, plot_curves
 from sail.store import FeatureStore
 
@@ -66,6 +67,7 @@ class AlignConfig:
     val_text: str | None = None
     seed: int = 0
     device: str = "auto"
+    precision: str = "auto"                # auto | fp32 | bf16 | fp16 (see sail.precision)
     in_memory: str = "auto"                # auto | yes | no (stream from the stores)
     checkpoint_every: int = 500
     eval_every: int = 500
@@ -80,7 +82,7 @@ class AlignConfig:
 
 
 # Settings that may differ between a run and its resumption.
-_RESUME_FREE = {"progress", "device", "in_memory", "eval_every", "log_every", "checkpoint_every"}
+_RESUME_FREE = {"progress", "device", "precision", "in_memory", "eval_every", "log_every", "checkpoint_every"}
 
 
 @dataclass
@@ -131,13 +133,13 @@ def _logit_stats(x: torch.Tensor, y: torch.Tensor, t: float, b: float) -> tuple[
 
 
 @torch.no_grad()
-def _validate(heads: AlignmentHeads, image: torch.Tensor, text: torch.Tensor, device) -> dict:
+def _validate(heads: AlignmentHeads, image: torch.Tensor, text: torch.Tensor, device, prec: Precision) -> dict:
     from sail.metrics import retrieval
 
     heads.eval()
     xs, ys = [], []
     for i in range(0, len(image), 8192):
-        with autocast(device):
+        with prec.autocast():
             xs.append(heads.encode_image(image[i:i + 8192].to(device)).float())
             ys.append(heads.encode_text(text[i:i + 8192].to(device)).float())
     heads.train()
@@ -175,6 +177,7 @@ def align(cfg: AlignConfig, resume: bool = False) -> AlignResult:
         raise SailError(f"unknown loss {cfg.loss!r}; use one of {', '.join(LOSSES)}")
     rank, world = init_distributed()
     device = local_device(pick_device(cfg.device), rank, world)
+    prec = resolve_precision(cfg.precision, device)
     if cfg.batch % world:
         raise SailError(f"--batch {cfg.batch} must divide evenly over {world} processes")
     torch.manual_seed(cfg.seed)
@@ -258,7 +261,7 @@ def align(cfg: AlignConfig, resume: bool = False) -> AlignResult:
                 tick = time.perf_counter()
                 image = image[rank * local:(rank + 1) * local]
                 texts = [t[rank * local:(rank + 1) * local] for t in texts]
-                with autocast(device):
+                with prec.autocast():
                     x, y0 = model(image, texts[0])
                     ys = [y0] + [heads.encode_text(t) for t in texts[1:]]
                 t, b = heads.scale(), heads.logit_bias
@@ -282,7 +285,7 @@ def align(cfg: AlignConfig, resume: bool = False) -> AlignResult:
                        "lr": opt.param_groups[0]["lr"], "pairs_per_s": batch / dt}
                 row["pos_logit"], row["neg_logit"] = _logit_stats(x.float(), ys[0].float(), row["t"], row["b"])
                 if rank == 0 and val_image is not None and (step % cfg.eval_every == 0 or step == total):
-                    row.update(_validate(heads, val_image, val_texts[0], device))
+                    row.update(_validate(heads, val_image, val_texts[0], device, prec))
                 last.update(row)
                 if step % cfg.log_every == 0 or step == total or "val_i2t_R@1" in row:
                     log.log(row)

@@ -47,6 +47,10 @@ def extract(
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N"),
     id_column: str = typer.Option("id", help="manifest id column"),
     image_column: str = typer.Option("image", help="manifest image-path column (relative to the manifest)"),
+    split: str = typer.Option("test", help="split of a CLIP_benchmark webdataset folder"),
+    allow_truncated: bool = typer.Option(False, "--allow-truncated",
+                                         help="keep the complete samples of truncated shards (recorded as skipped)"),
+    max_pixels: int = typer.Option(100_000_000, help="skip larger images as 'too large' (0: no limit)"),
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code/--no-trust-remote-code",
                                                      help="allow model code from the hub (default: per alias)"),
 ):
@@ -56,7 +60,8 @@ def extract(
     result = run(ExtractConfig(model=model, data=data, columns=_split(columns), out=out, pooling=pooling,
                                patch_tokens=patch_tokens, max_length=max_length, modality=modality,
                                batch_size=batch_size, chunk_size=chunk_size, workers=workers, device=device,
-                               id_column=id_column, image_column=image_column, trust_remote_code=trust_remote_code))
+                               id_column=id_column, image_column=image_column, split=split,
+                               allow_truncated=allow_truncated, max_pixels=max_pixels, trust_remote_code=trust_remote_code))
     import os
 
     if int(os.environ.get("RANK", "0")) == 0:
@@ -90,6 +95,7 @@ def align(
     val_text: Optional[str] = typer.Option(None, help="separate validation text store"),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N"),
+    precision: str = typer.Option("auto", help="auto | fp32 | bf16 | fp16 (auto: bf16 on Ampere+ GPUs, fp32 on CPU)"),
     in_memory: str = typer.Option("auto", help="auto | yes | no (stream from the stores)"),
     checkpoint_every: int = typer.Option(500, help="steps between checkpoints"),
     eval_every: int = typer.Option(500, help="steps between validation R@1"),
@@ -103,7 +109,8 @@ def align(
                              head=head, width=width, out_dim=out_dim, activation=activation, batch=batch, epochs=epochs,
                              steps=steps, optimizer=optimizer, lr=lr, weight_decay=weight_decay, betas=(beta1, beta2),
                              warmup=warmup, init_scale=init_scale, init_bias=init_bias, val_fraction=val_fraction,
-                             val_image=val_image, val_text=val_text, seed=seed, device=device, in_memory=in_memory,
+                             val_image=val_image, val_text=val_text, seed=seed, device=device, precision=precision,
+                             in_memory=in_memory,
                              checkpoint_every=checkpoint_every, eval_every=eval_every, block_size=block_size),
                  resume=resume)
     if result.metrics:

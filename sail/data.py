@@ -7,6 +7,8 @@ labels) plus a name and a content hash used to tie a feature store to the data i
     ds = open_dataset("data/cc3m.parquet", columns=["caption", "long_caption"])
     ds = open_dataset("shards/")                   # img2dataset output: 00000.tar, 00001.tar, ...
     ds = open_dataset("imagenet/val/")             # one sub-folder per class
+    ds = open_dataset("wds_cars/", split="test")   # CLIP_benchmark webdataset: <root>/test/{0..N-1}.tar
+    info = clip_benchmark_info("wds_cars/")        # its dataset type, class names, zero-shot templates
     image = load_image(ds.images[0])               # PIL image; raises ImageError with a short reason
 """
 
@@ -18,11 +20,12 @@ import io
 import json
 import os
 import tarfile
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from sail.errors import SailError
 
@@ -46,6 +49,8 @@ class Dataset:
     captions: dict[str, list[str]] = field(default_factory=dict)
     labels: np.ndarray | None = None  # (N,) int64, -1 where unknown
     class_names: list[str] | None = None
+    multilabels: np.ndarray | None = None  # (N, C) int8 multi-hot targets (CLIP_benchmark multilabel)
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (id, field, reason) lost while reading
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -58,8 +63,16 @@ def tar_reference(shard: str, offset: int, size: int) -> str:
     return f"tar://{shard}::{offset}::{size}"
 
 
-def load_image(ref: str | None) -> Image.Image:
-    """Decode one image fully (so truncated files fail here, not later) and return it as RGB."""
+DEFAULT_MAX_PIXELS = 100_000_000  # larger images are skipped ("too large"), like PIL's bomb guard but named
+BACKGROUND = (255, 255, 255)  # what transparent pixels are composited on
+
+
+def load_image(ref: str | None, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode one image fully (so truncated files fail here, not later) and return it as RGB.
+
+    Raises ImageError with a short reason for a missing, unreadable or too large (> max_pixels; None
+    or 0 = no limit) image. See `to_rgb` for how each PIL mode becomes RGB.
+    """
     if ref is None:
         raise ImageError("no image")
     try:
@@ -68,18 +81,90 @@ def load_image(ref: str | None) -> Image.Image:
             with open(shard, "rb") as f:
                 f.seek(int(offset))
                 data = f.read(int(size))
-            image = Image.open(io.BytesIO(data))
         else:
             if not os.path.exists(ref):
                 raise ImageError("missing file")
-            image = Image.open(ref)
-        image.load()
-        return image.convert("RGB")
+            with open(ref, "rb") as f:  # read whole: PIL would keep the file open after a failed decode
+                data = f.read()
+        source = io.BytesIO(data)
+        if Image.MAX_IMAGE_PIXELS and (not max_pixels or max_pixels >= 2 * Image.MAX_IMAGE_PIXELS):
+            # PIL's own process-wide guard (an error above twice its limit) would refuse what the caller allows
+            Image.MAX_IMAGE_PIXELS = max_pixels or None
+        with warnings.catch_warnings():
+            # the pixel limit is ours (below); PIL's warning would only break the progress bar
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(source)
+            w, h = image.size
+            if max_pixels and w * h > max_pixels:
+                raise ImageError(f"too large: {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,} (--max-pixels)")
+            image.load()
+            return to_rgb(image)
     except ImageError:
         raise
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"too large: {str(e).splitlines()[0][:160]}") from None
     except Exception as e:  # PIL raises many types for bad files; all mean "unusable image"
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ImageError(f"unreadable image: {reason[:200]}") from None
+
+
+def _scale_to_uint8(a: np.ndarray) -> np.ndarray:
+    """Greyscale of any range (16-bit, int32, float) to 0..255 by the image's own finite min..max.
+
+    (H, W) -> (H, W) uint8. A constant image is black (value <= 0) or white; NaN is black, -inf/+inf
+    are black/white.
+    """
+    a = a.astype(np.float64)
+    finite = np.isfinite(a)
+    if not finite.any():
+        return np.where(a == np.inf, 255, 0).astype(np.uint8)
+    lo, hi = a[finite].min(), a[finite].max()
+    if hi > lo:
+        out = (a - lo) * 255.0 / (hi - lo)
+    else:
+        out = np.full(a.shape, 0.0 if lo <= 0 else 255.0)
+    out = np.where(a == np.inf, 255.0, np.where(finite, out, 0.0))
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def _composite(rgba: np.ndarray, background=BACKGROUND) -> np.ndarray:
+    """(H, W, 4) uint8 straight alpha -> (H, W, 3) uint8 over `background`: rgb*a + bg*(1-a), rounded."""
+    rgb, alpha = rgba[..., :3].astype(np.float64), rgba[..., 3:].astype(np.float64) / 255.0
+    out = rgb * alpha + np.asarray(background, np.float64) * (1.0 - alpha)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def to_rgb(image: Image.Image, background=BACKGROUND) -> Image.Image:
+    """Any PIL image as the RGB image a viewer would show.
+
+    EXIF orientation is applied; 16-bit / 32-bit integer and float greyscale (I;16*, I, F) are scaled
+    by their real range (`convert("RGB")` would saturate them: white images); transparency (alpha
+    channels, palette or single-colour tRNS) is composited on `background`; CMYK uses
+    R = (255 - C)(255 - K) / 255 (and likewise G, B) unless an ICC profile says otherwise.
+    """
+    if image.getexif().get(0x0112, 1) not in (1, None):  # Orientation tag; transposing otherwise only copies
+        image = ImageOps.exif_transpose(image)
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode.startswith("I") or mode == "F":  # I;16, I;16B, I;16L, I;16N, I, F
+        grey = _scale_to_uint8(np.asarray(image))
+        return Image.fromarray(np.repeat(grey[..., None], 3, axis=2), "RGB")
+    if mode == "CMYK":
+        if image.info.get("icc_profile"):
+            try:
+                from PIL import ImageCms
+
+                src = ImageCms.ImageCmsProfile(io.BytesIO(image.info["icc_profile"]))
+                return ImageCms.profileToProfile(image, src, ImageCms.createProfile("sRGB"), outputMode="RGB")
+            except Exception:  # a broken profile: fall back to the plain formula
+                pass
+        cmyk = np.asarray(image).astype(np.float64)
+        rgb = (255.0 - cmyk[..., :3]) * (255.0 - cmyk[..., 3:]) / 255.0
+        return Image.fromarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8), "RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        return Image.fromarray(_composite(np.asarray(image.convert("RGBA")), background), "RGB")
+    return image.convert("RGB")  # L, 1, P without transparency, YCbCr, HSV, ...
 
 
 # ----------------------------------------------------------------------------------------- hashing
@@ -175,48 +260,340 @@ def _check_unique(ids: list[str], where) -> None:
         raise SailError(f"{where}: sample id {dup!r} appears more than once; ids must be unique")
 
 
-# ----------------------------------------------------------------------------------------- webdataset
+# ----------------------------------------------------------------------------------------- shard index
 
 
-def open_webdataset(shards: list[Path], columns: list[str] | None, name: str) -> Dataset:
-    """img2dataset layout: each sample is key.jpg plus key.txt (caption) and/or key.json."""
-    columns = columns or ["caption"]
-    ids, images, captions = [], [], {c: [] for c in columns}
-    for shard in shards:
-        samples: dict[str, dict] = {}
+SHARD_INDEX_VERSION = 1
+META_EXTENSIONS = (".txt", ".json", ".cls", ".npy")  # small members read into the index (captions, labels)
+
+
+@dataclass
+class ShardIndex:
+    """What one tar shard holds, without its image bytes; built once per shard and cached.
+
+    `members` are (name, data offset, size) of every regular file; `meta` holds the decoded content of
+    the small metadata members (text for .txt/.json/.cls, a list for .npy, None if unreadable).
+    `truncated` is "" for a complete shard, else what is wrong with its end; `usable_bytes` is how
+    much of the file the members read so far cover.
+    """
+
+    path: str
+    size: int
+    mtime_ns: int
+    members: list[tuple[str, int, int]]
+    meta: dict[str, object]
+    truncated: str = ""
+    usable_bytes: int = 0
+
+
+def _index_cache_path(path: Path) -> Path:
+    from sail.sample import cache_root
+
+    key = hashlib.blake2b(str(path).encode(), digest_size=12).hexdigest()
+    return cache_root() / "shard-index" / f"{key}.json"
+
+
+def shard_index(shard: Path, cache: bool = True) -> ShardIndex:
+    """The index of one shard, from the cache when its path, size and mtime are unchanged."""
+    path = Path(shard).resolve()
+    st = path.stat()
+    cached = _index_cache_path(path) if cache else None
+    if cached is not None and cached.exists():
         try:
-            with tarfile.open(shard) as tar:
+            blob = json.loads(cached.read_text())
+            if (blob.get("version") == SHARD_INDEX_VERSION and blob["path"] == str(path)
+                    and blob["size"] == st.st_size and blob["mtime_ns"] == st.st_mtime_ns):
+                return ShardIndex(blob["path"], blob["size"], blob["mtime_ns"],
+                                  [tuple(m) for m in blob["members"]], blob["meta"], blob["truncated"],
+                                  blob["usable_bytes"])
+        except (OSError, ValueError, KeyError):
+            pass  # an unreadable cache entry is rebuilt below
+    index = _build_shard_index(path, st.st_size, st.st_mtime_ns)
+    if cached is not None:
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_name(f"{cached.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"version": SHARD_INDEX_VERSION, **asdict(index)}))
+            os.replace(tmp, cached)
+        except OSError:
+            pass  # a read-only cache only costs re-indexing next time
+    return index
+
+
+def _read_meta(name: str, data: bytes):
+    if name.lower().endswith(".npy"):
+        try:
+            return np.load(io.BytesIO(data), allow_pickle=False).tolist()
+        except Exception:  # a damaged .npy is reported against its sample when labels are read
+            return None
+    return data.decode("utf-8", errors="replace")
+
+
+def _build_shard_index(path: Path, size: int, mtime_ns: int) -> ShardIndex:
+    """Walk the tar headers; a cut anywhere (inside a member, a header or the end blocks) is reported.
+
+    tarfile stops silently at end of file or at a damaged header, so the end is checked here: the
+    last member must lie inside the file and be followed by the two zero blocks that end a tar.
+    """
+    members, meta, truncated, end = [], {}, "", 0
+    try:
+        with tarfile.open(path, "r:") as tar:
+            try:
                 for m in tar:
                     if not m.isfile():
                         continue
-                    base = os.path.basename(m.name)
-                    key, _, ext = base.partition(".")
-                    key = os.path.join(os.path.dirname(m.name), key)
-                    s = samples.setdefault(key, {})
-                    ext = "." + ext.lower()
-                    if ext in IMAGE_EXTENSIONS:
-                        s["image"] = tar_reference(str(shard.resolve()), m.offset_data, m.size)
-                    elif ext in (".txt", ".json"):
-                        s[ext] = tar.extractfile(m).read().decode("utf-8", errors="replace")
-        except tarfile.TarError as e:
-            raise SailError(f"{shard} is not a readable tar shard ({e}); remove it or re-download it") from None
+                    if m.offset_data + m.size > size:
+                        truncated = f"it ends inside member {m.name}"
+                        break
+                    members.append((m.name, m.offset_data, m.size))
+                    end = m.offset_data + m.size
+                    if os.path.splitext(m.name)[1].lower() in META_EXTENSIONS:
+                        meta[m.name] = _read_meta(m.name, tar.extractfile(m).read())
+                else:
+                    tail_at = tar.offset
+                    with open(path, "rb") as f:
+                        f.seek(tail_at)
+                        tail = f.read(2 * tarfile.BLOCKSIZE)
+                    if tail != tarfile.NUL * (2 * tarfile.BLOCKSIZE):
+                        truncated = ("it lacks its end-of-archive blocks" if not tail.strip(tarfile.NUL)
+                                     else f"its header at byte {tail_at} is damaged or cut")
+            except tarfile.ReadError as e:  # tarfile's "unexpected end of data" after a cut member
+                truncated = f"it ends early ({e})"
+    except tarfile.ReadError as e:  # raised before the first member: empty, cut header, or not a tar
+        if size >= tarfile.BLOCKSIZE and "truncated" not in str(e) and "empty" not in str(e):
+            raise SailError(f"{path} is not a readable tar shard ({e}); remove it or re-download it") from None
+        truncated = f"it ends before its first member ({e})"
+    return ShardIndex(str(path), size, mtime_ns, members, meta, truncated, end)
+
+
+def _group_samples(index: ShardIndex) -> dict[str, dict[str, tuple[str, int, int]]]:
+    """webdataset grouping: key = the member path up to the first dot of its file name."""
+    samples: dict[str, dict] = {}
+    for name, offset, size in index.members:
+        folder, base = os.path.split(name)
+        key, _, ext = base.partition(".")
+        samples.setdefault(os.path.join(folder, key), {})[ext.lower()] = (name, offset, size)
+    return samples
+
+
+def _shard_samples(shards: list[Path], allow_truncated: bool):
+    """(shard, index, samples) per shard; truncated shards raise, or lose their last sample when allowed."""
+    out, bad, skipped = [], [], []
+    for shard in shards:
+        index = shard_index(shard)
+        samples = _group_samples(index)
+        if index.truncated:
+            # the last sample seen may have lost members after the cut: it is dropped too
+            if samples:
+                samples.pop(next(reversed(samples)))
+            what = (f"{shard}: {index.truncated}; {len(samples)} samples readable before the cut, "
+                    f"{index.usable_bytes:,} of {index.size:,} bytes")
+            bad.append(what)
+            skipped.append((shard.name, "shard", f"truncated shard: {what}"))
+        out.append((shard, index, samples))
+    if bad and not allow_truncated:
+        more = f" (and {len(bad) - 1} more truncated shard(s))" if len(bad) > 1 else ""
+        raise SailError(f"truncated shard {bad[0]}{more}; re-download it, or pass --allow-truncated "
+                        "to record it and skip what is missing")
+    return out, skipped
+
+
+def _text(index: ShardIndex, member) -> str | None:
+    if member is None:
+        return None
+    value = index.meta.get(member[0])
+    return value if isinstance(value, str) else None
+
+
+# ----------------------------------------------------------------------------------------- webdataset
+
+
+def open_webdataset(shards: list[Path], columns: list[str] | None, name: str,
+                    allow_truncated: bool = False) -> Dataset:
+    """img2dataset layout: each sample is key.jpg plus key.txt (caption) and/or key.json."""
+    columns = columns or ["caption"]
+    ids, images, captions = [], [], {c: [] for c in columns}
+    per_shard, skipped = _shard_samples(shards, allow_truncated)
+    for shard, index, samples in per_shard:
         for key, s in samples.items():
             meta = {}
-            if ".json" in s:
+            if "json" in s:
                 try:
-                    meta = json.loads(s[".json"])
+                    meta = json.loads(_text(index, s["json"]) or "{}")
                 except json.JSONDecodeError:
                     meta = {}
-            sid = str(meta.get("key", key)) if isinstance(meta, dict) else key
-            ids.append(sid)
-            images.append(s.get("image"))
+            if not isinstance(meta, dict):
+                meta = {}
+            ids.append(str(meta.get("key", key)))
+            image = next((s[e] for e in s if "." + e.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS), None)
+            images.append(tar_reference(index.path, image[1], image[2]) if image else None)
             for c in columns:
-                text = meta.get(c) if isinstance(meta, dict) else None
+                text = meta.get(c)
                 if text is None and c in ("caption", "txt", "text"):
-                    text = s.get(".txt", "")
+                    text = _text(index, s.get("txt")) or ""
                 captions[c].append("" if text is None else str(text).strip())
     _check_unique(ids, shards[0].parent)
-    return Dataset(name, str(shards[0].parent.resolve()), _hash_files(shards, content=False), ids, images, captions)
+    return Dataset(name, str(shards[0].parent.resolve()), _hash_files(shards, content=False), ids, images,
+                   captions, skipped=skipped)
+
+
+# ----------------------------------------------------------------------------------------- CLIP_benchmark
+
+CLIP_BENCHMARK_TYPES = ("classification", "multilabel", "retrieval")
+CLIP_BENCHMARK_IMAGES = ("webp", "png", "jpg", "jpeg")  # CLIP_benchmark's order of preference
+
+
+@dataclass
+class ClipBenchmarkInfo:
+    """What a CLIP_benchmark webdataset root says about itself (for zero-shot and retrieval defaults).
+
+        info = clip_benchmark_info("wds_cars")        # the root, or one of its split folders
+        info.dataset_type                               # "classification" | "multilabel" | "retrieval"
+        info.class_names, info.templates                # lists (None when the file is absent)
+        info.splits                                     # e.g. ["test", "train"]
+    """
+
+    root: Path
+    dataset_type: str
+    class_names: list[str] | None
+    templates: list[str] | None  # each with the placeholder {c}
+    splits: list[str]
+
+
+def _clip_benchmark_root(path: Path) -> Path | None:
+    """The root of a CLIP_benchmark layout given its root or one of its split folders; None otherwise."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    if (path / "nshards.txt").is_file():
+        return path.parent
+    if any((d / "nshards.txt").is_file() for d in path.iterdir() if d.is_dir()):
+        return path
+    return None
+
+
+def is_clip_benchmark(path) -> bool:
+    """True for a CLIP_benchmark webdataset root (<root>/<split>/nshards.txt) or one of its split folders."""
+    return _clip_benchmark_root(Path(path).expanduser()) is not None
+
+
+def _read_lines(path: Path) -> list[str] | None:
+    if not path.is_file():
+        return None
+    try:
+        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as e:
+        raise SailError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); re-save it as UTF-8") from None
+
+
+def clip_benchmark_info(path) -> ClipBenchmarkInfo:
+    """Read classnames.txt, zeroshot_classification_templates.txt and dataset_type.txt of a layout."""
+    root = _clip_benchmark_root(Path(path).expanduser())
+    if root is None:
+        raise SailError(f"{path} is not a CLIP_benchmark webdataset folder (no <split>/nshards.txt in it)")
+    kind = (_read_lines(root / "dataset_type.txt") or ["classification"])[0].lower()
+    if kind not in CLIP_BENCHMARK_TYPES:
+        raise SailError(f"{root / 'dataset_type.txt'} says {kind!r}; expected one of {', '.join(CLIP_BENCHMARK_TYPES)}")
+    templates = _read_lines(root / "zeroshot_classification_templates.txt")
+    for t in templates or []:
+        if "{c}" not in t:
+            raise SailError(f"{root / 'zeroshot_classification_templates.txt'}: template {t!r} has no {{c}} placeholder")
+    splits = sorted(d.name for d in root.iterdir() if (d / "nshards.txt").is_file())
+    return ClipBenchmarkInfo(root, kind, _read_lines(root / "classnames.txt"), templates, splits)
+
+
+def _clip_benchmark_shards(root: Path, split: str, info: ClipBenchmarkInfo) -> list[Path]:
+    folder = root / split
+    if not (folder / "nshards.txt").is_file():
+        raise SailError(f"{root} has no split {split!r} (no {folder / 'nshards.txt'}); its splits are "
+                        f"{', '.join(info.splits)}; choose one with --split")
+    text = (folder / "nshards.txt").read_text().strip()
+    if not text.isdigit() or int(text) == 0:
+        raise SailError(f"{folder / 'nshards.txt'} should hold the number of shards, not {text[:40]!r}")
+    shards = [folder / f"{k}.tar" for k in range(int(text))]
+    missing = [p for p in shards if not p.is_file()]
+    if missing:
+        raise SailError(f"{missing[0]} is missing ({len(missing)} of the {len(shards)} shards nshards.txt names); "
+                        "download them again")
+    return shards
+
+
+def open_clip_benchmark(path, split: str = "test", columns: list[str] | None = None,
+                        allow_truncated: bool = False) -> Dataset:
+    """A CLIP_benchmark webdataset split as a Dataset.
+
+    Classification: `labels` from KEY.cls, `class_names` from classnames.txt. Multilabel: `multilabels`
+    (N, C) from KEY.npy. Retrieval: the caption lines of KEY.txt become columns caption_0, caption_1, ...
+    ("" where an image has fewer captions). Ids are the sample keys. Giving a split folder selects it.
+    """
+    path = Path(path).expanduser()
+    info = clip_benchmark_info(path)
+    root = info.root
+    if (path / "nshards.txt").is_file():
+        split = path.name
+    shards = _clip_benchmark_shards(root, split, info)
+    per_shard, skipped = _shard_samples(shards, allow_truncated)
+    keys, images, labels, multi, texts = [], [], [], [], []
+    for shard, index, samples in per_shard:
+        for key, s in samples.items():
+            where = f"{shard} sample {key}"
+            image = next((s[e] for e in CLIP_BENCHMARK_IMAGES if e in s), None)
+            if image is None:
+                raise SailError(f"{where} has no image (.webp/.png/.jpg); its members are {', '.join(sorted(s))}")
+            keys.append((shard.stem, key))
+            images.append(tar_reference(index.path, image[1], image[2]))
+            if info.dataset_type == "retrieval":
+                text = _text(index, s.get("txt"))
+                if text is None:
+                    raise SailError(f"{where} has no .txt captions, which a retrieval dataset needs")
+                texts.append([t.strip() for t in text.splitlines() if t.strip()])
+            elif info.dataset_type == "multilabel":
+                value = index.meta.get(s["npy"][0]) if "npy" in s else None
+                if not isinstance(value, list) or any(isinstance(v, list) for v in value):
+                    raise SailError(f"{where} has no readable .npy label vector, which a multilabel dataset needs")
+                multi.append(value)
+            else:
+                text = (_text(index, s.get("cls")) or "").strip()
+                if not text.lstrip("-").isdigit():
+                    raise SailError(f"{where} has {'no .cls label' if not text else f'label {text[:20]!r}'}; "
+                                    "a classification dataset needs an integer KEY.cls")
+                labels.append(int(text))
+    ids = [k for _, k in keys]
+    if len(set(ids)) != len(ids):  # keys repeat across shards: the shard names them
+        ids = [f"{s}/{k}" for s, k in keys]
+    _check_unique(ids, root / split)
+    ds = Dataset(f"{root.name}-{split}", str((root / split).resolve()),
+                 _hash_files(shards, content=False) + _hash_text(info), ids, images, skipped=skipped)
+    n_classes = len(info.class_names) if info.class_names else None
+    if info.dataset_type == "retrieval":
+        width = max((len(t) for t in texts), default=0)
+        names = [f"caption_{j}" for j in range(width)]
+        for c in columns or []:
+            if c not in names:
+                raise SailError(f"{root / split} has no caption column {c!r}; its columns are {', '.join(names)}")
+        ds.captions = {c: [t[j] if j < len(t) else "" for t in texts]
+                       for j, c in enumerate(names) if columns is None or c in columns}
+    elif info.dataset_type == "multilabel":
+        widths = {len(v) for v in multi}
+        if len(widths) > 1 or (n_classes and widths != {n_classes}):
+            raise SailError(f"{root / split}: .npy label vectors have lengths {sorted(widths)}, expected one length "
+                            f"{'= ' + str(n_classes) + ' (classnames.txt)' if n_classes else ''}")
+        ds.multilabels = np.array(multi, dtype=np.int8).reshape(len(multi), -1)
+        ds.class_names = info.class_names
+    else:
+        ds.labels = np.array(labels, dtype=np.int64)
+        ds.class_names = info.class_names
+        if n_classes is not None and len(labels) and (ds.labels.min() < 0 or ds.labels.max() >= n_classes):
+            bad = int(np.flatnonzero((ds.labels < 0) | (ds.labels >= n_classes))[0])
+            raise SailError(f"{root / split} sample {ids[bad]} has label {labels[bad]}, outside the "
+                            f"{n_classes} classes of classnames.txt")
+    return ds
+
+
+def _hash_text(info: ClipBenchmarkInfo) -> str:
+    h = hashlib.blake2b(digest_size=8)
+    h.update(json.dumps([info.dataset_type, info.class_names, info.templates]).encode())
+    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------- image folder
@@ -243,8 +620,13 @@ def open_image_folder(root: Path) -> Dataset:
 
 
 def open_dataset(spec: str, columns: list[str] | None = None, id_column: str = "id",
-                 image_column: str = "image") -> Dataset:
-    """Open `sample`, a manifest file, a tar shard / folder of shards, or a class-per-folder image tree."""
+                 image_column: str = "image", split: str = "test", allow_truncated: bool = False) -> Dataset:
+    """Open `sample`, a manifest file, a tar shard / folder of shards, a CLIP_benchmark webdataset root
+    (`split` chooses its split), or a class-per-folder image tree.
+
+    A truncated shard raises SailError unless `allow_truncated`, which keeps its complete samples and
+    records the shard in `Dataset.skipped`.
+    """
     if spec in ("sample", "sample-val"):
         from sail.sample import sample_dir
 
@@ -254,15 +636,19 @@ def open_dataset(spec: str, columns: list[str] | None = None, id_column: str = "
     path = Path(spec).expanduser()
     if not path.exists():
         raise SailError(f"data {spec!r} not found; give a manifest ({', '.join(MANIFEST_EXTENSIONS)}), "
-                        "a folder of .tar shards, an image folder, or 'sample' / 'sample-val'")
+                        "a folder of .tar shards, a CLIP_benchmark webdataset folder, an image folder, "
+                        "or 'sample' / 'sample-val'")
     if path.is_file() and path.suffix.lower() in MANIFEST_EXTENSIONS:
         return open_manifest(path, columns, id_column, image_column)
     if path.is_file() and path.suffix == ".tar":
-        return open_webdataset([path], columns, path.stem)
+        return open_webdataset([path], columns, path.stem, allow_truncated)
     if path.is_dir():
+        if is_clip_benchmark(path):
+            return open_clip_benchmark(path, split, columns, allow_truncated)
         shards = sorted(path.glob("*.tar"))
         if shards:
-            return open_webdataset(shards, columns, path.name)
+            return open_webdataset(shards, columns, path.name, allow_truncated)
         return open_image_folder(path)
     raise SailError(f"cannot read {spec!r} as data; give a manifest ({', '.join(MANIFEST_EXTENSIONS)}), "
-                    "a .tar shard, a folder of shards, an image folder, or 'sample' / 'sample-val'")
+                    "a .tar shard, a folder of shards, a CLIP_benchmark webdataset folder, an image folder, "
+                    "or 'sample' / 'sample-val'")

@@ -144,11 +144,10 @@ def pick_device(device: str = "auto") -> torch.device:
 
 
 def autocast(device: torch.device):
-    """bf16 autocast on GPU (fp16 where bf16 is unsupported); a no-op on CPU, where it only slows."""
-    if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return torch.autocast("cpu", enabled=False)
+    """Inference autocast under sail.precision's "auto" policy (kept for callers not yet on sail.precision)."""
+    from sail.precision import resolve_precision
+
+    return resolve_precision("auto", device).autocast()
 
 
 class ImageEncoder:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 import sail
 from sail import zoo
-from sail.data import Dataset, ImageError, load_image, open_dataset
+from sail.data import DEFAULT_MAX_PIXELS, Dataset, ImageError, load_image, open_dataset
 from sail.encoders import load_encoder, model_revision, pick_device, resolve_model
 from sail.errors import SailError
 from sail.distributed import barrier, init_distributed, local_device
@@ -52,6 +52,9 @@ class ExtractConfig:
     features_root: str = "features"
     id_column: str = "id"
     image_column: str = "image"
+    split: str = "test"                # CLIP_benchmark webdataset split
+    allow_truncated: bool = False      # keep the complete samples of truncated shards (recorded as skipped)
+    max_pixels: int | None = DEFAULT_MAX_PIXELS  # larger images are skipped as "too large" (0/None: no limit)
     trust_remote_code: bool | None = None
     progress: bool = True
 
@@ -83,15 +86,15 @@ class ExtractResult:
 class _ImageItems(torch.utils.data.Dataset):
     """Decodes and preprocesses images in DataLoader workers; failures come back as reasons."""
 
-    def __init__(self, refs: list, preprocess):
-        self.refs, self.preprocess = refs, preprocess
+    def __init__(self, refs: list, preprocess, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+        self.refs, self.preprocess, self.max_pixels = refs, preprocess, max_pixels
 
     def __len__(self):
         return len(self.refs)
 
     def __getitem__(self, i):
         try:
-            return i, self.preprocess(load_image(self.refs[i])), ""
+            return i, self.preprocess(load_image(self.refs[i], self.max_pixels)), ""
         except ImageError as e:
             return i, None, str(e)
         except Exception as e:  # a preprocessor failing on an odd image is a bad image, not a crash
@@ -185,7 +188,8 @@ def extract(cfg: ExtractConfig, dataset: Dataset | None = None) -> ExtractResult
     start = time.time()
     rank, world = init_distributed()
     spec = resolve_model(cfg.model, cfg.modality, cfg.trust_remote_code)
-    ds = dataset if dataset is not None else open_dataset(cfg.data, cfg.columns, cfg.id_column, cfg.image_column)
+    ds = dataset if dataset is not None else open_dataset(cfg.data, cfg.columns, cfg.id_column, cfg.image_column,
+                                                              split=cfg.split, allow_truncated=cfg.allow_truncated)
     if len(ds) == 0:
         raise SailError(f"{cfg.data} holds no samples")
     if spec.modality == "image":
@@ -235,7 +239,7 @@ def _extract_images(cfg, ds: Dataset, encoder, todo: list[int], parts: Path, ran
     workers = cfg.workers if cfg.workers is not None else min(8, max(1, (os.cpu_count() or 2) - 1))
     batches = _chunk_batches(todo, cfg.chunk_size, len(ds), cfg.batch_size)
     loader = torch.utils.data.DataLoader(
-        _ImageItems(ds.images, encoder.preprocess), batch_sampler=batches, collate_fn=_collate,
+        _ImageItems(ds.images, encoder.preprocess, cfg.max_pixels), batch_sampler=batches, collate_fn=_collate,
         num_workers=workers, pin_memory=encoder.device.type == "cuda", prefetch_factor=4 if workers else None,
         persistent_workers=False)
     pending: dict[int, dict] = {}  # chunk -> rows filled so far
@@ -308,7 +312,7 @@ def _merge(out: Path, parts: Path, ds: Dataset, fields: list[str], n_chunks: int
         with np.load(_part_path(parts, 0)) as z:
             patch_shapes = {"image": tuple(z["patch/image"].shape[1:])}
     writer = StoreWriter(out, ds.ids, {f: encoder.dim for f in fields}, patch_shapes)
-    skipped: list[tuple[str, str, str]] = []
+    skipped: list[tuple[str, str, str]] = list(ds.skipped)  # what reading the source lost (truncated shards)
     try:
         for c in range(n_chunks):
             lo = c * cfg.chunk_size
