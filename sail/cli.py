@@ -294,6 +294,22 @@ def recipe(ctx: typer.Context, name: str = typer.Argument(..., help="alip or ali
     run_recipe(name, list(ctx.args))
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def sweep(ctx: typer.Context, out: str = typer.Option(..., "--out", help="sweep directory (one sub-directory per run)"),
+          grid: Optional[list[str]] = typer.Option(None, "--grid", help="key=v1,v2: a grid axis over any sail align option (repeatable)"),
+          config: Optional[str] = typer.Option(None, "--config", help="YAML file with grid: and fixed: mappings")):
+    """Many `sail align` runs over a grid: sail sweep --out DIR --grid lr=1e-4,1e-3 --image S --text S [--steps N ...]"""
+    from sail.sweep import SweepConfig, load_grid_file, parse_fixed, parse_grid, sweep as run
+
+    axes, fixed = load_grid_file(config) if config else ({}, {})
+    for name, values in parse_grid(grid or []).items():
+        axes[name] = values
+    fixed.update(parse_fixed(list(ctx.args)))
+    if not axes:
+        raise SailError("give at least one --grid key=v1,v2 (or a --config file with a grid: mapping)")
+    run(SweepConfig(out=out, grid=axes, fixed=fixed))
+
+
 @app.command()
 def demo(out: str = typer.Option("runs/demo", help="run directory"),
          features_root: str = typer.Option("features", help="where the feature stores go")):
