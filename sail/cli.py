@@ -239,6 +239,21 @@ def eval_alignment(image: str = typer.Option(..., help="first store (e.g. image 
     _report("alignment", alignment(image, text, k, field), out, None)
 
 
+# ----------------------------------------------------------------------------------------- hub
+
+
+@app.command()
+def push(run: str = _RUN, repo_id: str = typer.Argument(..., metavar="ORG/NAME", help="Hugging Face repository id"),
+         private: bool = typer.Option(False, "--private", help="create the repository as private"),
+         dry_run: Optional[str] = typer.Option(None, "--dry-run", help="only write the upload folder here; send nothing")):
+    """Publish a run on the Hugging Face Hub: config, weights, model card (settings, encoders, eval, curves)."""
+    from sail.hub import push as run_push
+
+    where = run_push(run, repo_id, private, dry_run)
+    typer.echo(f"prepared {where} (README.md is the model card); upload with: sail push {run} {repo_id}" if dry_run
+               else f"pushed {run} to https://huggingface.co/{repo_id}: {where}")
+
+
 # ----------------------------------------------------------------------------------------- search, filter, recipes, demo
 
 

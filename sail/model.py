@@ -45,7 +45,12 @@ class SAILModel(torch.nn.Module):
 
     @classmethod
     def from_pretrained(cls, run_dir: str | Path, vision_model: str | None = None, text_model: str | None = None,
-                        device: str = "auto"):
+                        device: str = "auto", revision: str | None = None, cache_dir: str | None = None):
+        """A run directory or a Hugging Face id ("org/name", at `revision`, cached in `cache_dir`)."""
+        if not Path(run_dir).is_dir() and str(run_dir).count("/") == 1:
+            from sail.hub import resolve_pretrained
+
+            run_dir = resolve_pretrained(run_dir, revision, cache_dir)
         cfg = read_run_config(run_dir)
         if cfg.get("format") == "sail-towers":
             from sail.towers import Towers
