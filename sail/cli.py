@@ -254,6 +254,16 @@ def push(run: str = _RUN, repo_id: str = typer.Argument(..., metavar="ORG/NAME",
                else f"pushed {run} to https://huggingface.co/{repo_id}: {where}")
 
 
+@app.command()
+def report(path: str = typer.Argument(..., help="run directory or sweep directory"),
+           out: Optional[str] = typer.Option(None, "--out", help="HTML file (default PATH/report.html)"),
+           examples: int = typer.Option(8, help="retrieval examples to show")):
+    """One self-contained HTML page: curves, eval tables, confusion matrix, retrieval examples, settings."""
+    from sail.report import report as run_report
+
+    typer.echo(f"wrote {run_report(path, out, examples)}")
+
+
 # ----------------------------------------------------------------------------------------- search, filter, recipes, demo
 
 
