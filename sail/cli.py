@@ -304,6 +304,31 @@ def eval_alignment(image: str = typer.Option(..., help="first store (e.g. image 
     _report("alignment", alignment(image, text, k, field), out, None)
 
 
+# ----------------------------------------------------------------------------------------- hub
+
+
+@app.command()
+def push(run: str = _RUN, repo_id: str = typer.Argument(..., metavar="ORG/NAME", help="Hugging Face repository id"),
+         private: bool = typer.Option(False, "--private", help="create the repository as private"),
+         dry_run: Optional[str] = typer.Option(None, "--dry-run", help="only write the upload folder here; send nothing")):
+    """Publish a run on the Hugging Face Hub: config, weights, model card (settings, encoders, eval, curves)."""
+    from sail.hub import push as run_push
+
+    where = run_push(run, repo_id, private, dry_run)
+    typer.echo(f"prepared {where} (README.md is the model card); upload with: sail push {run} {repo_id}" if dry_run
+               else f"pushed {run} to https://huggingface.co/{repo_id}: {where}")
+
+
+@app.command()
+def report(path: str = typer.Argument(..., help="run directory or sweep directory"),
+           out: Optional[str] = typer.Option(None, "--out", help="HTML file (default PATH/report.html)"),
+           examples: int = typer.Option(8, help="retrieval examples to show")):
+    """One self-contained HTML page: curves, eval tables, confusion matrix, retrieval examples, settings."""
+    from sail.report import report as run_report
+
+    typer.echo(f"wrote {run_report(path, out, examples)}")
+
+
 # ----------------------------------------------------------------------------------------- search, filter, recipes, demo
 
 
@@ -357,6 +382,22 @@ def recipe(ctx: typer.Context, name: str = typer.Argument(..., help="alip or ali
     from sail.recipe import run_recipe
 
     run_recipe(name, list(ctx.args))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def sweep(ctx: typer.Context, out: str = typer.Option(..., "--out", help="sweep directory (one sub-directory per run)"),
+          grid: Optional[list[str]] = typer.Option(None, "--grid", help="key=v1,v2: a grid axis over any sail align option (repeatable)"),
+          config: Optional[str] = typer.Option(None, "--config", help="YAML file with grid: and fixed: mappings")):
+    """Many `sail align` runs over a grid: sail sweep --out DIR --grid lr=1e-4,1e-3 --image S --text S [--steps N ...]"""
+    from sail.sweep import SweepConfig, load_grid_file, parse_fixed, parse_grid, sweep as run
+
+    axes, fixed = load_grid_file(config) if config else ({}, {})
+    for name, values in parse_grid(grid or []).items():
+        axes[name] = values
+    fixed.update(parse_fixed(list(ctx.args)))
+    if not axes:
+        raise SailError("give at least one --grid key=v1,v2 (or a --config file with a grid: mapping)")
+    run(SweepConfig(out=out, grid=axes, fixed=fixed))
 
 
 @app.command()

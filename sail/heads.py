@@ -190,9 +190,14 @@ class AlignmentHeads(nn.Module):
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "AlignmentHeads":
-        """Build heads from `config.json` and load `model.safetensors` strictly; returned in eval mode."""
-        directory = Path(directory)
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu", revision: str | None = None,
+                        cache_dir: str | Path | None = None) -> "AlignmentHeads":
+        """Build heads from `config.json` and load `model.safetensors` strictly; returned in eval mode.
+        `directory` may be a Hugging Face id ("org/name"; see sail.hub for revision, cache, offline)."""
+        from sail.hub import resolve_pretrained
+
+        directory = resolve_pretrained(directory, revision, cache_dir) if not Path(directory).is_dir() and \
+            str(directory).count("/") == 1 else Path(directory)
         if not directory.is_dir():
             raise SailError(f"heads directory {directory} not found; train heads with `sail align` first")
         config, config_path, weights_path = read_saved_config(directory, FORMAT, FORMAT_VERSION)

@@ -21,6 +21,7 @@ length. A background thread reads buffers and gathers batches ahead of the train
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import queue
 import threading
@@ -78,10 +79,31 @@ class PairedFeatures:
         return len(self) * dims * 2  # float16
 
     def load(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """All rows as float16 tensors on `device`: (N, Di) and K x (N, Dt)."""
+        """All rows as float16 tensors on `device`: (N, Di) and K x (N, Dt). Inside `shared_loads()` (sail
+        sweep) the same rows are read once per process and the tensors shared, read-only, by every run."""
+        key = (str(self.image_store.path), str(self.text_store.path), tuple(self.captions), str(device),
+               self.image_rows.tobytes(), self.text_rows.tobytes())
+        if _SHARED is not None and key in _SHARED:
+            return _SHARED[key]
         image = torch.from_numpy(_read_all(self.image_store, "image", self.image_rows)).to(device)
         texts = [torch.from_numpy(_read_all(self.text_store, c, self.text_rows)).to(device) for c in self.captions]
+        if _SHARED is not None:
+            _SHARED[key] = (image, texts)
         return image, texts
+
+
+_SHARED: dict | None = None  # PairedFeatures.load results while shared_loads() is active
+
+
+@contextlib.contextmanager
+def shared_loads():
+    """Within this block, PairedFeatures.load reads each (stores, rows, device) once and reuses the tensors."""
+    global _SHARED
+    outer, _SHARED = _SHARED, ({} if _SHARED is None else _SHARED)
+    try:
+        yield _SHARED
+    finally:
+        _SHARED = outer
 
 
 def _read_all(store: FeatureStore, field: str, rows: np.ndarray) -> np.ndarray:
