@@ -1,10 +1,10 @@
 """ALIP (Yang et al. 2023): CLIP trained end to end on raw text AND a synthetic caption per image, with
 per-sample consistency gates that down-weight noisy pairs.
 
-    python recipes/alip.py --config recipes/configs/alip-tiny.yaml                 # CPU, a minute
-    python recipes/alip.py --config recipes/configs/alip-vit-b32.yaml --data cc3m.parquet --out runs/alip
-    torchrun --nproc_per_node 8 recipes/alip.py --config recipes/configs/alip-vit-b16.yaml
-    python recipes/alip.py --config ... --gates false                              # the no-gates ablation
+    sail recipe alip --config alip-tiny                                    # CPU, a minute
+    sail recipe alip --config alip-vit-b32 --data cc3m.parquet --out runs/alip
+    torchrun --nproc_per_node 8 -m sail.recipes.alip --config alip-vit-b16
+    sail recipe alip --config ... --gates false                              # the no-gates ablation
 
 Model: CLIP ViT image tower + 12-layer width-512 CLIP text tower, linear heads to 512-d (sail.towers).
 ONE text encoder embeds both the raw text (column `text_column`, default "caption") and the synthetic
@@ -36,9 +36,10 @@ from sail.errors import SailError
 from sail.losses import ConsistencyGates, info_nce_loss
 from sail.optim import build_optimizer, one_cycle
 from sail.recipe import (PairData, cleanup_distributed, iterate_batches, latest_checkpoint,
-                         load_checkpoint, load_config, plot_curves, save_checkpoint, setup_distributed,
+                         load_checkpoint, plot_curves, save_checkpoint, setup_distributed,
                          split_indices, train_autocast, wrap_ddp, zeroshot_check,
                          zeroshot_templates)
+from sail.recipe_config import load_config
 from sail.runlog import MetricsLog
 from sail.towers import build_towers
 
@@ -61,13 +62,13 @@ def main(argv=None) -> dict:
         towers.enable_gradient_checkpointing()
     gates = ConsistencyGates(cfg["gate_momentum"], cfg["gamma_s"], cfg["gamma_p"], enabled=bool(cfg["gates"]))
     gates.to(device)
-    optimizer = build_optimizer("adamw", towers.param_groups(cfg["weight_decay"]), lr=cfg["lr"],
-                                weight_decay=cfg["weight_decay"], betas=cfg["betas"], eps=cfg["eps"])
+    optimizer = build_optimizer("adamw", towers.param_groups(cfg["optim"]["weight_decay"]), lr=cfg["optim"]["lr"],
+                                weight_decay=cfg["optim"]["weight_decay"], betas=cfg["optim"]["betas"], eps=cfg["optim"]["eps"])
     steps = int(cfg["steps"])
-    pct_start = max(float(cfg["pct_start"]), 2.0 / steps)  # OneCycleLR needs >= 2 warm-up steps
+    pct_start = max(float(cfg["optim"]["pct_start"]), 2.0 / steps)  # OneCycleLR needs >= 2 warm-up steps
     if pct_start >= 1.0:
         raise SailError(f"ALIP's one-cycle schedule needs at least 3 steps, got steps={steps}")
-    scheduler = one_cycle(optimizer, max_lr=cfg["lr"], total_steps=steps, pct_start=pct_start)
+    scheduler = one_cycle(optimizer, max_lr=cfg["optim"]["lr"], total_steps=steps, pct_start=pct_start)
 
     # ---- resume from the newest checkpoint in OUT, if any
     step, position = 0, (0, 0)
@@ -111,7 +112,7 @@ def main(argv=None) -> dict:
         lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(towers.parameters(), cfg["grad_clip"])
+        grad_norm = torch.nn.utils.clip_grad_norm_(towers.parameters(), cfg["optim"]["grad_clip"])
         optimizer.step()
         scheduler.step()
         towers.clamp_()

@@ -1,9 +1,9 @@
 """ALIGN (Jia et al. 2021): an EfficientNet image tower and a BERT text tower trained end to end with a
 softmax contrastive loss on noisy alt-text.
 
-    python recipes/align.py --config recipes/configs/align-tiny.yaml                 # CPU, a minute
-    python recipes/align.py --config recipes/configs/align-efficientnet-b7.yaml --data alt.parquet --out runs/align
-    torchrun --nproc_per_node 8 recipes/align.py --config recipes/configs/align-efficientnet-b7.yaml
+    sail recipe align --config align-tiny                                    # CPU, a minute
+    sail recipe align --config align-efficientnet-b7 --data alt.parquet --out runs/align
+    torchrun --nproc_per_node 8 -m sail.recipes.align --config align-efficientnet-b7
 
 Filter the data first with ALIGN's frequency rules (sail/filter.py, `filter_align`).
 
@@ -38,9 +38,10 @@ from sail.data import open_dataset
 from sail.losses import info_nce_loss
 from sail.optim import build_optimizer, linear_warmup_decay
 from sail.recipe import (PairData, cleanup_distributed, iterate_batches, latest_checkpoint,
-                         load_checkpoint, load_config, plot_curves, save_checkpoint, setup_distributed,
+                         load_checkpoint, plot_curves, save_checkpoint, setup_distributed,
                          split_indices, train_autocast, wrap_ddp, zeroshot_check,
                          zeroshot_templates)
+from sail.recipe_config import load_config
 from sail.runlog import MetricsLog
 from sail.towers import build_towers
 
@@ -63,10 +64,10 @@ def main(argv=None) -> dict:
         unsupported = towers.enable_gradient_checkpointing()
         if unsupported and rank == 0:
             print(f"note: gradient checkpointing is not available for {', '.join(unsupported)}")
-    optimizer = build_optimizer("lamb", towers.param_groups(cfg["weight_decay"]), lr=cfg["lr"],
-                                weight_decay=cfg["weight_decay"], betas=cfg["betas"], eps=cfg["eps"])
+    optimizer = build_optimizer("lamb", towers.param_groups(cfg["optim"]["weight_decay"]), lr=cfg["optim"]["lr"],
+                                weight_decay=cfg["optim"]["weight_decay"], betas=cfg["optim"]["betas"], eps=cfg["optim"]["eps"])
     steps = int(cfg["steps"])
-    scheduler = linear_warmup_decay(optimizer, total_steps=steps, warmup_steps=min(int(cfg["warmup_steps"]), steps))
+    scheduler = linear_warmup_decay(optimizer, total_steps=steps, warmup_steps=min(int(cfg["optim"]["warmup_steps"]), steps))
 
     # ---- resume from the newest checkpoint in OUT, if any
     step, position = 0, (0, 0)
@@ -101,7 +102,7 @@ def main(argv=None) -> dict:
         lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        clip = cfg["grad_clip"]
+        clip = cfg["optim"]["grad_clip"]
         grad_norm = torch.nn.utils.clip_grad_norm_(towers.parameters(), clip if clip else float("inf"))
         optimizer.step()
         scheduler.step()
