@@ -41,7 +41,7 @@ from sail.checkpoint import flatten_optimizer, unflatten_optimizer
 from sail.distributed import barrier, current
 from sail.errors import SailError
 
-RESUME_KEYS = ("data", "batch_size", "steps", "seed", "vision", "text", "embed_dim", "head", "image")
+RESUME_KEYS = ("data", "batch_size", "steps", "seed", "vision", "text", "embed_dim", "projection", "image")
 
 
 # ----------------------------------------------------------------------------------------- running
@@ -88,14 +88,6 @@ def cleanup_distributed() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """DistributedDataParallel around `module` under torch.distributed, else `module` itself."""
-    if current()[1] == 1:
-        return module
-    ids = [device.index] if device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
 
 
 # ----------------------------------------------------------------------------------------- data

@@ -253,6 +253,31 @@ def test_two_gloo_processes_train_like_one(tmp_path):
     assert json.loads((two / "config.json").read_text())["recipe"] == "alip"
 
 
+@pytest.mark.slow  # ~3 min on 2 shared cores
+def test_align_two_gloo_processes_train_like_one_with_two_micro_batches(tmp_path):
+    """ALIGN under DDP (2 gloo processes, batch 16) = one process with accum_steps 2: the same global negatives,
+    and on CPU each rank's BatchNorm sees its 8 rows as each micro-batch does (torch's SyncBatchNorm is
+    GPU-only). Dropout off so both runs draw no random masks."""
+    args = {"steps": 3, "batch_size": 16, "bn_recalibration": 32, "vision.config.drop_connect_rate": 0,
+            "text.config.hidden_dropout_prob": 0, "text.config.attention_probs_dropout_prob": 0,
+            "optim.warmup_steps": 1}
+    single = tmp_path / "single"
+    _main("align")(_argv("align", single, accum_steps=2, **args))
+    two = tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "sail.recipes.align", *_argv("align", two, **args)]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, both = _train_records(single), _train_records(two)
+    assert [r["world"] for r in both] == [2, 2, 2] and [r["world"] for r in one] == [1, 1, 1]
+    for r1, r2 in zip(one, both):
+        assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-4)
+    a, b = load_file(str(single / "model.safetensors")), load_file(str(two / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) < 1e-3  # BatchNorm stats included
+
+
 def test_recipe_output_evaluates_through_sail_eval(tmp_path):
     """A recipe run loads as SAILModel.from_pretrained and `sail eval` works on it unchanged."""
     from sail.evaluate import retrieval, zeroshot

@@ -35,11 +35,13 @@ import yaml
 from tqdm.auto import tqdm
 
 from sail.data import open_dataset
+from sail.distributed import wrap_ddp
+from sail.gradcache import contrastive_backward
 from sail.losses import info_nce_loss
 from sail.optim import build_optimizer, linear_warmup_decay
 from sail.recipe import (PairData, cleanup_distributed, iterate_batches, latest_checkpoint,
                          load_checkpoint, plot_curves, save_checkpoint, setup_distributed,
-                         split_indices, train_autocast, wrap_ddp, zeroshot_check,
+                         split_indices, train_autocast, zeroshot_check,
                          zeroshot_templates)
 from sail.recipe_config import load_config
 from sail.runlog import MetricsLog
@@ -57,7 +59,7 @@ def main(argv=None) -> dict:
     train_rows, held_rows = split_indices(ds.ids, cfg["holdout"])
 
     # ---- model, optimizer, schedule
-    towers = build_towers("align", cfg["vision"], cfg["text"], cfg["embed_dim"], cfg["image"], head=cfg["head"],
+    towers = build_towers("align", cfg["vision"], cfg["text"], cfg["embed_dim"], cfg["image"], projection=cfg["projection"],
                           temperature="sigma", init_scale=1.0 / cfg["init_sigma"],
                           max_scale=cfg["max_scale"]).to(device)
     if cfg["gradient_checkpointing"]:
@@ -88,6 +90,9 @@ def main(argv=None) -> dict:
     bar = tqdm(total=steps, initial=step, desc="align", disable=rank != 0 or not cfg["progress"], dynamic_ncols=True)
     summary = {"out": str(out), "towers": towers, "first_loss": None, "last_loss": None}
     skipped, tick = 0, time.time()
+    def loss_fn(x, y, t):  # CE_i2t + CE_t2i: the paper sums both directions; info_nce_loss is their mean
+        return 2 * info_nce_loss(x, y, t, label_smoothing=cfg["label_smoothing"]), {}
+
     towers.train()
     while step < steps:
         epoch, next_batch, pixels, texts, n_bad = next(batches)
@@ -95,13 +100,11 @@ def main(argv=None) -> dict:
         if pixels is None:  # too few good images left in this batch
             continue
         tokens = towers.tokenize(texts[0])
-        with train_autocast(device):
-            x, y, t = model(pixels.to(device, non_blocking=True), tokens["input_ids"].to(device),
-                            tokens["attention_mask"].to(device))
-        loss = 2 * info_nce_loss(x, y, t, label_smoothing=cfg["label_smoothing"])  # sum of both directions
         lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss, _ = contrastive_backward(model, pixels.to(device, non_blocking=True), tokens["input_ids"].to(device),
+                                       tokens["attention_mask"].to(device), loss_fn, cfg["accum_steps"],
+                                       autocast=lambda: train_autocast(device))
         clip = cfg["optim"]["grad_clip"]
         grad_norm = torch.nn.utils.clip_grad_norm_(towers.parameters(), clip if clip else float("inf"))
         optimizer.step()
@@ -122,9 +125,9 @@ def main(argv=None) -> dict:
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", t=f"{record['t']:.2f}")
 
-        if rank == 0 and cfg["eval_every"] and (step % cfg["eval_every"] == 0 or step == steps):
-            towers.recalibrate_batchnorm(calibration)
-            zs = zeroshot_check(towers, ds, held_rows, templates)
+        if cfg["eval_every"] and (step % cfg["eval_every"] == 0 or step == steps):
+            towers.recalibrate_batchnorm(calibration)  # every rank: SyncBatchNorm layers talk to each other
+            zs = zeroshot_check(towers, ds, held_rows, templates) if rank == 0 else {}
             if zs:
                 log.log({"step": step, **zs})
                 summary.update(zs)
@@ -134,8 +137,8 @@ def main(argv=None) -> dict:
                             config=cfg)
     bar.close()
 
+    towers.recalibrate_batchnorm(calibration)
     if rank == 0:
-        towers.recalibrate_batchnorm(calibration)
         towers.save_pretrained(out, metadata={"steps": steps, "data": ds.name})
         plot_curves(out / "metrics.jsonl", out / "curves.png")
         print(f"saved {out} (load with sail.towers.Towers.from_pretrained); curves in {out / 'curves.png'}")
