@@ -8,20 +8,25 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 
 import torch
 
 
-def init_distributed() -> tuple[int, int]:
-    """(rank, world) under torchrun, initialising the process group once (nccl on GPU, gloo on CPU)."""
+def init_distributed(timeout: datetime.timedelta | None = None) -> tuple[int, int]:
+    """(rank, world) under torchrun, initialising the process group once (nccl on GPU, gloo on CPU).
+
+    timeout: how long a collective (a barrier) may wait; None keeps torch's default (10 min for NCCL).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        kwargs = {"timeout": timeout} if timeout is not None else {}
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", **kwargs)
     return dist.get_rank(), dist.get_world_size()
 
 
