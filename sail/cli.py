@@ -378,7 +378,13 @@ def filter_align_cmd(manifest: str = typer.Argument(..., help="manifest to filte
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def recipe(ctx: typer.Context, name: str = typer.Argument(..., help="alip or align")):
-    """Run a full-model recipe: sail recipe alip --config recipes/configs/alip-tiny.yaml [--key value ...]"""
+    """Train a full-model recipe (ALIP, ALIGN): a shipped config name or a YAML path, plus --dotted.key overrides.
+
+    Example: sail recipe alip --config alip-tiny --steps 20 --optim.lr 1e-4 --out runs/alip
+
+    Shipped configs: alip-tiny, alip-vit-b32, alip-vit-b16, align-tiny, align-efficientnet-b7. Rerunning the
+    same command resumes from the newest checkpoint in --out.
+    """
     from sail.recipe import run_recipe
 
     run_recipe(name, list(ctx.args))
