@@ -113,9 +113,12 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(SailError, match="share no valid sample ids"):
         align(_cfg(tmp_path, img, other))
     with pytest.raises(SailError, match="--image .*txt.h5 holds text features"):
-        align(_cfg(tmp_path, txt, txt))
-    with pytest.raises(SailError, match="--text .*img.h5 holds image features"):
-        align(_cfg(tmp_path, img, img))
+        align(_cfg(tmp_path, txt, img))
+    import shutil
+
+    shutil.copy(img, tmp_path / "img2.h5")
+    with pytest.raises(SailError, match="--text .*img2.h5 holds image features"):
+        align(_cfg(tmp_path, img, tmp_path / "img2.h5"))
     vt = write_store(tmp_path / "vt.h5", [f"id{i:05d}" for i in range(50)],
                      {"caption": np.zeros((50, 32), np.float16)}, "text", "another-text-model")
     with pytest.raises(SailError, match="different encoders"):
