@@ -18,6 +18,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="sail: vision-language alignment tuning on frozen unimodal encoders.")
 
 
+_ARGV: list[str] = []  # the arguments of this invocation, for the resume command printed after Ctrl-C
+
 _OVERWRITE = typer.Option(False, "--overwrite", help="replace an existing output")
 
 
@@ -71,6 +73,7 @@ def extract(
     allow_truncated: bool = typer.Option(False, "--allow-truncated",
                                          help="keep the complete samples of truncated shards (recorded as skipped)"),
     max_pixels: int = typer.Option(100_000_000, help="skip larger images as 'too large' (0: no limit)"),
+    encoding: str = typer.Option("utf-8", help="text encoding of a CSV/TSV/JSONL manifest (e.g. latin-1, utf-16)"),
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code/--no-trust-remote-code",
                                                      help="allow model code from the hub (default: per alias)"),
 ):
@@ -81,7 +84,8 @@ def extract(
                                patch_tokens=patch_tokens, max_length=max_length, modality=modality,
                                batch_size=batch_size, chunk_size=chunk_size, workers=workers, device=device,
                                id_column=id_column, image_column=image_column, split=split,
-                               allow_truncated=allow_truncated, max_pixels=max_pixels, trust_remote_code=trust_remote_code,
+                               allow_truncated=allow_truncated, max_pixels=max_pixels, encoding=encoding,
+                               trust_remote_code=trust_remote_code,
                                precision=precision, preprocess=preprocess, dist_timeout=dist_timeout,
                                overwrite=overwrite))
     import os
@@ -118,25 +122,51 @@ def align(
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N"),
     precision: str = typer.Option("auto", help="auto | fp32 | bf16 | fp16 (auto: bf16 on Ampere+ GPUs, fp32 on CPU)"),
-    in_memory: str = typer.Option("auto", help="auto | yes | no (stream from the stores)"),
+    in_memory: str = typer.Option("auto", help="auto | yes | no (stream from the stores); a resumed run keeps its own"),
+    stream_block_rows: int = typer.Option(65536, help="streaming: rows per contiguous read"),
+    stream_buffer_blocks: int = typer.Option(4, help="streaming: blocks shuffled together"),
     checkpoint_every: int = typer.Option(500, help="steps between checkpoints"),
     eval_every: int = typer.Option(500, help="steps between validation R@1"),
     block_size: Optional[int] = typer.Option(None, help="loss block rows (default: automatic)"),
+    loss_impl: str = typer.Option("auto", help="sigmoid losses: auto (triton on CUDA if installed) | torch | triton"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
 ):
     """Train alignment heads on cached features; writes config.json + model.safetensors."""
-    from sail.align import AlignConfig, align as run
+    from sail.align import AlignConfig, AlignInterrupted, align as run
 
-    result = run(AlignConfig(image=image, text=text, out=out, captions=_split(captions), loss=loss, average=average,
-                             head=head, width=width, out_dim=out_dim, activation=activation, batch=batch, epochs=epochs,
-                             steps=steps, optimizer=optimizer, lr=lr, weight_decay=weight_decay, betas=(beta1, beta2),
-                             warmup=warmup, init_scale=init_scale, init_bias=init_bias, val_fraction=val_fraction,
-                             val_image=val_image, val_text=val_text, seed=seed, device=device, precision=precision,
-                             in_memory=in_memory,
-                             checkpoint_every=checkpoint_every, eval_every=eval_every, block_size=block_size),
-                 resume=resume)
+    try:
+        result = run(AlignConfig(image=image, text=text, out=out, captions=_split(captions), loss=loss, average=average,
+                                 head=head, width=width, out_dim=out_dim, activation=activation, batch=batch, epochs=epochs,
+                                 steps=steps, optimizer=optimizer, lr=lr, weight_decay=weight_decay, betas=(beta1, beta2),
+                                 warmup=warmup, init_scale=init_scale, init_bias=init_bias, val_fraction=val_fraction,
+                                 val_image=val_image, val_text=val_text, seed=seed, device=device, precision=precision,
+                                 in_memory=in_memory, checkpoint_every=checkpoint_every, eval_every=eval_every,
+                                 block_size=block_size, loss_impl=loss_impl,
+                                 stream_block_rows=stream_block_rows, stream_buffer_blocks=stream_buffer_blocks),
+                     resume=resume)
+    except AlignInterrupted as e:
+        _interrupted(e)
     if result.metrics:
         typer.echo(result.summary())
+
+
+def _interrupted(e) -> None:
+    """Ctrl-C in `sail align`: say where the run stands and print the exact command that continues it."""
+    import os
+    import shlex
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        raise typer.Exit(130)
+    args = list(_ARGV)
+    if "--resume" not in args:
+        args.append("--resume")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    prefix = f"torchrun --nproc_per_node {world} -m sail.cli" if world > 1 else "sail"
+    where = (f"the last checkpoint is step {e.checkpoint_step}" if e.checkpoint_step is not None
+             else "no checkpoint was written yet, so it restarts from step 0")
+    typer.echo(f"interrupted at step {e.step} of {e.run_dir}; {where}. Resume with:\n  {prefix} {shlex.join(args)}",
+               err=True)
+    raise typer.Exit(130)
 
 
 @app.command()
@@ -274,6 +304,31 @@ def eval_alignment(image: str = typer.Option(..., help="first store (e.g. image 
     _report("alignment", alignment(image, text, k, field), out, None)
 
 
+# ----------------------------------------------------------------------------------------- hub
+
+
+@app.command()
+def push(run: str = _RUN, repo_id: str = typer.Argument(..., metavar="ORG/NAME", help="Hugging Face repository id"),
+         private: bool = typer.Option(False, "--private", help="create the repository as private"),
+         dry_run: Optional[str] = typer.Option(None, "--dry-run", help="only write the upload folder here; send nothing")):
+    """Publish a run on the Hugging Face Hub: config, weights, model card (settings, encoders, eval, curves)."""
+    from sail.hub import push as run_push
+
+    where = run_push(run, repo_id, private, dry_run)
+    typer.echo(f"prepared {where} (README.md is the model card); upload with: sail push {run} {repo_id}" if dry_run
+               else f"pushed {run} to https://huggingface.co/{repo_id}: {where}")
+
+
+@app.command()
+def report(path: str = typer.Argument(..., help="run directory or sweep directory"),
+           out: Optional[str] = typer.Option(None, "--out", help="HTML file (default PATH/report.html)"),
+           examples: int = typer.Option(8, help="retrieval examples to show")):
+    """One self-contained HTML page: curves, eval tables, confusion matrix, retrieval examples, settings."""
+    from sail.report import report as run_report
+
+    typer.echo(f"wrote {run_report(path, out, examples)}")
+
+
 # ----------------------------------------------------------------------------------------- search, filter, recipes, demo
 
 
@@ -323,10 +378,32 @@ def filter_align_cmd(manifest: str = typer.Argument(..., help="manifest to filte
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def recipe(ctx: typer.Context, name: str = typer.Argument(..., help="alip or align")):
-    """Run a full-model recipe: sail recipe alip --config recipes/configs/alip-tiny.yaml [--key value ...]"""
+    """Train a full-model recipe (ALIP, ALIGN): a shipped config name or a YAML path, plus --dotted.key overrides.
+
+    Example: sail recipe alip --config alip-tiny --steps 20 --optim.lr 1e-4 --out runs/alip
+
+    Shipped configs: alip-tiny, alip-vit-b32, alip-vit-b16, align-tiny, align-efficientnet-b7. Rerunning the
+    same command resumes from the newest checkpoint in --out.
+    """
     from sail.recipe import run_recipe
 
     run_recipe(name, list(ctx.args))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def sweep(ctx: typer.Context, out: str = typer.Option(..., "--out", help="sweep directory (one sub-directory per run)"),
+          grid: Optional[list[str]] = typer.Option(None, "--grid", help="key=v1,v2: a grid axis over any sail align option (repeatable)"),
+          config: Optional[str] = typer.Option(None, "--config", help="YAML file with grid: and fixed: mappings")):
+    """Many `sail align` runs over a grid: sail sweep --out DIR --grid lr=1e-4,1e-3 --image S --text S [--steps N ...]"""
+    from sail.sweep import SweepConfig, load_grid_file, parse_fixed, parse_grid, sweep as run
+
+    axes, fixed = load_grid_file(config) if config else ({}, {})
+    for name, values in parse_grid(grid or []).items():
+        axes[name] = values
+    fixed.update(parse_fixed(list(ctx.args)))
+    if not axes:
+        raise SailError("give at least one --grid key=v1,v2 (or a --config file with a grid: mapping)")
+    run(SweepConfig(out=out, grid=axes, fixed=fixed))
 
 
 @app.command()
@@ -346,8 +423,12 @@ def demo(out: str = typer.Option("runs/demo", help="run directory"),
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point: user mistakes (SailError) print one line and exit 2, with no traceback."""
+    global _ARGV
+    _ARGV = list(sys.argv[1:] if argv is None else argv)
     try:
-        app(args=argv, prog_name="sail", standalone_mode=False)
+        rc = app(args=argv, prog_name="sail", standalone_mode=False)
+        if isinstance(rc, int):  # click returns typer.Exit's code instead of raising it here
+            return rc
     except SailError as e:
         typer.echo(f"error: {e}", err=True)
         return 2

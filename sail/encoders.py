@@ -84,6 +84,10 @@ def resolve_model(model: str, modality: str | None = None, trust_remote_code: bo
     """An alias, a local directory, or a Hugging Face id -> ModelSpec. Modality is inferred unless given."""
     if modality not in (None, "image", "text"):
         raise SailError(f"--modality must be image or text, not {modality!r}")
+    from sail import zoo  # any encoder: package.module:function or a name registered under sail.encoders
+
+    if zoo.is_spec(model) or model in zoo.registered():
+        return zoo.resolve(model, modality)
     if model in ALIASES:
         a = ALIASES[model]
         source = (_local_minilm() or a.hf_id) if model == "minilm-l6" else a.hf_id
@@ -123,6 +127,10 @@ def _infer_modality_hub(model_id: str, trust_remote_code) -> str:
 
 def model_revision(source: str) -> str:
     """Hub commit when cached, else a short hash of a local directory's config and weight-file sizes."""
+    from sail import zoo
+
+    if zoo.is_spec(source):
+        return zoo.revision(source)
     path = Path(source)
     if path.is_dir():
         h = hashlib.blake2b(digest_size=8)
@@ -400,6 +408,10 @@ def load_encoder(spec: ModelSpec, device: str | torch.device = "auto", pooling: 
                  max_length: int | None = None, dtype: torch.dtype = torch.float32, preprocess: str = "hf"):
     """An ImageEncoder or TextEncoder for `spec`, weights in `dtype`; `preprocess` applies to images only."""
     device = pick_device(device) if isinstance(device, str) else device
+    from sail import zoo
+
+    if zoo.is_spec(spec.source):
+        return zoo.load_custom(spec, device, max_length)
     if spec.modality == "image":
         return ImageEncoder(spec, device, pooling, dtype, preprocess)
     return TextEncoder(spec, device, max_length, dtype)

@@ -36,6 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 import sail
+from sail import zoo
 from sail.data import DEFAULT_MAX_PIXELS, Dataset, ImageError, load_image, open_dataset
 from sail.distributed import barrier, init_distributed, local_device
 from sail.encoders import default_batch_size, load_encoder, model_revision, num_params, pick_device, resolve_model
@@ -64,6 +65,7 @@ class ExtractConfig:
     split: str = "test"                # CLIP_benchmark webdataset split
     allow_truncated: bool = False      # keep the complete samples of truncated shards (recorded as skipped)
     max_pixels: int | None = DEFAULT_MAX_PIXELS  # larger images are skipped as "too large" (0/None: no limit)
+    encoding: str = "utf-8"            # text encoding of CSV/TSV/JSONL manifests
     trust_remote_code: bool | None = None
     progress: bool = True
     precision: str = "auto"             # sail.precision: weights loaded in this dtype (auto: bf16 on Ampere+)
@@ -160,7 +162,7 @@ def _save_part(path: Path, arrays: dict[str, np.ndarray]) -> None:
 def _identity(cfg: ExtractConfig, spec, ds: Dataset, fields: list[str]) -> dict:
     """What makes two runs the same extraction; a mismatch with an existing store is an error."""
     return {"model_id": spec.source, "modality": spec.modality,
-            "pooling": cfg.pooling if spec.modality == "image" else "model",
+            "pooling": cfg.pooling if spec.modality == "image" and not zoo.is_spec(spec.source) else "model",
             "source": ds.source, "source_hash": ds.source_hash, "fields": fields,
             "patch_tokens": bool(cfg.patch_tokens), "max_length": cfg.max_length, "chunk_size": cfg.chunk_size,
             "n": len(ds)}
@@ -228,7 +230,8 @@ def extract(cfg: ExtractConfig, dataset: Dataset | None = None) -> ExtractResult
     rank, world = init_distributed(timeout=datetime.timedelta(minutes=cfg.dist_timeout))
     spec = resolve_model(cfg.model, cfg.modality, cfg.trust_remote_code)
     ds = dataset if dataset is not None else open_dataset(cfg.data, cfg.columns, cfg.id_column, cfg.image_column,
-                                                              split=cfg.split, allow_truncated=cfg.allow_truncated)
+                                                              split=cfg.split, allow_truncated=cfg.allow_truncated,
+                                                              encoding=cfg.encoding)
     if len(ds) == 0:
         raise SailError(f"{cfg.data} holds no samples")
     if spec.modality == "image":
@@ -389,7 +392,7 @@ def _merge(out: Path, parts: Path, ds: Dataset, fields: list[str], n_chunks: int
             writer.write(lo, feats, valid, patches)
         attrs = {
             "model_id": spec.source, "model_name": spec.name, "model_revision": model_revision(spec.source),
-            "modality": spec.modality, "pooling": encoder.pooling if spec.modality == "text" else cfg.pooling,
+            "modality": spec.modality, "pooling": encoder.pooling,  # ImageEncoder.pooling is cfg.pooling
             "dim": encoder.dim, "dtype": "float16", "preprocessing": json.dumps(encoder.preprocessing, default=str),
             "max_length": getattr(encoder, "max_length", None) or -1, "source": ds.source,
             "source_hash": ds.source_hash, "dataset": ds.name, "sail_version": sail.__version__,
