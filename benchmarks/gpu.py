@@ -12,6 +12,8 @@ Each section prints a small table and one JSON line, and returns its results (a 
   measured peak (goal >= 70 %), peak memory; first a correctness check of triton against torch at
   B = 4096. Goal at B = 1,048,576: <= 10 s on an H100-class GPU. The first triton call autotunes the
   tile configs (sail.triton_sigmoid.GPU_CONFIGS); the timed calls come after it.
+- extraction: `sail extract` images/s for a dinov2-large-shaped random model, the forward per weights dtype
+  and the whole pipeline (benchmarks/gpu_extract.py, which also runs alone and on CPU with --quick).
 """
 
 import argparse
@@ -115,7 +117,17 @@ def loss_kernel(sizes=(36864, 262144, 1048576), dim=1024, repeats=3, torch_max=1
     return result
 
 
-SECTIONS = {"loss-kernel": loss_kernel}
+def extraction(images=4096):
+    """The extraction section; the code lives in benchmarks/gpu_extract.py."""
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from gpu_extract import bench_extract
+
+    result = bench_extract("cuda", images=images)
+    print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in result.items()}))
+    return result
+
+
+SECTIONS = {"loss-kernel": loss_kernel, "extraction": extraction}
 
 
 def main(argv=None):
@@ -131,6 +143,8 @@ def main(argv=None):
         if name == "loss-kernel":
             sizes = tuple(int(s) for s in args.sizes.split(",")) if args.sizes else (36864, 262144, 1048576)
             loss_kernel(sizes=sizes, repeats=args.repeats)
+        elif name == "extraction":
+            extraction()
     return 0
 
 

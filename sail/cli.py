@@ -442,7 +442,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if hasattr(e, "format_message") and hasattr(e, "exit_code"):
             ctx = getattr(e, "ctx", None)
             hint = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
-            typer.echo(f"error: {e.format_message().splitlines()[0]}{hint}", err=True)
+            typer.echo(f"error: {e.format_message().splitlines()[0].rstrip('.')}{hint}", err=True)
             return 2
         if type(e).__name__ in ("Abort", "Exit"):
             return getattr(e, "exit_code", 1)

@@ -202,6 +202,7 @@ class FastPreprocess:
         # (x * scale - mean) / std == (x - mean / scale) / (std / scale): the 1/255 folded into mean and std
         self.mean = [m / scale for m in mean]
         self.std = [s / scale for s in std]
+        self._stats: dict = {}  # device -> (mean, std) tensors
 
     @staticmethod
     def unsupported(processor) -> str:
@@ -263,9 +264,16 @@ class FastPreprocess:
 
     def normalize(self, pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """(B, 3, H, W) uint8 on any device -> normalised `dtype`, computed in fp32."""
-        mean = torch.tensor(self.mean, device=pixels.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=pixels.device).view(1, 3, 1, 1)
+        stats = self._stats.get(pixels.device)
+        if stats is None:  # made once per device: a list -> CUDA tensor is a blocking copy
+            stats = (torch.tensor(self.mean, device=pixels.device).view(1, 3, 1, 1),
+                     torch.tensor(self.std, device=pixels.device).view(1, 3, 1, 1))
+            self._stats[pixels.device] = stats
+        mean, std = stats
         return ((pixels.float() - mean) / std).to(dtype)
+
+    def __getstate__(self):  # DataLoader workers get the plain numbers, never device tensors
+        return {**self.__dict__, "_stats": {}}
 
 
 def autocast(device: torch.device):
@@ -304,6 +312,7 @@ class ImageEncoder:
         self.num_prefix = 1 + getattr(cfg, "num_register_tokens", 0)  # CLS (+ registers) before patches
         self.dim = 2 * self.hidden if pooling == "concat" else self.hidden
         self.fast = FastPreprocess(self.processor) if preprocess == "fast" else None
+        self._uint8 = self.fast
 
     @property
     def preprocessing(self) -> dict:
@@ -327,7 +336,9 @@ class ImageEncoder:
         """(B, 3, H, W) uint8 (fast) or float (hf) -> pooled (B, dim) float32, patch tokens (B, P, hidden) if asked."""
         pixels = pixels.to(self.device, non_blocking=True)  # from pinned memory: the copy overlaps
         if pixels.dtype == torch.uint8:
-            pixels = (self.fast or FastPreprocess(self.processor)).normalize(pixels, self.dtype)
+            if self._uint8 is None:  # the fast path's normalisation, also for uint8 pixels on the hf path
+                self._uint8 = self.fast or FastPreprocess(self.processor)
+            pixels = self._uint8.normalize(pixels, self.dtype)
         else:
             pixels = pixels.to(self.dtype)
         hidden = self.model(pixel_values=pixels).last_hidden_state  # (B, 1+R+P, H) in self.dtype
