@@ -42,6 +42,7 @@ fp16 operands (triton 3.9), so there the tiles are upcast to fp32 first, which i
 products are exact in fp32, as on tensor cores).
 """
 
+import contextlib
 import os
 
 import torch
@@ -58,15 +59,17 @@ STRIPE_BYTES = 8 * 2**30  # at most this much memory for one (rows, m) stripe of
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 # Tile shapes for H100-class GPUs; autotuned per (R, M, D). Each config's grid size differs, so the
-# per-tile sums go to a buffer sized for the smallest tile (64 x 64).
+# per-tile sums go to a buffer sized for the smallest tile (64 x 64). Compiled for sm_90 without a GPU
+# (tests/test_triton_sigmoid.py -m slow): all use wgmma and cp.async pipelining; 4-warp 128 x 128 tiles
+# spilled ~1.2 KB of registers per thread and were dropped.
 GPU_CONFIGS = [
     triton.Config({"BLOCK_R": br, "BLOCK_M": bm, "BLOCK_D": bd, "GROUP_R": 8}, num_warps=w, num_stages=s)
     for br, bm, bd, w, s in [
-        (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
-        (128, 128, 128, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4),
+        (128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
+        (128, 128, 128, 8, 3), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4),
     ]
 ]
-MIN_TILE = 64
+MIN_TILE, MAX_TILE = 64, 256
 INTERPRET_META = {"BLOCK_R": 16, "BLOCK_M": 16, "BLOCK_D": 16, "GROUP_R": 2}
 
 
@@ -81,6 +84,31 @@ def _tile_coords(pid, n_r, n_m, group_r):
 
 
 @triton.jit
+def _epilogue(acc, rows, cols, g_ptrs, t, b, R, M, diag, STORE_G: tl.constexpr):
+    """Element-wise work on a (rows, cols) block of similarities acc: returns its [sum softplus(-z l),
+    sum G s, sum G] and, with STORE_G, writes G = dL/dl * N = sigmoid(l) - [positive] to g_ptrs."""
+    valid = (rows < R)[:, None] & (cols < M)[None, :]
+    pos = cols[None, :] == (rows + diag)[:, None]  # this rank's own pairs, at the diagonal offset
+    u = t * acc + b
+    u = tl.where(pos, -u, u)  # loss term softplus(u), u = -z l
+    e = tl.exp(-tl.abs(u))  # in (0, 1], never overflows
+    w = 1.0 + e
+    r = 1.0 / w
+    # softplus(u) = max(u, 0) + log1p(e); log1p(e) = log(w) - ((w - 1) - e) / w stays accurate for tiny e
+    # (tl has no log1p that the CPU interpreter runs)
+    loss = tl.sum(tl.where(valid, tl.maximum(u, 0.0) + tl.log(w) - ((w - 1.0) - e) * r, 0.0))
+    gs = 0.0
+    gsum = 0.0
+    if STORE_G:
+        g = tl.where(u >= 0, r, e * r)  # sigmoid(u), stable on both sides
+        g = tl.where(valid, tl.where(pos, -g, g), 0.0)
+        tl.store(g_ptrs, g.to(g_ptrs.dtype.element_ty), mask=valid)
+        gs = tl.sum(g * acc)
+        gsum = tl.sum(g)
+    return loss, gs, gsum
+
+
+@triton.jit
 def _sigmoid_tile_kernel(
     x_ptr, y_ptr, g_ptr, part_ptr, t_ptr, b_ptr,
     R, M, D, diag, stride_x, stride_y, stride_g,
@@ -89,19 +117,18 @@ def _sigmoid_tile_kernel(
 ):
     pid = tl.program_id(0)
     pid_r, pid_m = _tile_coords(pid, tl.cdiv(R, BLOCK_R), tl.cdiv(M, BLOCK_M), GROUP_R)
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,) rows of the stripe
-    cols = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) rows of the gathered Y
+    lr = tl.arange(0, BLOCK_R)  # tile-local offsets stay int32; each tile's base offset is int64,
+    lc = tl.arange(0, BLOCK_M)  # since at B = 1M a stripe of G has 4096 x 2^20 = 2^32 elements
     ks = tl.arange(0, BLOCK_D)
-    # int64 offsets: at B = 1M a stripe of G has 4096 x 2^20 = 2^32 elements, past int32
-    rows64 = rows.to(tl.int64)
-    cols64 = cols.to(tl.int64)
-    x_ptrs = x_ptr + rows64[:, None] * stride_x + ks[None, :]  # (BLOCK_R, BLOCK_D), advanced along D
-    y_ptrs = y_ptr + cols64[:, None] * stride_y + ks[None, :]  # (BLOCK_M, BLOCK_D)
+    rows = pid_r * BLOCK_R + lr  # (BLOCK_R,) rows of the stripe
+    cols = pid_m * BLOCK_M + lc  # (BLOCK_M,) rows of the gathered Y
+    x_ptrs = x_ptr + (pid_r * BLOCK_R).to(tl.int64) * stride_x + (lr[:, None] * stride_x + ks[None, :])
+    y_ptrs = y_ptr + (pid_m * BLOCK_M).to(tl.int64) * stride_y + (lc[:, None] * stride_y + ks[None, :])
     acc = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_D):
         kmask = (k0 + ks)[None, :] < D
-        xt = tl.load(x_ptrs, mask=(rows[:, None] < R) & kmask, other=0.0)
-        yt = tl.load(y_ptrs, mask=(cols[:, None] < M) & kmask, other=0.0)
+        xt = tl.load(x_ptrs, mask=(rows[:, None] < R) & kmask, other=0.0)  # (BLOCK_R, BLOCK_D)
+        yt = tl.load(y_ptrs, mask=(cols[:, None] < M) & kmask, other=0.0)  # (BLOCK_M, BLOCK_D)
         x_ptrs += BLOCK_D
         y_ptrs += BLOCK_D
         if UPCAST:
@@ -109,27 +136,21 @@ def _sigmoid_tile_kernel(
             yt = yt.to(tl.float32)
         acc = tl.dot(xt, tl.trans(yt), acc, input_precision=PRECISION)  # (BLOCK_R, BLOCK_M) similarities
 
-    # epilogue: everything element-wise, on the fp32 tile in registers
+    # epilogue in two column halves: fewer fp32 temporaries live at once (sm_90 compile of the 128 x 128
+    # config: 144 instead of 352 bytes of register spill per thread)
     t = tl.load(t_ptr)
     b = tl.load(b_ptr)
-    valid = (rows[:, None] < R) & (cols[None, :] < M)
-    pos = cols[None, :] == rows[:, None] + diag  # this rank's own pairs, at the diagonal offset
-    logit = t * acc + b
-    u = tl.where(pos, -logit, logit)  # loss term softplus(u), u = -z l
-    e = tl.exp(-tl.abs(u))  # in (0, 1], never overflows
-    # log1p(e), accurate for tiny e (Goldberg's trick: tl has no portable log1p); inline, not a helper,
-    # because each jit-function call costs the CPU interpreter as much as the rest of the tile
-    w = 1.0 + e
-    d = w - 1.0
-    sp = tl.maximum(u, 0.0) + tl.where(d == 0.0, e, tl.log(w) * (e / tl.where(d == 0.0, 1.0, d)))
-    loss = tl.sum(tl.sum(tl.where(valid, sp, 0.0), 1), 0)
-    tl.store(part_ptr + pid * 3, loss)
+    # (BLOCK_R, BLOCK_M) -> (BLOCK_R, 2, BLOCK_M / 2) -> columns [0, BLOCK_M / 2) and [BLOCK_M / 2, BLOCK_M)
+    a0, a1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_R, 2, BLOCK_M // 2)), (0, 2, 1)))
+    lh = tl.arange(0, BLOCK_M // 2)
+    g_ptrs = g_ptr + (pid_r * BLOCK_R).to(tl.int64) * stride_g + pid_m * BLOCK_M + (lr[:, None] * stride_g + lh[None, :])
+    half = pid_m * BLOCK_M + lh
+    l0, s0, n0 = _epilogue(a0, rows, half, g_ptrs, t, b, R, M, diag, STORE_G)
+    l1, s1, n1 = _epilogue(a1, rows, half + BLOCK_M // 2, g_ptrs + BLOCK_M // 2, t, b, R, M, diag, STORE_G)
+    tl.store(part_ptr + pid * 3, l0 + l1)
     if STORE_G:
-        sig_u = tl.where(u >= 0, 1.0 / (1.0 + e), e / (1.0 + e))  # sigmoid(u), stable both sides
-        g = tl.where(valid, tl.where(pos, -sig_u, sig_u), 0.0)  # dL/dl * N: sigmoid(l) - [positive]
-        tl.store(g_ptr + rows64[:, None] * stride_g + cols64[None, :], g.to(g_ptr.dtype.element_ty), mask=valid)
-        tl.store(part_ptr + pid * 3 + 1, tl.sum(tl.sum(g * acc, 1), 0))
-        tl.store(part_ptr + pid * 3 + 2, tl.sum(tl.sum(g, 1), 0))
+        tl.store(part_ptr + pid * 3 + 1, s0 + s1)
+        tl.store(part_ptr + pid * 3 + 2, n0 + n1)
 
 
 # reset_to_zero: autotuning runs every config into the same partial-sums buffer, and a config with bigger
@@ -148,7 +169,17 @@ def stripe_sums(x, y, t, b, diag, g=None):
     R, D = x.shape
     M = y.shape[0]
     store_g = g is not None
-    precision = "ieee" if x.dtype != torch.float32 or torch.get_float32_matmul_precision() == "highest" else "tf32"
+    if store_g and MAX_TILE * g.stride(0) >= 2**31:  # tile-local offsets row * stride_g are int32
+        raise SailError(f"impl='triton' handles global batches below {2**31 // MAX_TILE}, got {g.stride(0)}; "
+                        "use impl='torch'")
+    # fp32: TF32 only where torch.mm would use it; bf16 / fp16: the default ("tf32"), which they ignore
+    precision = "ieee" if x.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest" else "tf32"
+    # Triton launches on the current CUDA device, not on the tensors' one
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        return _launch(x, y, g, t, b, diag, R, M, D, store_g, precision)
+
+
+def _launch(x, y, g, t, b, diag, R, M, D, store_g, precision):
     if INTERPRET:
         meta = INTERPRET_META
         part = torch.zeros((triton.cdiv(R, meta["BLOCK_R"]) * triton.cdiv(M, meta["BLOCK_M"]), 3),

@@ -166,6 +166,14 @@ def test_grouped_tile_order_visits_every_tile_once():
     assert len(configs) > 1000
 
 
+def test_batch_beyond_int32_tile_offsets_is_refused():
+    x = torch.zeros(1, 4, device=DEVICE)
+    g = torch.empty(1, device=DEVICE).as_strided((1, 1), (2**23, 1))  # a stripe row of 2^23 columns
+    one = torch.ones(1, device=DEVICE)
+    with pytest.raises(SailError, match="global batches below 8388608"):
+        ts.stripe_sums(x, x, one, one, diag=0, g=g)
+
+
 def test_stripe_rows_plan():
     # property: the default stripe never exceeds STRIPE_ROWS or STRIPE_BYTES and covers at least one row
     rng = random.Random(0)
@@ -268,6 +276,44 @@ def test_two_gloo_processes_match_single_process_reference():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_dist_worker, args=(port,), nprocs=WORLD, join=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# slow: the GPU path compiled for an H100 (sm_90) without a GPU, in a process without the interpreter
+
+COMPILE = """
+import sys, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from sail import triton_sigmoid as ts
+dt, (br, bm, bd, warps, stages) = sys.argv[1], (128, 128, 64, 8, 4)
+sig = {n: "*" + dt for n in ("x_ptr", "y_ptr", "g_ptr")}
+sig.update({n: "*fp32" for n in ("part_ptr", "t_ptr", "b_ptr")})
+sig.update({n: "i32" for n in ("R", "M", "D", "diag", "stride_x", "stride_y", "stride_g")})
+const = dict(BLOCK_R=br, BLOCK_M=bm, BLOCK_D=bd, GROUP_R=8, STORE_G=True, UPCAST=False,
+             PRECISION="ieee" if dt == "fp32" else "tf32")
+sig.update({n: "constexpr" for n in const})
+aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12)}  # as the JIT sees
+src = ASTSource(fn=ts._sigmoid_tile_kernel, signature=sig, constexprs=const, attrs=aligned)
+k = triton.compile(src, target=GPUTarget("cuda", 90, 128), options={"num_warps": warps, "num_stages": stages})
+ptx = k.asm["ptx"]
+print("wgmma" in ptx or "mma.sync" in ptx, "cp.async" in ptx, k.metadata.shared)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dt", ["bf16", "fp16", "fp32"])
+def test_gpu_kernel_compiles_for_sm90(dt, tmp_path):
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-c", COMPILE, dt], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    tensor_cores, pipelined, smem = out.stdout.split()
+    assert pipelined == "True" and int(smem) > 0
+    assert tensor_cores == "True" or dt == "fp32"  # fp32 without TF32 ("ieee") runs on the FMA units
 
 
 # --------------------------------------------------------------------------------------------------
