@@ -35,6 +35,7 @@ from sail.loader import MemoryBatches, PairedFeatures, StreamingBatches
 from sail.optim import build_optimizer, cosine_with_warmup
 from sail.precision import Precision, resolve_precision
 from sail.runlog import MetricsLog, plot_curves
+from sail.stability import GradientBalance
 from sail.store import FeatureStore
 
 LOSSES = ("sigmoid", "multi-positive", "info-nce")
@@ -461,6 +462,7 @@ def align(cfg: AlignConfig, resume: bool = False) -> AlignResult:
 
     # ---- loop
     bar = tqdm(total=total, initial=start, disable=not cfg.progress or rank != 0, unit="step", dynamic_ncols=True)
+    balance = GradientBalance(batch, cfg.loss, every=cfg.log_every)  # warns once if negatives swamp positives
     step, last = start, {}
     stop = _StopRequest()
     try:
@@ -494,6 +496,7 @@ def align(cfg: AlignConfig, resume: bool = False) -> AlignResult:
                 row = {"step": step, "loss": loss.item(), "t": t_val, "b": b_val,
                        "lr": opt.param_groups[0]["lr"], "pairs_per_s": batch / dt}
                 row["pos_logit"], row["neg_logit"] = _logit_stats(x.float(), ys[0].float(), row["t"], row["b"])
+                row.update(balance(x.float(), ys[0].float(), t_val, b_val, step) if rank == 0 else {})
                 if rank == 0 and val_image is not None and (step % cfg.eval_every == 0 or step == total):
                     row.update(_validate(heads, val_image, val_texts[0], device, prec))
                 last.update(row)

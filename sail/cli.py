@@ -46,7 +46,12 @@ def models():
     from sail.encoders import models_table
 
     typer.echo(models_table())
-    typer.echo("\nAny Hugging Face id or local model directory works too; modality is inferred (force with --modality).")
+    from sail.zoo import zoo_table
+
+    for name, modality, _, source, note in zoo_table():
+        typer.echo(f"{name}  {modality}  {source}  {note}  [entry point sail.encoders]")
+    typer.echo("\nAny Hugging Face id, local model directory or package.module:function works too; modality is "
+               "inferred (force with --modality).")
 
 
 @app.command()
