@@ -114,16 +114,25 @@ def _infer_modality_hub(model_id: str, trust_remote_code) -> str:
 
 
 def model_revision(source: str) -> str:
-    """Hub commit when cached, else a short hash of a local directory's config and weight-file sizes."""
+    """The exact weights behind `source`: "hub:<commit>" from the local hub cache, "local:<hash>" of a
+    directory's file contents, "hub:unknown" for a hub id not in the cache (nothing loaded it yet)."""
     path = Path(source)
     if path.is_dir():
-        h = hashlib.blake2b(digest_size=8)
+        h = hashlib.blake2b(digest_size=16)
         for p in sorted(path.rglob("*")):
-            if p.is_file() and p.suffix in (".json", ".safetensors", ".bin", ".txt"):
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts):
                 h.update(str(p.relative_to(path)).encode())
-                h.update(p.read_bytes() if p.suffix == ".json" else str(p.stat().st_size).encode())
+                with open(p, "rb") as f:  # whole files: a fine-tuned copy with the same sizes differs
+                    for block in iter(lambda: f.read(1 << 24), b""):
+                        h.update(block)
         return "local:" + h.hexdigest()
-    return "hub:main"
+    from huggingface_hub import try_to_load_from_cache
+
+    for name in ("config.json", "modules.json"):
+        found = try_to_load_from_cache(source, name)
+        if isinstance(found, str):  # .../snapshots/<commit>/config.json
+            return "hub:" + Path(found).parent.name
+    return "hub:unknown"
 
 
 def pick_device(device: str = "auto") -> torch.device:
