@@ -36,12 +36,18 @@ def content_hash(*parts) -> str:
 
 def read_retrieval_data(data: str, images_root: str | None = None, split: str = "test",
                         columns: list[str] | None = None) -> tuple[Dataset, list[str], list[int]]:
-    """(image dataset, captions, caption -> image index) from a manifest, Karpathy JSON or COCO JSON."""
+    """(image dataset, captions, caption -> image index) from a manifest, Karpathy JSON, COCO JSON or
+    CLIP_benchmark retrieval folder (`split` picks the Karpathy or CLIP_benchmark split)."""
     path = Path(data)
     if path.suffix == ".json":
         ds, captions, owner = _read_retrieval_json(path, images_root, split)
-    else:  # a manifest: several caption columns and/or several rows per image
-        base = open_dataset(data, columns)
+    else:  # a manifest or a CLIP_benchmark folder: several caption columns and/or several rows per image
+        from sail.data import clip_benchmark_info, is_clip_benchmark
+
+        if path.is_dir() and is_clip_benchmark(path) and clip_benchmark_info(path).dataset_type != "retrieval":
+            raise SailError(f"{data} is a CLIP_benchmark {clip_benchmark_info(path).dataset_type} dataset; retrieval "
+                            "needs one whose dataset_type.txt says retrieval (captions in KEY.txt)")
+        base = open_dataset(data, columns, split=split)
         cols = list(base.captions)
         if not cols:
             raise SailError(f"{data} has no caption columns; name them with --columns")

@@ -134,10 +134,22 @@ def stream_image_embeddings(model, refs: list, batch_size: int = 64, progress: b
 # --------------------------------------------------------------------------------------- zero-shot
 
 
-def zeroshot(run: str, data: str, classnames: str | None = None, templates: str = "imagenet",
+def zeroshot(run: str, data: str, classnames: str | None = None, templates: str | None = None,
              image_store: str | None = None, features_root: str = "features", device: str = "auto",
-             vision_model: str | None = None, text_model: str | None = None, progress: bool = True) -> dict:
+             vision_model: str | None = None, text_model: str | None = None, progress: bool = True,
+             split: str = "test") -> dict:
+    """Zero-shot top-1/top-5/mean per-class recall with a template ensemble.
+
+    A CLIP_benchmark folder brings its own class names and templates (the defaults here), and `split`
+    picks its split; otherwise the class names come from the data and the templates default to ImageNet's.
+    """
+    from sail.data import clip_benchmark_info, is_clip_benchmark
     from sail.templates import load_classnames, load_templates
+
+    bench = clip_benchmark_info(data) if not image_store and is_clip_benchmark(data) else None
+    if bench is not None and bench.dataset_type != "classification":
+        raise SailError(f"{data} is a CLIP_benchmark {bench.dataset_type} dataset; zero-shot here takes "
+                        "classification ones" + (" (use `sail eval retrieval`)" if bench.dataset_type == "retrieval" else ""))
 
     model = load_model(run, vision_model, text_model, device)
     if image_store:
@@ -148,7 +160,7 @@ def zeroshot(run: str, data: str, classnames: str | None = None, templates: str 
         labels, store_names, where = store.labels, store.class_names, store.path
         image_emb, rows = _valid_embeddings(model, store, "image", "image")
     else:
-        ds = open_dataset(data)
+        ds = open_dataset(data, split=split)
         labels, store_names, where = ds.labels, ds.class_names, data
     if labels is None or (labels < 0).all():
         raise SailError(f"{where} has no class labels; zero-shot needs a labelled dataset (label column or class folders)")
@@ -159,7 +171,8 @@ def zeroshot(run: str, data: str, classnames: str | None = None, templates: str 
         raise SailError(f"{where} has integer labels without class names; pass --classnames FILE")
     if labels.max() >= len(names):
         raise SailError(f"labels go up to {labels.max()} but only {len(names)} class names were given")
-    prompts = load_templates(templates)
+    prompts = load_templates(templates) if templates else (bench.templates if bench and bench.templates
+                                                           else load_templates("imagenet"))
     keep = labels[rows] >= 0
     class_emb = metrics.class_embeddings(model.encode_text, names, prompts)
     result = metrics.zeroshot(image_emb[keep], class_emb.to(image_emb.device), torch.from_numpy(labels[rows][keep]))

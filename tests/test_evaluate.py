@@ -202,6 +202,58 @@ def test_streamed_image_embeddings_skip_unreadable(trained, tmp_path):
     assert torch.allclose(emb, model.encode_image(refs), atol=1e-6)
 
 
+def write_clip_benchmark(root, split, samples, kind="classification"):
+    """CLIP_benchmark's webdataset layout: ROOT/SPLIT/{0,1}.tar + nshards.txt; samples = (png path, .cls or .txt)."""
+    import tarfile
+
+    (root / split).mkdir(parents=True)
+    half = (len(samples) + 1) // 2
+    for k, part in enumerate((samples[:half], samples[half:])):
+        with tarfile.open(root / split / f"{k}.tar", "w") as tar:
+            for j, (png, target) in enumerate(part):
+                key = f"s{k}{j:05d}"
+                for ext, payload in (("png", open(png, "rb").read()), ("cls" if kind == "classification" else "txt",
+                                                                         str(target).encode())):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(payload)
+                    tar.addfile(info, __import__("io").BytesIO(payload))
+    (root / split / "nshards.txt").write_text("2\n")
+    if kind != "classification":
+        (root / "dataset_type.txt").write_text(kind + "\n")
+
+
+def test_zeroshot_and_retrieval_read_clip_benchmark_folders(trained, tmp_path):
+    ds = open_dataset("sample-val")
+    root = tmp_path / "wds_shapes"
+    write_clip_benchmark(root, "test", [(ds.images[i], ds.labels[i]) for i in range(60)])
+    write_clip_benchmark(root, "train", [(ds.images[i], ds.labels[i]) for i in range(60, 100)])
+    (root / "classnames.txt").write_text("\n".join(ds.class_names) + "\n")
+    templates = ["a drawing of a {c}.", "a {c} shape."]
+    (root / "zeroshot_classification_templates.txt").write_text("\n".join(templates) + "\n")
+    res = zeroshot(trained["run"], str(root), features_root=str(tmp_path / "f"), progress=False)
+    model = SAILModel.from_pretrained(trained["run"])
+    x = model.encode_image(ds.images[:60])
+    classes = metrics.class_embeddings(model.encode_text, ds.class_names, templates)  # the folder's own templates
+    want = metrics.zeroshot(x, classes, torch.from_numpy(ds.labels[:60]))
+    for k in ("top1", "top5"):
+        assert res[k] == pytest.approx(want[k], abs=100 / 60 + 1e-6)  # fp16 storage may flip a near-tie
+    assert res["images"] == 60 and res["templates"] == 2 and res["classes"] == 24
+    assert zeroshot(trained["run"], str(root), split="train", features_root=str(tmp_path / "f"), progress=False)["images"] == 40
+    # a retrieval folder (captions one per line in KEY.txt) scores as the same data given as a manifest
+    ret = tmp_path / "wds_captions"
+    pairs = [(ds.captions["caption"][i], ds.captions["long_caption"][i]) for i in range(50)]
+    write_clip_benchmark(ret, "test", [(ds.images[i], "\n".join(pairs[i])) for i in range(50)], kind="retrieval")
+    rows = "\n".join(f"{i},{ds.images[i]},{pairs[i][0]},{pairs[i][1]}" for i in range(50))
+    (tmp_path / "m.csv").write_text("id,image,caption,long_caption\n" + rows + "\n")
+    from_folder = retrieval(trained["run"], str(ret), features_root=str(tmp_path / "f"), progress=False)
+    from_manifest = retrieval(trained["run"], str(tmp_path / "m.csv"), features_root=str(tmp_path / "f"), progress=False)
+    assert from_folder == from_manifest and from_folder["captions"] == 100
+    with pytest.raises(SailError, match="retrieval dataset"):
+        zeroshot(trained["run"], str(ret), features_root=str(tmp_path / "f"), progress=False)
+    with pytest.raises(SailError, match="dataset_type.txt says retrieval"):
+        retrieval(trained["run"], str(root), features_root=str(tmp_path / "f"), progress=False)
+
+
 def test_retrieval_reads_coco_and_karpathy_json(trained, tmp_path):
     ds = open_dataset("sample-val")
     coco = {"images": [{"id": i, "file_name": ds.images[i]} for i in range(6)],
