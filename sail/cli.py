@@ -59,7 +59,8 @@ def extract(
     model: str = typer.Option(..., help="alias (see `sail models`), Hugging Face id, or local model directory"),
     data: str = typer.Option(..., help="manifest (csv/tsv/jsonl/parquet), .tar shard(s) folder, image folder, or 'sample'"),
     columns: Optional[str] = typer.Option(None, help="caption columns for text models, comma-separated (default: caption[,long_caption])"),
-    out: Optional[str] = typer.Option(None, help="store path (default features/<dataset>/<model>.h5)"),
+    out: Optional[str] = typer.Option(None, help="store path (default FEATURES_ROOT/<dataset>/<model>.h5)"),
+    features_root: str = typer.Option("features", help="root folder of feature stores (used when --out is not given)"),
     pooling: str = typer.Option("concat", help="image pooling: concat ([CLS; mean patch]), cls, mean"),
     patch_tokens: bool = typer.Option(False, "--patch-tokens", help="also store patch tokens (for segmentation)"),
     max_length: Optional[int] = typer.Option(None, help="text token limit (default: the model's maximum)"),
@@ -85,7 +86,7 @@ def extract(
     """Run a frozen encoder once over a dataset and store its embeddings (resumable, crash-safe)."""
     from sail.extract import ExtractConfig, extract as run
 
-    result = run(ExtractConfig(model=model, data=data, columns=_split(columns), out=out, pooling=pooling,
+    result = run(ExtractConfig(model=model, data=data, columns=_split(columns), out=out, features_root=features_root, pooling=pooling,
                                patch_tokens=patch_tokens, max_length=max_length, modality=modality,
                                batch_size=batch_size, chunk_size=chunk_size, workers=workers, device=device,
                                id_column=id_column, image_column=image_column, split=split,
@@ -197,10 +198,18 @@ def _report(task: str, result: dict, out: Optional[str], run: Optional[str]) -> 
     import json
     from pathlib import Path
 
-    width = max(len(k) for k in result)
+    def line(k, v, width):
+        return f"  {k:<{width}}  {v:.2f}" if isinstance(v, float) else f"  {k:<{width}}  {v}"
+
+    flat = {k: v for k, v in result.items() if not isinstance(v, dict)}
     typer.echo(f"{task}")
-    for k, v in result.items():
-        typer.echo(f"  {k:<{width}}  {v:.2f}" if isinstance(v, float) else f"  {k:<{width}}  {v}")
+    for k, v in flat.items():
+        typer.echo(line(k, v, max(len(k) for k in flat)))
+    for name, table in result.items():  # e.g. per_class_iou: one row per class
+        if isinstance(table, dict) and table:
+            typer.echo(f"{name}")
+            for k, v in table.items():
+                typer.echo(line(str(k), "-" if v is None else v, max(len(str(k)) for k in table)))
     path = Path(out) if out else (Path(run) / "eval" / f"{task}.json" if run else Path(f"eval-{task}.json"))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")  # never a half-written results file
@@ -211,41 +220,43 @@ def _report(task: str, result: dict, out: Optional[str], run: Optional[str]) -> 
 
 _RUN = typer.Argument(..., help="run directory (config.json + model.safetensors)")
 _OUT = typer.Option(None, "--out", help="JSON file for the results (default RUN/eval/TASK.json)")
-_DEVICE = typer.Option("auto", help="auto, cpu, cuda")
+_DEVICE = typer.Option("auto", help="auto, cpu, cuda, cuda:N")
+_FEATURES = typer.Option("features", "--features-root", help="root folder of cached feature stores")
 _VISION = typer.Option(None, "--vision-model", help="local copy of the run's vision encoder")
 _TEXT = typer.Option(None, "--text-model", help="local copy of the run's text encoder")
 
 
 @eval_app.command("zeroshot")
 def eval_zeroshot(run: str = _RUN,
-                  data: str = typer.Option(..., help="labelled images: class folders, a manifest with a label column, or 'sample-val'"),
+                  data: str = typer.Option(..., help="labelled images: class folders, a manifest with a label column, a CLIP_benchmark webdataset folder, or 'sample-val'"),
                   classnames: Optional[str] = typer.Option(None, help="'imagenet' or a file (default: the dataset's class names)"),
-                  templates: str = typer.Option("imagenet", help="built-in set (imagenet, cifar10, food101, ...) or a file, one template with {} per line"),
+                  templates: Optional[str] = typer.Option(None, help="built-in set (imagenet, cifar10, food101, ...) or a file, one template with {} per line (default: a CLIP_benchmark folder's own, else imagenet)"),
                   image_store: Optional[str] = typer.Option(None, help="use these image features instead of extracting"),
+                  split: str = typer.Option("test", help="split of a CLIP_benchmark webdataset folder"),
                   out: Optional[str] = _OUT, overwrite: bool = _OVERWRITE, device: str = _DEVICE, vision_model: Optional[str] = _VISION,
-                  text_model: Optional[str] = _TEXT):
+                  text_model: Optional[str] = _TEXT, features_root: str = _FEATURES):
     """Zero-shot classification with template ensembles: top-1, top-5, mean per-class recall."""
     _check_out(out, overwrite)
     from sail.evaluate import zeroshot
 
-    _report("zeroshot", zeroshot(run, data, classnames, templates, image_store, device=device,
-                                 vision_model=vision_model, text_model=text_model), out, run)
+    _report("zeroshot", zeroshot(run, data, classnames, templates, image_store, features_root=features_root,
+                                 device=device, vision_model=vision_model, text_model=text_model, split=split), out, run)
 
 
 @eval_app.command("retrieval")
 def eval_retrieval(run: str = _RUN,
-                   data: str = typer.Option(..., help="manifest (caption columns / rows per image), Karpathy JSON, or COCO captions JSON"),
+                   data: str = typer.Option(..., help="manifest (caption columns / rows per image), Karpathy JSON, COCO captions JSON, or CLIP_benchmark retrieval folder"),
                    images_root: Optional[str] = typer.Option(None, help="image folder for JSON inputs (default: the JSON's folder)"),
-                   split: str = typer.Option("test", help="Karpathy split"),
+                   split: str = typer.Option("test", help="Karpathy or CLIP_benchmark split"),
                    columns: Optional[str] = typer.Option(None, help="caption columns of a manifest"),
                    out: Optional[str] = _OUT, overwrite: bool = _OVERWRITE, device: str = _DEVICE, vision_model: Optional[str] = _VISION,
-                   text_model: Optional[str] = _TEXT):
+                   text_model: Optional[str] = _TEXT, features_root: str = _FEATURES):
     """Image-text retrieval R@1/5/10 in both directions (several captions per image)."""
     _check_out(out, overwrite)
     from sail.evaluate import retrieval
 
-    _report("retrieval", retrieval(run, data, images_root, split, _split(columns), device=device,
-                                   vision_model=vision_model, text_model=text_model), out, run)
+    _report("retrieval", retrieval(run, data, images_root, split, _split(columns), features_root=features_root,
+                                   device=device, vision_model=vision_model, text_model=text_model), out, run)
 
 
 @eval_app.command("winoground")
@@ -263,37 +274,45 @@ def eval_winoground(run: str = _RUN, data: str = typer.Option(..., help="Winogro
 @eval_app.command("linear-probe")
 def eval_linear_probe(train: str = typer.Option(..., help="labelled train store"), test: str = typer.Option(..., help="labelled test store"),
                       run: Optional[str] = typer.Option(None, help="project through this run's image head first"),
-                      out: Optional[str] = _OUT, overwrite: bool = _OVERWRITE):
+                      out: Optional[str] = _OUT, overwrite: bool = _OVERWRITE, device: str = _DEVICE):
     """Logistic regression on frozen features; weight decay chosen on a validation split."""
     _check_out(out, overwrite)
     from sail.evaluate import linear_probe
 
-    _report("linear-probe", linear_probe(train, test, run), out, run)
+    _report("linear-probe", linear_probe(train, test, run, device=device), out, run)
 
 
 @eval_app.command("knn")
 def eval_knn(train: str = typer.Option(..., help="labelled train store"), test: str = typer.Option(..., help="labelled test store"),
              k: int = typer.Option(20), run: Optional[str] = typer.Option(None, help="project through this run's image head first"),
-             out: Optional[str] = _OUT, overwrite: bool = _OVERWRITE):
-    """k-nearest-neighbour classification (faiss, cosine, weighted votes)."""
+             out: Optional[str] = _OUT, overwrite: bool = _OVERWRITE, device: str = _DEVICE):
+    """k-nearest-neighbour classification (exact cosine neighbours, weighted votes)."""
     _check_out(out, overwrite)
     from sail.evaluate import knn
 
-    _report("knn", knn(train, test, k, run), out, run)
+    _report("knn", knn(train, test, k, run, device=device), out, run)
 
 
 @eval_app.command("segmentation")
 def eval_segmentation(run: str = _RUN, images: str = typer.Option(..., help="folder of images"),
                       masks: str = typer.Option(..., help="folder of label masks <stem>.png"),
-                      classnames: str = typer.Option(..., help="file, one class per line, in mask-index order"),
-                      templates: str = typer.Option("imagenet"), ignore_index: int = typer.Option(255),
+                      classnames: str = typer.Option(..., help="file, one class per line in mask-index order ('a, b' = synonyms)"),
+                      templates: str = typer.Option("imagenet"),
+                      reduce_zero_label: bool = typer.Option(False, "--reduce-zero-label", help="label 0 = ignore, others shift down by one (ADE20K, VOC20)"),
+                      ignore_index: int = typer.Option(255, help="mask value never scored (VOC object boundaries)"),
+                      short_side: int = typer.Option(448, help="resize images so the short side is this (0: keep)"),
+                      window: int = typer.Option(448, help="sliding window size (px)"),
+                      stride: int = typer.Option(224, help="sliding window stride (px)"),
                       out: Optional[str] = _OUT, overwrite: bool = _OVERWRITE, device: str = _DEVICE, vision_model: Optional[str] = _VISION,
                       text_model: Optional[str] = _TEXT):
-    """Zero-shot segmentation from patch tokens through the image head: mIoU."""
+    """Zero-shot segmentation (SAIL's sliding-window protocol): mIoU, pixel accuracy, per-class IoU."""
     _check_out(out, overwrite)
     from sail.evaluate import segmentation
+    from sail.segmentation import SegProtocol
 
-    _report("segmentation", segmentation(run, images, masks, classnames, templates, ignore_index, device=device,
+    protocol = SegProtocol(short_side=short_side, window=window, stride=stride,
+                           reduce_zero_label=reduce_zero_label, ignore_index=ignore_index)
+    _report("segmentation", segmentation(run, images, masks, classnames, templates, protocol, device=device,
                                          vision_model=vision_model, text_model=text_model), out, run)
 
 
@@ -301,12 +320,12 @@ def eval_segmentation(run: str = _RUN, images: str = typer.Option(..., help="fol
 def eval_alignment(image: str = typer.Option(..., help="first store (e.g. image features)"),
                    text: str = typer.Option(..., help="second store (e.g. text features) over the same ids"),
                    k: int = typer.Option(10), field: Optional[str] = typer.Option(None, help="field of the second store"),
-                   out: Optional[str] = _OUT, overwrite: bool = _OVERWRITE):
+                   out: Optional[str] = _OUT, overwrite: bool = _OVERWRITE, device: str = _DEVICE):
     """How aligned two frozen feature spaces already are: mutual k-NN overlap."""
     _check_out(out, overwrite)
     from sail.evaluate import alignment
 
-    _report("alignment", alignment(image, text, k, field), out, None)
+    _report("alignment", alignment(image, text, k, field, device=device), out, None)
 
 
 # ----------------------------------------------------------------------------------------- hub

@@ -20,6 +20,7 @@ holds it to within 0.05 (normalised units, max) of the processor on real photos.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -126,20 +127,37 @@ def _infer_modality_hub(model_id: str, trust_remote_code) -> str:
 
 
 def model_revision(source: str) -> str:
-    """Hub commit when cached, else a short hash of a local directory's config and weight-file sizes."""
+    """The exact weights behind `source`: "hub:<commit>" from the local hub cache, "local:<hash>" of a
+    directory's file contents, "hub:unknown" for a hub id not in the cache (nothing loaded it yet)."""
     from sail import zoo
 
     if zoo.is_spec(source):
         return zoo.revision(source)
     path = Path(source)
     if path.is_dir():
-        h = hashlib.blake2b(digest_size=8)
-        for p in sorted(path.rglob("*")):
-            if p.is_file() and p.suffix in (".json", ".safetensors", ".bin", ".txt"):
-                h.update(str(p.relative_to(path)).encode())
-                h.update(p.read_bytes() if p.suffix == ".json" else str(p.stat().st_size).encode())
-        return "local:" + h.hexdigest()
-    return "hub:main"
+        files = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.rglob("*"))
+                      if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        return "local:" + _content_hash(str(path), files)
+    from huggingface_hub import try_to_load_from_cache
+
+    for name in ("config.json", "modules.json"):
+        found = try_to_load_from_cache(source, name)
+        if isinstance(found, str):  # .../snapshots/<commit>/config.json
+            return "hub:" + Path(found).parent.name
+    return "hub:unknown"
+
+
+@functools.lru_cache(maxsize=64)
+def _content_hash(root: str, files: tuple) -> str:
+    """Hash of whole files (a fine-tuned copy with the same sizes differs); `files` = (path, size, mtime)
+    tuples, so a second call in one process on unchanged files costs nothing (GB-sized weights)."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, _, _ in files:
+        h.update(str(Path(name).relative_to(root)).encode())
+        with open(name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+    return h.hexdigest()
 
 
 def pick_device(device: str = "auto") -> torch.device:

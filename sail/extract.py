@@ -159,16 +159,40 @@ def _save_part(path: Path, arrays: dict[str, np.ndarray]) -> None:
     os.replace(tmp, path)
 
 
-def _identity(cfg: ExtractConfig, spec, ds: Dataset, fields: list[str]) -> dict:
+# Everything that determines a store's numbers; two extractions agreeing on all of it are the same one.
+# (Preprocessing comes with the model's files, so the revision covers it.)
+STORE_IDENTITY = ("model_id", "modality", "pooling", "source", "source_hash", "fields", "patch_tokens", "max_length", "n",
+                  "weights_dtype", "preprocess")
+
+
+def _identity(cfg: ExtractConfig, spec, ds: Dataset, fields: list[str], weights_dtype: str) -> dict:
     """What makes two runs the same extraction; a mismatch with an existing store is an error."""
+    image = spec.modality == "image"
     return {"model_id": spec.source, "modality": spec.modality,
-            "pooling": cfg.pooling if spec.modality == "image" and not zoo.is_spec(spec.source) else "model",
+            "pooling": cfg.pooling if image and not zoo.is_spec(spec.source) else "model",
             "source": ds.source, "source_hash": ds.source_hash, "fields": fields,
-            "patch_tokens": bool(cfg.patch_tokens), "max_length": cfg.max_length, "chunk_size": cfg.chunk_size,
-            "n": len(ds)}
+            "patch_tokens": bool(cfg.patch_tokens) and image, "max_length": None if image else cfg.max_length,
+            "chunk_size": cfg.chunk_size, "n": len(ds), "weights_dtype": weights_dtype,
+            "preprocess": cfg.preprocess if image else None}
 
 
-def _check_existing(out: Path, ident: dict, overwrite: bool = False) -> bool:
+def _stored_identity(s, ours: dict) -> dict:
+    """A store's identity: the "identity" attribute, or what a 0.1 store's attributes still tell."""
+    a = s.attrs
+    if "identity" in a:
+        return json.loads(a["identity"])
+    fields = json.loads(a.get("fields", "[]"))
+    max_length = a.get("max_length")
+    return {"model_id": a.get("model_id"), "modality": a.get("modality"), "source": ours["source"],
+            "pooling": a.get("pooling") if a.get("modality") == "image" else "model",
+            "source_hash": a.get("source_hash"), "fields": fields, "n": len(s),
+            "patch_tokens": any(s.has_patch_tokens(f) for f in fields),
+            # 0.1 stored the effective limit only: it can contradict an explicit --max-length, nothing else
+            "max_length": None if ours["max_length"] is None or max_length in (None, -1) else int(max_length),
+            "weights_dtype": ours["weights_dtype"], "preprocess": ours["preprocess"]}  # not recorded before
+
+
+def _check_existing(out: Path, ident: dict, revision: str, overwrite: bool = False) -> bool:
     """True if `out` is already this extraction, complete. Raises if it is something else (unless overwrite)."""
     if out.is_dir():
         raise SailError(f"--out {out} is a directory; give a file path such as {out / 'features.h5'}")
@@ -182,15 +206,15 @@ def _check_existing(out: Path, ident: dict, overwrite: bool = False) -> bool:
         raise SailError(f"{out} exists but is not a usable feature store ({e}); pass --overwrite to replace it, "
                         "or choose another --out") from None
     with s:
-        a = s.attrs
-        theirs = {"model_id": a.get("model_id"), "source_hash": a.get("source_hash"),
-                  "fields": json.loads(a.get("fields", "[]")), "pooling": a.get("pooling")}
-    ours = {"model_id": ident["model_id"], "source_hash": ident["source_hash"], "fields": ident["fields"],
-            "pooling": ident["pooling"] if ident["modality"] == "image" else theirs["pooling"]}
-    if theirs != ours:
-        diff = ", ".join(f"{k}: {theirs[k]!r} there, {ours[k]!r} here" for k in ours if theirs[k] != ours[k])
-        raise SailError(f"{out} already exists from a different extraction ({diff}); "
-                        "pass --overwrite to replace it, or choose another --out")
+        stored = _stored_identity(s, ident)
+        their_revision = str(s.attrs.get("model_revision", "hub:unknown"))
+    diff = [f"{k}: {stored.get(k)!r} there, {ident[k]!r} here" for k in STORE_IDENTITY
+            if k != "source" and stored.get(k) != ident[k]]
+    if "hub:unknown" not in (revision, their_revision) and revision != their_revision:
+        diff.append(f"model_revision: {their_revision!r} there, {revision!r} here")
+    if diff:
+        raise SailError(f"{out} already exists from a different extraction ({'; '.join(diff)}); "
+                        "pass --overwrite to replace it, or choose another --out (or --features-root)")
     return True
 
 
@@ -246,12 +270,9 @@ def extract(cfg: ExtractConfig, dataset: Dataset | None = None) -> ExtractResult
     out = Path(cfg.out) if cfg.out else Path(cfg.features_root) / ds.name / f"{spec.name}.h5"
     device = local_device(pick_device(cfg.device), rank, world)
     precision = resolve_precision(cfg.precision, device)
-    ident = _identity(cfg, spec, ds, fields)
-    ident["weights_dtype"] = precision.name
-    if spec.modality == "image":
-        ident["preprocess"] = cfg.preprocess
+    ident = _identity(cfg, spec, ds, fields, precision.name)
     parts = out.with_name(out.name + ".parts")
-    if _check_existing(out, ident, cfg.overwrite):
+    if _check_existing(out, ident, model_revision(spec.source), cfg.overwrite):
         if rank == 0 and parts.exists():
             shutil.rmtree(parts, ignore_errors=True)  # left over from a run killed after its final rename
         return ExtractResult(out, len(ds), already_complete=True)
@@ -398,6 +419,7 @@ def _merge(out: Path, parts: Path, ds: Dataset, fields: list[str], n_chunks: int
             "source_hash": ds.source_hash, "dataset": ds.name, "sail_version": sail.__version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "trust_remote_code": bool(spec.trust_remote_code),
+            "identity": (parts / "meta.json").read_text(),  # the identity the parts were made under
         }
         writer.finish(attrs, ds.labels, ds.class_names, skipped)
     except BaseException:
