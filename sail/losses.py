@@ -50,7 +50,10 @@ from torch.autograd.function import once_differentiable
 
 from sail.errors import SailError
 
-BLOCK_BYTES = 32 * 2**20  # default size of one (rows, B) block of logits; see benchmarks/loss.py
+BLOCK_BYTES = 32 * 2**20  # default size of one (rows, B) block of logits on CPU; see benchmarks/loss.py
+# On a GPU a 32 MiB block would be 8 rows at B = 1M, far too thin for the tensor cores: 1 GiB gives 256
+# rows at B = 1M (2.5 GiB with the bf16 similarity and fp32 softplus buffers; see sail.step.memory_model).
+CUDA_BLOCK_BYTES = 2**30
 AVERAGES = ("pairs", "rows")
 
 
@@ -152,9 +155,10 @@ class _BlockGrads:
         gy.add_(torch.mm(g_low.T, x_blk, out=self.gy_tmp))
 
 
-def _rows_per_block(block_size, n_rows, n_cols, elem_bytes):
+def _rows_per_block(block_size, n_rows, n_cols, elem_bytes, device=None):
     if block_size is None:
-        return max(1, min(n_rows, BLOCK_BYTES // (n_cols * elem_bytes)))
+        budget = CUDA_BLOCK_BYTES if device is not None and device.type == "cuda" else BLOCK_BYTES
+        return max(1, min(n_rows, budget // (n_cols * elem_bytes)))
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise SailError(f"block_size must be a positive int (rows per block) or None, got {block_size!r}")
     return min(block_size, n_rows)
@@ -254,7 +258,7 @@ def _multi_positive_kernel(image, t_in, b_in, *texts, average, block_size, group
     world = 1 if group is None else dist.get_world_size(group)
     m = n * world  # global batch
     norm = k * m * m if average == "pairs" else m
-    rows = _rows_per_block(block_size, n, m, t.element_size())
+    rows = _rows_per_block(block_size, n, m, t.element_size(), x.device)
 
     # [loss, sum_ij G_ij s_ij, sum_ij G_ij] with G = P - I summed over the K caption sets
     sums = x.new_zeros(3, dtype=cdt)
@@ -332,7 +336,7 @@ def _info_nce_kernel(image, text, t_in, *, eps, weights, block_size, group, want
     x_sum = x.sum(0, dtype=cdt)
     if group is not None:
         dist.all_reduce(x_sum, group=group)
-    rows = _rows_per_block(block_size, n, m, t.element_size())
+    rows = _rows_per_block(block_size, n, m, t.element_size(), x.device)
     s_buf = x.new_empty((rows, m))  # similarities in the matmul dtype
     l_buf = x.new_empty((rows, m), dtype=cdt) if mdt != cdt else s_buf  # logits in cdt
 

@@ -118,7 +118,7 @@ def train_step(heads, image: torch.Tensor, texts: Sequence[torch.Tensor], loss_f
     emb = None
     with torch.no_grad():
         for sl in parts:
-            out = _embed(heads, image[sl], [t[sl] for t in texts], precision)
+            out = _embed(heads, image[sl], [f[sl] for f in texts], precision)
             if emb is None:
                 emb = [torch.empty((n, e.shape[1]), dtype=e.dtype, device=e.device) for e in out]
             for buf, e in zip(emb, out):
@@ -129,20 +129,31 @@ def train_step(heads, image: torch.Tensor, texts: Sequence[torch.Tensor], loss_f
     t, b = heads.scale(), heads.logit_bias
     loss = loss_fn(leaves[0], leaves[1:], t, b)
     (scaler.scale(loss) if scaler is not None else loss).backward()
+    loss = loss.detach()  # frees the graph and with it the loss's stored gradients (K+1 x (n, D))
     grads = [e.grad for e in leaves]
+    stats = _stats(loss, t, b, emb[0], emb[1])
+    del leaves, emb  # the embeddings themselves are not needed by pass 3: only their gradients
 
     # pass 3: each chunk again with autograd, backward with its rows of the embedding gradients
     for sl in parts:
-        out = _embed(heads, image[sl], [t[sl] for t in texts], precision)
-        torch.autograd.backward(out, [g[sl] for g in grads])
+        out = _embed(heads, image[sl], [f[sl] for f in texts], precision)
+        used = [(o, g[sl]) for o, g in zip(out, grads) if g is not None]  # a caption set the loss ignored has none
+        torch.autograd.backward([o for o, _ in used], [g for _, g in used])
+        del out, used
 
     all_reduce_gradients(heads, group)
-    with torch.no_grad():
-        x, y = emb[0], emb[1]
-        pos = (x * y).sum(1, dtype=torch.float32)                       # (n,) cosine of each positive pair
-        total = x.sum(0, dtype=torch.float32) @ y.sum(0, dtype=torch.float32)  # sum over all n^2 cosines
-        neg = (total - pos.sum()) / max(1, n * n - n)
-        return torch.stack([loss.detach().float(), t.detach().float(), b.detach().float(), pos.mean(), neg])
+    return stats
+
+
+@torch.no_grad()
+def _stats(loss, t, b, x, y) -> torch.Tensor:
+    """(5,) [loss, t, b, mean positive cosine, mean negative cosine] on the device, O(n*D)."""
+    n = x.shape[0]
+    dt = torch.promote_types(loss.dtype, torch.float32)  # float32, float64 for float64 heads
+    pos = (x * y).sum(1, dtype=dt)  # (n,) cosine of each positive pair
+    total = x.sum(0, dtype=dt) @ y.sum(0, dtype=dt)  # sum of all n^2 cosines, from the column sums
+    neg = (total - pos.sum()) / max(1, n * n - n)
+    return torch.stack([loss.to(dt), t.detach().to(dt), b.detach().to(dt), pos.mean(), neg])
 
 
 # ------------------------------------------------------------------------------------------ distributed
@@ -178,23 +189,25 @@ def broadcast_parameters(module: nn.Module, group=None) -> None:
 # ------------------------------------------------------------------------------------------ memory model
 
 
-def memory_model(batch: int, image_dim: int, text_dim: int, out_dim: int, hidden: Sequence[int], *,
-                 captions: int = 1, feature_bytes: int = 2, emb_bytes: int = 2, act_bytes: int = 2,
-                 chunk: int = 32768, loss_block_bytes: int = 2**30, params: int = 0) -> dict:
-    """Estimated peak bytes of one step per term (a GPU run with bf16 autocast by default).
+def memory_model(heads: nn.Module, batch: int, *, captions: int = 1, chunk: int = 32768, feature_bytes: int = 2,
+                 emb_bytes: int = 2, act_bytes: int = 2, block_bytes: int = 2**30, optimizer_states: int = 2) -> dict:
+    """Estimated peak bytes of one step, per term (defaults: a GPU run, fp16 features, bf16 autocast).
 
-    features: the batch's frozen features; embeddings + their gradients: 2 (K+1) B D in the embeddings'
-    dtype; loss: the kernel's float32 gradient accumulators ((K+1) B D) and one (rows, B) logit block;
-    chunk: one chunk's activations (Linear inputs and outputs of both heads, x2 for norm/act/gating);
-    params: weights, gradients and two optimizer moments in float32.
+    features      the batch's frozen features, B (image_dim + K text_dim)
+    embeddings    x, y_k and their gradients: (K+1) B D three times in the embeddings' dtype (the
+                  embeddings, the loss's stored gradients, .grad while backward hands them over)
+    loss          the kernels' float32 gradient accumulators (K+1) B D, one bf16 (B, D) product buffer
+                  and one (rows, B) block: similarities (bf16) + logits and softplus (fp32) = 2.5 x block_bytes
+    chunk         one chunk's activations in the heads (activation_bytes_per_row x chunk)
+    parameters    weights + gradients + optimizer states, float32
     """
-    lin = (image_dim + sum(hidden[:1]) * 3 + out_dim) + (text_dim + sum(hidden[1:2]) * 3 + out_dim)
+    d, k = heads.out_dim, captions
     terms = {
-        "features": batch * (image_dim + captions * text_dim) * feature_bytes,
-        "embeddings_and_grads": 2 * (1 + captions) * batch * out_dim * emb_bytes,
-        "loss": (1 + captions) * batch * out_dim * 4 + loss_block_bytes,
-        "chunk_activations": 2 * min(chunk, batch) * lin * act_bytes,
-        "params_grads_optimizer": 4 * params * 4,
+        "features": batch * (heads.image_dim + k * heads.text_dim) * feature_bytes,
+        "embeddings": 3 * (k + 1) * batch * d * emb_bytes,
+        "loss": (k + 1) * batch * d * 4 + batch * d * 2 + int(2.5 * block_bytes),
+        "chunk": activation_bytes_per_row(heads, act_bytes) * min(chunk, batch),
+        "parameters": (2 + optimizer_states) * heads.num_parameters() * 4,
     }
     terms["total"] = sum(terms.values())
     return terms
