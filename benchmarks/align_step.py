@@ -124,6 +124,42 @@ def worker(batch, head, width, precision, chunk, repeats, device):
     return out
 
 
+def measure(batch, head="glu", width=4, repeats=1, device=None, precision="auto"):
+    """In this process: one step at `batch` split into phases for extrapolation (benchmarks/loader.py):
+    loss = the sigmoid loss forward + backward alone on (B, D) embeddings, optimizer = Lion step alone,
+    heads_fwd = the rest (both head passes and their backward: ~B); backward is folded into heads_fwd."""
+    from sail.losses import sigmoid_loss
+    from sail.precision import resolve_precision
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    prec = resolve_precision(precision, device)
+    heads, opt = build(head, width, device)
+    one_step(heads, opt, *inputs(heads, min(batch, 512), device, seed=1), prec, None)
+    image, text = inputs(heads, batch, device)
+    total = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        one_step(heads, opt, image, text, prec, None)[0].item()
+        total = min(total, time.perf_counter() - t0)
+    emb_dtype = torch.bfloat16 if prec.name == "bf16" else torch.float32
+    x = torch.nn.functional.normalize(torch.randn(batch, heads.out_dim, device=device), dim=1).to(emb_dtype)
+    y = torch.nn.functional.normalize(torch.randn(batch, heads.out_dim, device=device), dim=1).to(emb_dtype)
+    x.requires_grad_(), y.requires_grad_()
+    sync(device)
+    t0 = time.perf_counter()
+    sigmoid_loss(x, y, heads.scale(), heads.logit_bias).backward()
+    sync(device)
+    t1 = time.perf_counter()
+    opt.step()
+    sync(device)
+    t2 = time.perf_counter()
+    loss_s, opt_s = t1 - t0, t2 - t1
+    phases = {"heads_fwd": max(0.0, total - loss_s - opt_s), "loss": loss_s, "backward": 0.0, "optimizer": opt_s,
+              "total": total}
+    return {"step_s": total, "phases_s": phases, "batch": batch, "device": str(device), "precision": str(prec)}
+
+
 def model_line():
     from sail.heads import AlignmentHeads
     from sail.step import memory_model
