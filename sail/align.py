@@ -335,10 +335,10 @@ def align(cfg: AlignConfig, resume: bool = False) -> AlignResult:
         bar.close()
 
     if rank == 0:
+        _check_finite(bad, heads, run, True)  # the last steps since the last log point, before saving
         heads.save_pretrained(run, extra_config=extra, metadata={
             "image_model": str(extra["image_encoder"]["model_id"]), "text_model": str(extra["text_encoder"]["model_id"]),
             "loss": cfg.loss})
-        _check_finite(bad, heads, run, True)
         save_checkpoint(run, step, heads, opt, sched, {"epoch": step // max(1, steps_per_epoch)})
         plot_curves(run / "metrics.jsonl", run / "curves.png", PANELS)
         metrics = {k: v for k, v in last.items() if k not in ("step",)}

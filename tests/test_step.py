@@ -316,3 +316,53 @@ def test_adamw_and_lamb_move_the_heads_at_b2_gradient_sizes(name):
         assert damped.abs().mean().item() < 0.3e-3
     else:
         assert cos_damped < 0.9  # eps-dominated: direction follows g, not g / sqrt(v)
+
+
+# ------------------------------------------------------------------------------------------ the align loop
+
+
+def _align_cfg(tmp_path, **kw):
+    from sail.align import AlignConfig
+    from synthetic import paired_stores
+
+    img, txt = paired_stores(tmp_path, n=400)
+    base = dict(image=str(img), text=str(txt), out=str(tmp_path / "run"), head="linear", out_dim=16, batch=64,
+                steps=20, lr=1e-3, optimizer="adamw", weight_decay=0.0, val_fraction=0.1, eval_every=1000,
+                checkpoint_every=1000, progress=False, chunk_size=24)
+    base.update(kw)
+    return AlignConfig(**base)
+
+
+def test_align_logs_interval_means_every_log_every_steps(tmp_path):
+    import json
+
+    from sail.align import align
+
+    align(_align_cfg(tmp_path, log_every=7, out=str(tmp_path / "a")))
+    rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [7, 14, 20]  # every 7 steps and the last
+    align(_align_cfg(tmp_path, log_every=1, out=str(tmp_path / "b")))
+    every = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert len(every) == 20
+    for r, (lo, hi) in zip(rows, [(0, 7), (7, 14), (14, 20)]):  # the same run, logged as interval means
+        assert r["loss"] == pytest.approx(sum(e["loss"] for e in every[lo:hi]) / (hi - lo), rel=1e-5)
+        assert r["t"] == pytest.approx(every[hi - 1]["t"], rel=1e-6)
+
+
+def test_align_stops_on_nan_at_the_next_log_point_naming_the_first_bad_step(tmp_path):
+    from sail.align import align
+
+    with pytest.raises(SailError, match=r"loss became nan at step 2; the last good checkpoint is .*checkpoint-00000001"):
+        align(_align_cfg(tmp_path, lr=1e30, steps=40, log_every=5, checkpoint_every=1))
+    with pytest.raises(SailError, match=r"loss became nan at step 2; no checkpoint was written yet"):
+        align(_align_cfg(tmp_path, lr=1e30, steps=40, log_every=5, checkpoint_every=100, out=str(tmp_path / "c")))
+    assert not (tmp_path / "c" / "model.safetensors").exists()
+
+
+def test_align_refuses_bad_chunk_size_and_log_every(tmp_path):
+    from sail.align import align
+
+    for kw, flag in (({"chunk_size": 0}, "--chunk-size"), ({"log_every": -1}, "--log-every")):
+        with pytest.raises(SailError, match=f"{flag} must be a positive integer"):
+            align(_align_cfg(tmp_path, **kw))
+        assert not (tmp_path / "run").exists()
