@@ -40,6 +40,8 @@ Convention:
 - the gradient for a rank's local embeddings is world_size x the single-process gradient of those rows,
   and t and b get the full single-process gradient on every rank; so backward on every rank followed by
   DDP's gradient averaging gives exactly the single-process parameter gradients.
+Each call checks that the ranks' batch sizes agree with one small all_gather read on the host: the only
+host sync of a distributed training step (ranks whose sizes differ would otherwise hang in the gather).
 
 ConsistencyGates are ALIP's per-sample weights for info_nce_loss(weights=...).
 """

@@ -7,7 +7,8 @@
     # stats: (5,) device tensor [loss, t, b, mean positive cosine, mean negative cosine]; no host sync
 
 Why. Autograd through the heads keeps every activation of the whole batch: a GLU head at width 4 keeps
-~(B x 4 x 8192) floats, ~10 GB at B = 36864 and ~300 GB at B = 1M, while the loss itself needs O(B*D).
+~(B x 4 x 8192) floats, ~10 GB at B = 36864 (fp32) and ~190 GB at B = 1M (bf16), while the loss itself
+needs O(B*D).
 The step runs in three passes (Gao et al. 2021, "GradCache"):
 1. the heads forward over chunks of rows without autograd -> embeddings x, y_k: (B, D) each;
 2. the loss once on the whole batch, on detached copies that require grad; sail.losses computes the
