@@ -10,12 +10,19 @@ logged step), `checkpoint-*/` + `LATEST` (resume with `--resume` after any crash
 
 Defaults follow the SAIL paper: Lion (lr 1e-5, wd 1e-7, betas 0.9/0.99), cosine schedule with warmup,
 t = 20, b = -10, loss averaged over all B^2 pairs. Under torchrun each rank takes its slice of every
-global batch and the loss gathers every rank's embeddings as negatives (DDP averages the gradients).
+global batch and the loss gathers every rank's embeddings as negatives; sail.step averages the gradients.
+
+Each step is sail.step.train_step: the heads run in chunks (--chunk-size, automatic from free memory), so
+memory is O(B*D) whatever the head; precision follows sail.precision (--precision, bf16 on Ampere+ GPUs).
+The step never waits for the device: statistics are read every --log-every steps, where a NaN/Inf loss
+stops the run (so up to --log-every steps may run after it) naming the last good checkpoint; checkpoints
+are only written after that check (and one of the weights).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -36,6 +43,7 @@ from sail.optim import build_optimizer, cosine_with_warmup
 from sail.precision import Precision, resolve_precision
 from sail.runlog import MetricsLog, plot_curves
 from sail.stability import GradientBalance
+from sail.step import broadcast_parameters, train_step
 from sail.store import FeatureStore
 
 LOSSES = ("sigmoid", "multi-positive", "info-nce")
@@ -75,8 +83,9 @@ class AlignConfig:
     stream_buffer_blocks: int = 4          # streaming: blocks shuffled together (the shuffle window)
     checkpoint_every: int = 500
     eval_every: int = 500
-    log_every: int = 1
-    block_size: int | None = None
+    log_every: int = 50                    # steps between reads of the device-side statistics
+    block_size: int | None = None          # loss block rows (None: automatic)
+    chunk_size: int | None = None          # rows per head chunk (None: automatic from free memory)
     loss_impl: str = "auto"                # sigmoid losses: auto | torch | triton (fused GPU kernel)
     progress: bool = True
 
@@ -109,12 +118,13 @@ class AlignConfig:
             v = getattr(self, flag)
             need(v >= 1, flag.replace("_", "-"), v, "must be at least 1")
         need(self.block_size is None or self.block_size >= 1, "block-size", self.block_size, "must be at least 1")
+        need(self.chunk_size is None or self.chunk_size >= 1, "chunk-size", self.chunk_size, "must be at least 1")
         need(self.seed >= 0, "seed", self.seed, "must be 0 or more")
 
 
 # Settings that may differ between a run and its resumption. The stores and the run directory are
 # compared by identity (see _store_identity), not by spelling; in_memory is replaced by the recorded mode.
-_RESUME_FREE = {"progress", "device", "precision", "loss_impl", "in_memory", "eval_every", "log_every", "checkpoint_every",
+_RESUME_FREE = {"progress", "device", "precision", "loss_impl", "chunk_size", "block_size", "in_memory", "eval_every", "log_every", "checkpoint_every",
                 "out", "image", "text", "val_image", "val_text"}
 _STORE_FLAGS = ("image", "text", "val_image", "val_text")
 
@@ -209,14 +219,25 @@ def _check_loss_impl(cfg: AlignConfig, device: torch.device) -> None:
     losses.check_impl(cfg.loss_impl, device)
 
 
-@torch.no_grad()
-def _logit_stats(x: torch.Tensor, y: torch.Tensor, t: float, b: float) -> tuple[float, float]:
-    """Mean positive and negative logit in O(B*D): sum of all logits from the column sums."""
-    n = len(x)
-    pos = (x * y).sum(1)                              # (B,) diagonal of X Y^T
-    total = x.sum(0) @ y.sum(0)                       # sum over all B^2 entries
-    neg = (total - pos.sum()) / max(1, n * n - n)
-    return float(t * pos.mean() + b), float(t * neg + b)
+def _track_nonfinite(bad: torch.Tensor, loss: torch.Tensor, step: int) -> None:
+    """Remember, on the device, the first step whose loss was not finite and that loss (no host sync)."""
+    first = (bad[0] == 0) & ~torch.isfinite(loss)
+    bad.copy_(torch.where(first, torch.stack([torch.full_like(bad[0], step), loss.to(bad.dtype)]), bad))
+
+
+def _check_finite(bad: torch.Tensor, heads: AlignmentHeads, run: Path, weights: bool) -> None:
+    """At a log point: stop on a non-finite loss (and, before a checkpoint, on non-finite weights), naming
+    the last good checkpoint."""
+    step, value = bad.tolist()
+    what = f"loss became {value} at step {int(step)}" if step else None
+    if what is None and weights:
+        finite = torch.stack([torch.isfinite(p).all() for p in heads.parameters()]).all()
+        what = None if bool(finite) else "the weights became non-finite"
+    if what is None:
+        return
+    good = load_checkpoint(run)
+    where = f"the last good checkpoint is {good.path} (step {good.step})" if good else "no checkpoint was written yet"
+    raise SailError(f"{what}; {where}; try a lower --lr or a larger --batch/temperature")
 
 
 @torch.no_grad()
@@ -432,15 +453,16 @@ def align(cfg: AlignConfig, resume: bool = False) -> AlignResult:
     opt = build_optimizer(cfg.optimizer, heads.param_groups(cfg.weight_decay), cfg.lr, cfg.weight_decay, tuple(cfg.betas))
     warmup = int(cfg.warmup if cfg.warmup >= 1 else round(cfg.warmup * total))
     sched = cosine_with_warmup(opt, total, min(warmup, max(0, total - 1)))
-    model = heads
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(heads, device_ids=[device.index] if device.type == "cuda" else None)
+    scaler = prec.grad_scaler()  # dynamic loss scaling for fp16, a pass-through otherwise
 
     start = 0
     ck = load_checkpoint(run) if resume else None
     if ck is not None:
         ck.restore(heads, opt, sched)
         start = ck.step
+        if scaler.is_enabled() and "grad_scaler" in ck.state:
+            scaler.load_state_dict(ck.state["grad_scaler"])
+    broadcast_parameters(heads)  # every rank starts from rank 0's weights (as DDP did)
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
         record = {**cfg.resolved(), "stores": identities,
@@ -460,11 +482,17 @@ def align(cfg: AlignConfig, resume: bool = False) -> AlignResult:
               f"{cfg.head} heads ({heads.num_parameters() / 1e6:.2f}M params), loss {cfg.loss}, "
               f"features {'on ' + device.type if on_device else 'streamed'}", flush=True)
 
-    # ---- loop
+    # ---- loop. Nothing in a step waits for the device: the step's statistics accumulate on the device and
+    # are read every --log-every steps (and at validation and checkpoint steps), where a non-finite loss
+    # also stops the run; so up to --log-every steps may pass after a NaN before the run stops.
     bar = tqdm(total=total, initial=start, disable=not cfg.progress or rank != 0, unit="step", dynamic_ncols=True)
-    balance = GradientBalance(batch, cfg.loss, every=cfg.log_every)  # warns once if negatives swamp positives
+    balance = GradientBalance(batch, cfg.loss)  # warns once if negatives swamp positives; probed at log points
     step, last = start, {}
     stop = _StopRequest()
+    loss_fn = functools.partial(_loss, cfg)
+    acc = torch.zeros(5, device=device)  # sums since the last log of [loss, t, b, pos cosine, neg cosine]
+    bad = torch.zeros(2, dtype=torch.float64, device=device)  # [first step with a non-finite loss (0: none), loss]
+    since, tick = 0, time.perf_counter()
     try:
         while step < total:
             epoch, offset = divmod(step, steps_per_epoch)
@@ -472,47 +500,59 @@ def align(cfg: AlignConfig, resume: bool = False) -> AlignResult:
                 if step >= total:
                     break
                 stop.check()  # a first Ctrl-C stops here, between steps
-                tick = time.perf_counter()
-                with prec.autocast():
-                    x, y0 = model(image, texts[0])
-                    ys = [y0] + [heads.encode_text(t) for t in texts[1:]]
-                t, b = heads.scale(), heads.logit_bias
-                loss = _loss(cfg, x.float(), [y.float() for y in ys], t, b)
-                t_val, b_val = t.item(), b.item()
-                if not torch.isfinite(loss):
-                    good = load_checkpoint(run)
-                    where = f"the last good checkpoint is {good.path} (step {good.step})" if good else "no checkpoint was written yet"
-                    raise SailError(f"loss became {loss.item()} at step {step + 1}; {where}; "
-                                    "try a lower --lr or a larger --batch/temperature")
+                log_next = (step + 1) % cfg.log_every == 0 or step + 1 == total
+                probed = {}
+                probe = None
+                if rank == 0 and balance.enabled and log_next:  # positives' share of the gradient, at log points
+                    def probe(x, y, t, b, at=step + 1):
+                        probed.update(balance(x, y, float(t), float(b), at))
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                stats = train_step(heads, image, texts, loss_fn, precision=prec, chunk_size=cfg.chunk_size,
+                                   scaler=scaler if scaler.is_enabled() else None, probe=probe)
+                if scaler.is_enabled():
+                    scaler.step(opt)  # unscales; skips the step when a gradient overflowed
+                    scaler.update()
+                else:
+                    opt.step()
                 sched.step()
                 heads.clamp_()
                 step += 1
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                dt = time.perf_counter() - tick
-                row = {"step": step, "loss": loss.item(), "t": t_val, "b": b_val,
-                       "lr": opt.param_groups[0]["lr"], "pairs_per_s": batch / dt}
-                row["pos_logit"], row["neg_logit"] = _logit_stats(x.float(), ys[0].float(), row["t"], row["b"])
-                row.update(balance(x.float(), ys[0].float(), t_val, b_val, step) if rank == 0 else {})
-                if rank == 0 and val_image is not None and (step % cfg.eval_every == 0 or step == total):
+                since += 1
+                acc += stats
+                _track_nonfinite(bad, stats[0], step)
+                validate = rank == 0 and val_image is not None and (step % cfg.eval_every == 0 or step == total)
+                checkpoint = step % cfg.checkpoint_every == 0 and step < total
+                bar.update(1)
+                if not (step % cfg.log_every == 0 or step == total or validate or checkpoint):
+                    continue
+                sums = acc.tolist()  # the host sync, once per log interval
+                _check_finite(bad, heads, run, checkpoint)
+                now = time.perf_counter()
+                t_val, b_val = (float(v) for v in stats[1:3].tolist())
+                bias = b_val if cfg.loss != "info-nce" else 0.0
+                row = {"step": step, "loss": sums[0] / since, "t": t_val, "b": b_val, "lr": opt.param_groups[0]["lr"],
+                       "pairs_per_s": batch * since / (now - tick),
+                       "pos_logit": t_val * sums[3] / since + bias, "neg_logit": t_val * sums[4] / since + bias}
+                row.update(probed)
+                acc.zero_()
+                since, tick = 0, now
+                if validate:
                     row.update(_validate(heads, val_image, val_texts[0], device, prec))
                 last.update(row)
-                if step % cfg.log_every == 0 or step == total or "val_i2t_R@1" in row:
-                    log.log(row)
+                log.log(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", t=f"{row['t']:.1f}", b=f"{row['b']:.2f}",
                                 pairs_s=f"{row['pairs_per_s']:.0f}", refresh=False)
-                bar.update(1)
-                if step % cfg.checkpoint_every == 0 and step < total and rank == 0:
-                    save_checkpoint(run, step, heads, opt, sched, {"epoch": epoch})
-                if world > 1 and step % cfg.checkpoint_every == 0:
+                if checkpoint and rank == 0:
+                    state = {"epoch": epoch, **({"grad_scaler": scaler.state_dict()} if scaler.is_enabled() else {})}
+                    save_checkpoint(run, step, heads, opt, sched, state)
+                if world > 1 and checkpoint:
                     torch.distributed.barrier()
+                tick = time.perf_counter()  # validation and checkpoints do not count against pairs/s
     except KeyboardInterrupt as e:
         bar.close()
         ck = load_checkpoint(run)
         if isinstance(e, _GracefulStop) and rank == 0 and (ck is None or ck.step < step) and step > start:
+            _check_finite(bad, heads, run, True)  # never checkpoint weights a NaN step has already spoiled
             save_checkpoint(run, step, heads, opt, sched, {"epoch": step // steps_per_epoch})
             ck = load_checkpoint(run)
         raise AlignInterrupted(run, step, ck.step if ck else None) from None
@@ -522,6 +562,7 @@ def align(cfg: AlignConfig, resume: bool = False) -> AlignResult:
         batches.close()
 
     if rank == 0:
+        _check_finite(bad, heads, run, True)  # the last steps since the last log point, before saving
         heads.save_pretrained(run, extra_config=extra, metadata={
             "image_model": str(extra["image_encoder"]["model_id"]), "text_model": str(extra["text_encoder"]["model_id"]),
             "loss": cfg.loss})

@@ -135,6 +135,8 @@ def align(
     eval_every: int = typer.Option(500, help="steps between validation R@1"),
     block_size: Optional[int] = typer.Option(None, help="loss block rows (default: automatic)"),
     loss_impl: str = typer.Option("auto", help="sigmoid losses: auto (triton on CUDA if installed) | torch | triton"),
+    chunk_size: Optional[int] = typer.Option(None, help="rows per head chunk (default: automatic from free memory)"),
+    log_every: int = typer.Option(50, help="steps between reads of the loss/t/b statistics (and NaN checks)"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
 ):
     """Train alignment heads on cached features; writes config.json + model.safetensors."""
@@ -147,7 +149,7 @@ def align(
                                  warmup=warmup, init_scale=init_scale, init_bias=init_bias, val_fraction=val_fraction,
                                  val_image=val_image, val_text=val_text, seed=seed, device=device, precision=precision,
                                  in_memory=in_memory, checkpoint_every=checkpoint_every, eval_every=eval_every,
-                                 block_size=block_size, loss_impl=loss_impl,
+                                 block_size=block_size, loss_impl=loss_impl, chunk_size=chunk_size, log_every=log_every,
                                  stream_block_rows=stream_block_rows, stream_buffer_blocks=stream_buffer_blocks),
                      resume=resume)
     except AlignInterrupted as e:

@@ -24,6 +24,12 @@ from torch.optim.lr_scheduler import LambdaLR, OneCycleLR
 from sail.errors import SailError
 
 OPTIMIZERS = ("lion", "adamw", "lamb")
+# eps of AdamW / LAMB when build_optimizer is not given one. With the loss averaged over all B^2 pairs
+# (SAIL) the heads' parameter gradients are ~1e-9 .. 1e-8 at B = 36864 (benchmarks/align_step.py prints
+# them), so sqrt(v) ~ |g| sits at torch's 1e-8 and eps would shrink Adam's step m / (sqrt(v) + eps) by 2x
+# or more. 1e-12 keeps the step at ~lr for gradients down to ~1e-11 and still guards v = 0.
+# Lion (the default) divides by nothing and is unaffected. Recipes averaging over B pass their own eps.
+DEFAULT_EPS = 1e-12
 
 
 def _check_hparams(name: str, lr: float, betas: tuple[float, float], weight_decay: float, eps: float = 0.0):
@@ -135,8 +141,8 @@ class LAMB(torch.optim.Optimizer):
 
 def build_optimizer(name: str, param_groups, lr: float, weight_decay: float, betas=None, eps=None):
     """"lion" | "adamw" | "lamb". `weight_decay` fills groups that do not set their own (see
-    AlignmentHeads.param_groups). betas/eps default to each optimizer's usual values; Lion has no eps and
-    ignores it."""
+    AlignmentHeads.param_groups). betas default to each optimizer's usual values, eps to DEFAULT_EPS
+    (1e-12, small enough for B^2-normalised gradients; see above); Lion has no eps and ignores it."""
     key = str(name).lower()
     if key not in OPTIMIZERS:
         raise SailError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
@@ -144,11 +150,11 @@ def build_optimizer(name: str, param_groups, lr: float, weight_decay: float, bet
         return Lion(param_groups, lr=lr, betas=tuple(betas) if betas else (0.9, 0.99), weight_decay=weight_decay)
     if key == "lamb":
         return LAMB(param_groups, lr=lr, betas=tuple(betas) if betas else (0.9, 0.999),
-                    eps=1e-6 if eps is None else eps, weight_decay=weight_decay)
+                    eps=DEFAULT_EPS if eps is None else eps, weight_decay=weight_decay)
     betas = tuple(betas) if betas else (0.9, 0.999)
-    _check_hparams("AdamW", lr, betas, weight_decay, 1e-8 if eps is None else eps)
-    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=1e-8 if eps is None else eps,
-                             weight_decay=weight_decay)
+    eps = DEFAULT_EPS if eps is None else eps
+    _check_hparams("AdamW", lr, betas, weight_decay, eps)
+    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
 
 # ---------------------------------------------------------------------- schedules

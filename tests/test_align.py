@@ -21,7 +21,7 @@ from synthetic import paired_stores, write_store
 def _cfg(tmp_path, img, txt, **kw):
     base = dict(image=str(img), text=str(txt), out=str(tmp_path / "run"), head="linear", out_dim=32, batch=256,
                 steps=120, lr=2e-3, optimizer="adamw", weight_decay=0.0, val_fraction=0.1, eval_every=60,
-                checkpoint_every=1000, progress=False, init_scale=10.0)
+                checkpoint_every=1000, progress=False, init_scale=10.0, log_every=1)
     base.update(kw)
     return AlignConfig(**base)
 

@@ -152,7 +152,7 @@ def test_build_optimizer_kinds_and_param_groups():
     assert opt.param_groups[0]["betas"] == (0.9, 0.98) and opt.param_groups[0]["eps"] == 1e-6
     assert opt.param_groups[0]["weight_decay"] == 0.2
     opt = build_optimizer("lamb", heads.parameters(), lr=1e-3, weight_decay=1e-5)
-    assert isinstance(opt, LAMB) and opt.defaults["eps"] == 1e-6
+    assert isinstance(opt, LAMB) and opt.defaults["eps"] == 1e-12  # sail.optim.DEFAULT_EPS, for B^2-sized gradients
     with pytest.raises(SailError, match="lion, adamw, lamb"):
         build_optimizer("sgd", heads.parameters(), lr=1.0, weight_decay=0.0)
     with pytest.raises(SailError, match="betas"):
