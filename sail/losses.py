@@ -57,6 +57,7 @@ BLOCK_BYTES = 32 * 2**20  # default size of one (rows, B) block of logits on CPU
 # rows at B = 1M (2.5 GiB with the bf16 similarity and fp32 softplus buffers; see sail.step.memory_model).
 CUDA_BLOCK_BYTES = 2**30
 AVERAGES = ("pairs", "rows")
+IMPLS = ("auto", "torch", "triton")  # sigmoid / multi-positive: blockwise torch, or sail.triton_sigmoid
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -286,23 +287,49 @@ def _multi_positive_kernel(image, t_in, b_in, *texts, average, block_size, group
     return sums[0], [gx.mul_(scale), sums[1], sums[2], *[gy.mul_(scale) for gy in gys]]
 
 
-def sigmoid_loss(image, text, t, b, average="pairs", block_size=None, group=None):
+def sigmoid_loss(image, text, t, b, average="pairs", block_size=None, group=None, impl="auto"):
     """SigLIP loss -(1/N) sum_ij log sigmoid(z_ij (t x_i.y_j + b)), computed blockwise.
 
     image, text: (B, D) L2-normalised; t: exponentiated scale, b: bias (scalar tensors, may require grad).
     average: "pairs" -> N = B^2 (SAIL, default), "rows" -> N = B (SigLIP). block_size: rows per block.
     group: torch.distributed group; by default the world group when initialised (see module docstring).
+    impl: "torch" (blockwise), "triton" (fused GPU kernel, sail.triton_sigmoid) or "auto" (triton for
+    bf16 / fp16 / fp32 CUDA tensors when triton imports, torch otherwise).
     """
     _check_pair(image, text)
-    return multi_positive_loss(image, [text], t, b, average=average, block_size=block_size, group=group)
+    return multi_positive_loss(image, [text], t, b, average=average, block_size=block_size, group=group,
+                               impl=impl)
 
 
-def multi_positive_loss(image, texts, t, b, average="pairs", block_size=None, group=None):
+def _pick_kernel(impl, image):
+    """The multi-positive kernel impl names: sail.triton_sigmoid's fused one or the blockwise torch one."""
+    if impl not in IMPLS:
+        raise SailError(f"impl must be one of {', '.join(IMPLS)}, got {impl!r}")
+    if impl == "torch" or (impl == "auto" and not (image.is_cuda and image.dtype != torch.float64)):
+        return _multi_positive_kernel
+    try:
+        import sail.triton_sigmoid as triton_sigmoid  # optional: needs the triton package
+    except ImportError as e:
+        if impl == "auto":
+            return _multi_positive_kernel
+        raise SailError(f"impl='triton' needs the triton package ({e}); pip install 'sail[triton]' "
+                        "(torch's CUDA wheels ship it) or use impl='torch'") from None
+    if impl == "triton":
+        triton_sigmoid.check_inputs(image)
+    return triton_sigmoid.multi_positive_kernel
+
+
+def check_impl(impl, device):
+    """Raise SailError now if the sigmoid losses cannot run impl on device (for up-front CLI checks)."""
+    _pick_kernel(impl, torch.empty(0, device=device))
+
+
+def multi_positive_loss(image, texts, t, b, average="pairs", block_size=None, group=None, impl="auto"):
     """Sigmoid loss with K captions per image: image i's own captions positive, all others negative.
 
     texts: list of K (B, D) tensors (e.g. raw / short / long captions). The pairwise term is summed over
     the K sets and divided by K B^2 ("pairs", the official code's mean) or B ("rows", paper eq. 2).
-    K = 1 equals sigmoid_loss.
+    K = 1 equals sigmoid_loss. impl: as for sigmoid_loss.
     """
     _check_average(average)
     if isinstance(texts, torch.Tensor) or not isinstance(texts, (list, tuple)) or len(texts) == 0:
@@ -310,9 +337,10 @@ def multi_positive_loss(image, texts, t, b, average="pairs", block_size=None, gr
     for i, text in enumerate(texts):
         _check_pair(image, text, name=f"texts[{i}]")
     t, b = _scalar(t, "t"), _scalar(b, "b")
+    impl_kernel = _pick_kernel(impl, image)
 
     def kernel(*inputs, want_grad):
-        return _multi_positive_kernel(
+        return impl_kernel(
             *inputs, average=average, block_size=block_size, group=group, want_grad=want_grad
         )
 

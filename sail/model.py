@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sail.encoders import ImageEncoder, TextEncoder, pick_device, resolve_model
+from sail.encoders import ImageEncoder, TextEncoder, load_encoder, pick_device, resolve_model
 from sail.errors import SailError
 from sail.heads import AlignmentHeads
 
@@ -45,7 +45,12 @@ class SAILModel(torch.nn.Module):
 
     @classmethod
     def from_pretrained(cls, run_dir: str | Path, vision_model: str | None = None, text_model: str | None = None,
-                        device: str = "auto"):
+                        device: str = "auto", revision: str | None = None, cache_dir: str | None = None):
+        """A run directory or a Hugging Face id ("org/name", at `revision`, cached in `cache_dir`)."""
+        if not Path(run_dir).is_dir() and str(run_dir).count("/") == 1:
+            from sail.hub import resolve_pretrained
+
+            run_dir = resolve_pretrained(run_dir, revision, cache_dir)
         cfg = read_run_config(run_dir)
         if cfg.get("format") == "sail-towers":
             from sail.towers import Towers
@@ -71,7 +76,7 @@ class SAILModel(torch.nn.Module):
     @property
     def vision(self) -> ImageEncoder:
         if self._vision is None:
-            enc = ImageEncoder(self._spec(self.image_model, "image", "vision_model"), self.device, self.pooling)
+            enc = load_encoder(self._spec(self.image_model, "image", "vision_model"), self.device, self.pooling)
             if enc.dim != self.heads.config["image_dim"]:
                 raise SailError(f"vision model {self.image_model} gives {enc.dim}-d features but the run's image head "
                                 f"expects {self.heads.config['image_dim']}; use the encoder the run was trained on")
@@ -81,7 +86,7 @@ class SAILModel(torch.nn.Module):
     @property
     def text(self) -> TextEncoder:
         if self._text is None:
-            enc = TextEncoder(self._spec(self.text_model, "text", "text_model"), self.device, self.max_length)
+            enc = load_encoder(self._spec(self.text_model, "text", "text_model"), self.device, max_length=self.max_length)
             if enc.dim != self.heads.config["text_dim"]:
                 raise SailError(f"text model {self.text_model} gives {enc.dim}-d features but the run's text head "
                                 f"expects {self.heads.config['text_dim']}; use the encoder the run was trained on")

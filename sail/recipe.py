@@ -1,17 +1,16 @@
-"""Shared parts of the end-to-end recipes (recipes/alip.py, recipes/align.py): config, data, checkpoints, logs.
+"""Shared parts of the end-to-end recipes (sail/recipes/alip.py, align.py): running, data, checkpoints, logs.
 
-    cfg = load_config(["--config", "recipes/configs/alip-tiny.yaml", "--steps", "20"])
+    cfg = load_config(["--config", "alip-tiny", "--steps", "20"])            # sail.recipe_config
     rank, world, device = setup_distributed(cfg["device"])
     data = PairData(ds.images, [ds.captions["caption"]], towers.preprocessing, seed=cfg["seed"])
     for epoch, next_batch, pixels, texts, skipped in iterate_batches(data, train_rows, cfg["batch_size"], seed):
         ...
     save_checkpoint(out, step, towers, optimizer, scheduler, {"gates": gates}, [epoch, next_batch])
     load_checkpoint(latest_checkpoint(out), towers, optimizer, scheduler, {"gates": gates})
-    run_recipe("alip", ["--config", "recipes/configs/alip-tiny.yaml"])     # what `sail recipe` calls
+    run_recipe("alip", ["--config", "alip-tiny"])     # what `sail recipe` calls
 
 Conventions
-- Config: a YAML file plus `--key value` overrides of its top-level keys (dashes or underscores; values
-  parsed as YAML, so `--steps 10`, `--gates false`, `--out runs/x`). Unknown keys are an error.
+- Config: sail.recipe_config (a shipped config name or a YAML path, nested `--a.b value` overrides).
 - batch_size is the GLOBAL batch (the papers' number); each of W processes takes batch_size / W rows
   of every global batch, so 1 and W processes train on the same samples in the same steps.
 - Data order: epoch e is a permutation of the training rows drawn from (seed, e); the last incomplete
@@ -27,7 +26,6 @@ Conventions
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import random
@@ -36,7 +34,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
 
 from sail import runlog
@@ -44,75 +41,28 @@ from sail.checkpoint import flatten_optimizer, unflatten_optimizer
 from sail.distributed import barrier, current
 from sail.errors import SailError
 
-RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
-RESUME_KEYS = ("data", "batch_size", "steps", "seed", "vision", "text", "embed_dim", "head", "image")
+RESUME_KEYS = ("data", "batch_size", "steps", "seed", "vision", "text", "embed_dim", "projection", "image")
 
 
-# ----------------------------------------------------------------------------------------- config
+# ----------------------------------------------------------------------------------------- running
 
 
-def load_config(argv: list[str] | None) -> dict:
-    """`--config FILE` plus `--key value` / `--key=value` overrides of top-level keys -> dict."""
-    argv = list(argv or [])
-    pairs, i = [], 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            raise SailError(f"unexpected argument {arg!r}; use --config FILE and --key value overrides")
-        if "=" in arg:
-            key, value = arg[2:].split("=", 1)
-            i += 1
-        elif i + 1 < len(argv):
-            key, value = arg[2:], argv[i + 1]
-            i += 2
-        else:
-            raise SailError(f"{arg} needs a value")
-        pairs.append((key.replace("-", "_"), value))
-    paths = [v for k, v in pairs if k == "config"]
-    if len(paths) != 1:
-        raise SailError("give exactly one --config FILE (see recipes/configs/)")
-    path = Path(paths[0])
-    if not path.is_file():
-        raise SailError(f"config {path} not found")
-    try:
-        cfg = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise SailError(f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
-    cfg = {k: _number(v) for k, v in cfg.items()}
-    for key, value in pairs:
-        if key == "config":
-            continue
-        if key not in cfg:
-            raise SailError(f"unknown option --{key}; {path} has keys {', '.join(sorted(cfg))}")
-        new, old = _number(yaml.safe_load(value)), cfg[key]
-        if isinstance(old, (int, float)) and not isinstance(old, bool) and \
-                (isinstance(new, bool) or not isinstance(new, (int, float))):
-            raise SailError(f"--{key} needs a number, got {value!r}")
-        cfg[key] = new
-    cfg["config"] = str(path)
-    return cfg
+def recipe_names() -> list[str]:
+    """The recipes that ship with the package: sail/recipes/NAME.py."""
+    from importlib import resources
 
-
-def _number(value):
-    """YAML 1.1 reads "1e-3" as a string; turn such strings into floats."""
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
+    return sorted(p.name[:-3] for p in resources.files("sail.recipes").iterdir()
+                  if p.name.endswith(".py") and not p.name.startswith("_"))
 
 
 def run_recipe(name: str, argv: list[str] | None = None):
-    """Run recipes/NAME.py's main(argv) (loaded by file path: the library never imports recipes/)."""
-    path = RECIPES_DIR / f"{name}.py"
-    if not path.is_file():
-        found = sorted(p.stem for p in RECIPES_DIR.glob("*.py") if not p.stem.startswith("_"))
-        raise SailError(f"no recipe {name!r} in {RECIPES_DIR}; available: {', '.join(found) or 'none'}")
-    spec = importlib.util.spec_from_file_location(f"sail_recipe_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv)
+    """Run sail.recipes.NAME's main(argv). Imported by name here only: the rest of sail never imports a recipe."""
+    import importlib
+
+    names = recipe_names()
+    if name not in names:
+        raise SailError(f"no recipe {name!r}; available: {', '.join(names) or 'none'}")
+    return importlib.import_module(f"sail.recipes.{name}").main(argv)
 
 
 # ----------------------------------------------------------------------------------------- distributed
@@ -138,14 +88,6 @@ def cleanup_distributed() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """DistributedDataParallel around `module` under torch.distributed, else `module` itself."""
-    if current()[1] == 1:
-        return module
-    ids = [device.index] if device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
 
 
 # ----------------------------------------------------------------------------------------- data

@@ -363,6 +363,6 @@ def test_align_refuses_bad_chunk_size_and_log_every(tmp_path):
     from sail.align import align
 
     for kw, flag in (({"chunk_size": 0}, "--chunk-size"), ({"log_every": -1}, "--log-every")):
-        with pytest.raises(SailError, match=f"{flag} must be a positive integer"):
+        with pytest.raises(SailError, match=f"{flag} -?[0-9]+ is invalid: must be at least 1"):
             align(_align_cfg(tmp_path, **kw))
         assert not (tmp_path / "run").exists()

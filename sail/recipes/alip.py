@@ -1,10 +1,10 @@
 """ALIP (Yang et al. 2023): CLIP trained end to end on raw text AND a synthetic caption per image, with
 per-sample consistency gates that down-weight noisy pairs.
 
-    python recipes/alip.py --config recipes/configs/alip-tiny.yaml                 # CPU, a minute
-    python recipes/alip.py --config recipes/configs/alip-vit-b32.yaml --data cc3m.parquet --out runs/alip
-    torchrun --nproc_per_node 8 recipes/alip.py --config recipes/configs/alip-vit-b16.yaml
-    python recipes/alip.py --config ... --gates false                              # the no-gates ablation
+    sail recipe alip --config alip-tiny                                    # CPU, a minute
+    sail recipe alip --config alip-vit-b32 --data cc3m.parquet --out runs/alip
+    torchrun --nproc_per_node 8 -m sail.recipes.alip --config alip-vit-b16
+    sail recipe alip --config ... --gates false                              # the no-gates ablation
 
 Model: CLIP ViT image tower + 12-layer width-512 CLIP text tower, linear heads to 512-d (sail.towers).
 ONE text encoder embeds both the raw text (column `text_column`, default "caption") and the synthetic
@@ -33,12 +33,15 @@ from tqdm.auto import tqdm
 
 from sail.data import open_dataset
 from sail.errors import SailError
+from sail.distributed import wrap_ddp
+from sail.gradcache import contrastive_backward
 from sail.losses import ConsistencyGates, info_nce_loss
 from sail.optim import build_optimizer, one_cycle
 from sail.recipe import (PairData, cleanup_distributed, iterate_batches, latest_checkpoint,
-                         load_checkpoint, load_config, plot_curves, save_checkpoint, setup_distributed,
-                         split_indices, train_autocast, wrap_ddp, zeroshot_check,
+                         load_checkpoint, plot_curves, save_checkpoint, setup_distributed,
+                         split_indices, train_autocast, zeroshot_check,
                          zeroshot_templates)
+from sail.recipe_config import load_config
 from sail.runlog import MetricsLog
 from sail.towers import build_towers
 
@@ -54,20 +57,20 @@ def main(argv=None) -> dict:
     train_rows, held_rows = split_indices(ds.ids, cfg["holdout"])
 
     # ---- model, gates, optimizer, schedule
-    towers = build_towers("alip", cfg["vision"], cfg["text"], cfg["embed_dim"], cfg["image"], head=cfg["head"],
+    towers = build_towers("alip", cfg["vision"], cfg["text"], cfg["embed_dim"], cfg["image"], projection=cfg["projection"],
                           temperature="log_scale", init_scale=1.0 / cfg["init_temperature"],
                           max_scale=cfg["max_scale"]).to(device)
     if cfg["gradient_checkpointing"]:
         towers.enable_gradient_checkpointing()
     gates = ConsistencyGates(cfg["gate_momentum"], cfg["gamma_s"], cfg["gamma_p"], enabled=bool(cfg["gates"]))
     gates.to(device)
-    optimizer = build_optimizer("adamw", towers.param_groups(cfg["weight_decay"]), lr=cfg["lr"],
-                                weight_decay=cfg["weight_decay"], betas=cfg["betas"], eps=cfg["eps"])
+    optimizer = build_optimizer("adamw", towers.param_groups(cfg["optim"]["weight_decay"]), lr=cfg["optim"]["lr"],
+                                weight_decay=cfg["optim"]["weight_decay"], betas=cfg["optim"]["betas"], eps=cfg["optim"]["eps"])
     steps = int(cfg["steps"])
-    pct_start = max(float(cfg["pct_start"]), 2.0 / steps)  # OneCycleLR needs >= 2 warm-up steps
+    pct_start = max(float(cfg["optim"]["pct_start"]), 2.0 / steps)  # OneCycleLR needs >= 2 warm-up steps
     if pct_start >= 1.0:
         raise SailError(f"ALIP's one-cycle schedule needs at least 3 steps, got steps={steps}")
-    scheduler = one_cycle(optimizer, max_lr=cfg["lr"], total_steps=steps, pct_start=pct_start)
+    scheduler = one_cycle(optimizer, max_lr=cfg["optim"]["lr"], total_steps=steps, pct_start=pct_start)
 
     # ---- resume from the newest checkpoint in OUT, if any
     step, position = 0, (0, 0)
@@ -88,30 +91,32 @@ def main(argv=None) -> dict:
     bar = tqdm(total=steps, initial=step, desc="alip", disable=rank != 0 or not cfg["progress"], dynamic_ncols=True)
     summary = {"out": str(out), "towers": towers, "first_loss": None, "last_loss": None}
     skipped, tick = 0, time.time()
+    def loss_fn(x, y, t):  # x (B, D) images, y (2B, D): raw texts then synthetic captions
+        t_emb, c_emb = y.chunk(2)
+        w_t, w_c = gates((t_emb * c_emb).sum(1), (x * t_emb).sum(1), (x * c_emb).sum(1))  # no gradient
+        loss_xt = info_nce_loss(x, t_emb, t, weights=w_t)
+        loss_xc = info_nce_loss(x, c_emb, t, weights=w_c)
+        with torch.no_grad():  # the loss without gates, to watch learning (the gated one rises as H adapts)
+            xd, td = x.detach(), t.detach()
+            plain = info_nce_loss(xd, t_emb.detach(), td) + info_nce_loss(xd, c_emb.detach(), td)
+        return loss_xt + loss_xc, {"loss_xt": loss_xt.detach(), "loss_xc": loss_xc.detach(), "plain": plain,
+                                   "w_t": w_t, "w_c": w_c}
+
     towers.train()
     while step < steps:
         epoch, next_batch, pixels, texts, n_bad = next(batches)
         skipped += n_bad
         if pixels is None:  # too few good images left in this batch
             continue
-        raw, synthetic = texts
         b = pixels.shape[0]
-        tokens = towers.tokenize(raw + synthetic)  # one text encoder for both: (2B, L)
-        with train_autocast(device):
-            x, y, t = model(pixels.to(device, non_blocking=True), tokens["input_ids"].to(device),
-                            tokens["attention_mask"].to(device))
-        t_emb, c_emb = y[:b], y[b:]  # (2B, D) -> raw text (B, D), synthetic caption (B, D)
-        w_t, w_c = gates((t_emb * c_emb).sum(1), (x * t_emb).sum(1), (x * c_emb).sum(1))  # no gradient
-        loss_xt = info_nce_loss(x, t_emb, t, weights=w_t)
-        loss_xc = info_nce_loss(x, c_emb, t, weights=w_c)
-        loss = loss_xt + loss_xc
-        with torch.no_grad():  # the loss without gates, to watch learning (the gated one rises as H adapts)
-            xd, td = x.detach(), t.detach()
-            plain = info_nce_loss(xd, t_emb.detach(), td) + info_nce_loss(xd, c_emb.detach(), td)
+        tokens = towers.tokenize(texts[0] + texts[1])  # one text encoder for raw text and caption: (2B, L)
         lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(towers.parameters(), cfg["grad_clip"])
+        loss, logs = contrastive_backward(model, pixels.to(device, non_blocking=True),
+                                          tokens["input_ids"].to(device), tokens["attention_mask"].to(device),
+                                          loss_fn, cfg["accum_steps"], autocast=lambda: train_autocast(device))
+        loss_xt, loss_xc, plain, w_t, w_c = (logs[k] for k in ("loss_xt", "loss_xc", "plain", "w_t", "w_c"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(towers.parameters(), cfg["optim"]["grad_clip"])
         optimizer.step()
         scheduler.step()
         towers.clamp_()

@@ -1,9 +1,9 @@
 """ALIGN (Jia et al. 2021): an EfficientNet image tower and a BERT text tower trained end to end with a
 softmax contrastive loss on noisy alt-text.
 
-    python recipes/align.py --config recipes/configs/align-tiny.yaml                 # CPU, a minute
-    python recipes/align.py --config recipes/configs/align-efficientnet-b7.yaml --data alt.parquet --out runs/align
-    torchrun --nproc_per_node 8 recipes/align.py --config recipes/configs/align-efficientnet-b7.yaml
+    sail recipe align --config align-tiny                                    # CPU, a minute
+    sail recipe align --config align-efficientnet-b7 --data alt.parquet --out runs/align
+    torchrun --nproc_per_node 8 -m sail.recipes.align --config align-efficientnet-b7
 
 Filter the data first with ALIGN's frequency rules (sail/filter.py, `filter_align`).
 
@@ -35,12 +35,15 @@ import yaml
 from tqdm.auto import tqdm
 
 from sail.data import open_dataset
+from sail.distributed import wrap_ddp
+from sail.gradcache import contrastive_backward
 from sail.losses import info_nce_loss
 from sail.optim import build_optimizer, linear_warmup_decay
 from sail.recipe import (PairData, cleanup_distributed, iterate_batches, latest_checkpoint,
-                         load_checkpoint, load_config, plot_curves, save_checkpoint, setup_distributed,
-                         split_indices, train_autocast, wrap_ddp, zeroshot_check,
+                         load_checkpoint, plot_curves, save_checkpoint, setup_distributed,
+                         split_indices, train_autocast, zeroshot_check,
                          zeroshot_templates)
+from sail.recipe_config import load_config
 from sail.runlog import MetricsLog
 from sail.towers import build_towers
 
@@ -56,17 +59,17 @@ def main(argv=None) -> dict:
     train_rows, held_rows = split_indices(ds.ids, cfg["holdout"])
 
     # ---- model, optimizer, schedule
-    towers = build_towers("align", cfg["vision"], cfg["text"], cfg["embed_dim"], cfg["image"], head=cfg["head"],
+    towers = build_towers("align", cfg["vision"], cfg["text"], cfg["embed_dim"], cfg["image"], projection=cfg["projection"],
                           temperature="sigma", init_scale=1.0 / cfg["init_sigma"],
                           max_scale=cfg["max_scale"]).to(device)
     if cfg["gradient_checkpointing"]:
         unsupported = towers.enable_gradient_checkpointing()
         if unsupported and rank == 0:
             print(f"note: gradient checkpointing is not available for {', '.join(unsupported)}")
-    optimizer = build_optimizer("lamb", towers.param_groups(cfg["weight_decay"]), lr=cfg["lr"],
-                                weight_decay=cfg["weight_decay"], betas=cfg["betas"], eps=cfg["eps"])
+    optimizer = build_optimizer("lamb", towers.param_groups(cfg["optim"]["weight_decay"]), lr=cfg["optim"]["lr"],
+                                weight_decay=cfg["optim"]["weight_decay"], betas=cfg["optim"]["betas"], eps=cfg["optim"]["eps"])
     steps = int(cfg["steps"])
-    scheduler = linear_warmup_decay(optimizer, total_steps=steps, warmup_steps=min(int(cfg["warmup_steps"]), steps))
+    scheduler = linear_warmup_decay(optimizer, total_steps=steps, warmup_steps=min(int(cfg["optim"]["warmup_steps"]), steps))
 
     # ---- resume from the newest checkpoint in OUT, if any
     step, position = 0, (0, 0)
@@ -87,6 +90,9 @@ def main(argv=None) -> dict:
     bar = tqdm(total=steps, initial=step, desc="align", disable=rank != 0 or not cfg["progress"], dynamic_ncols=True)
     summary = {"out": str(out), "towers": towers, "first_loss": None, "last_loss": None}
     skipped, tick = 0, time.time()
+    def loss_fn(x, y, t):  # CE_i2t + CE_t2i: the paper sums both directions; info_nce_loss is their mean
+        return 2 * info_nce_loss(x, y, t, label_smoothing=cfg["label_smoothing"]), {}
+
     towers.train()
     while step < steps:
         epoch, next_batch, pixels, texts, n_bad = next(batches)
@@ -94,14 +100,12 @@ def main(argv=None) -> dict:
         if pixels is None:  # too few good images left in this batch
             continue
         tokens = towers.tokenize(texts[0])
-        with train_autocast(device):
-            x, y, t = model(pixels.to(device, non_blocking=True), tokens["input_ids"].to(device),
-                            tokens["attention_mask"].to(device))
-        loss = 2 * info_nce_loss(x, y, t, label_smoothing=cfg["label_smoothing"])  # sum of both directions
         lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        clip = cfg["grad_clip"]
+        loss, _ = contrastive_backward(model, pixels.to(device, non_blocking=True), tokens["input_ids"].to(device),
+                                       tokens["attention_mask"].to(device), loss_fn, cfg["accum_steps"],
+                                       autocast=lambda: train_autocast(device))
+        clip = cfg["optim"]["grad_clip"]
         grad_norm = torch.nn.utils.clip_grad_norm_(towers.parameters(), clip if clip else float("inf"))
         optimizer.step()
         scheduler.step()
@@ -121,9 +125,9 @@ def main(argv=None) -> dict:
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", t=f"{record['t']:.2f}")
 
-        if rank == 0 and cfg["eval_every"] and (step % cfg["eval_every"] == 0 or step == steps):
-            towers.recalibrate_batchnorm(calibration)
-            zs = zeroshot_check(towers, ds, held_rows, templates)
+        if cfg["eval_every"] and (step % cfg["eval_every"] == 0 or step == steps):
+            towers.recalibrate_batchnorm(calibration)  # every rank: SyncBatchNorm layers talk to each other
+            zs = zeroshot_check(towers, ds, held_rows, templates) if rank == 0 else {}
             if zs:
                 log.log({"step": step, **zs})
                 summary.update(zs)
@@ -133,8 +137,8 @@ def main(argv=None) -> dict:
                             config=cfg)
     bar.close()
 
+    towers.recalibrate_batchnorm(calibration)
     if rank == 0:
-        towers.recalibrate_batchnorm(calibration)
         towers.save_pretrained(out, metadata={"steps": steps, "data": ds.name})
         plot_curves(out / "metrics.jsonl", out / "curves.png")
         print(f"saved {out} (load with sail.towers.Towers.from_pretrained); curves in {out / 'curves.png'}")
