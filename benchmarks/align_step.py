@@ -169,10 +169,15 @@ def model_line():
     m = memory_model(heads, 1 << 20)
     gib = {k: round(v / 2**30, 2) for k, v in m.items()}
     print("memory model, B = 1,048,576, glu 2048/1024 -> 1024 width 4, bf16 autocast, fp16 features, chunk 32768, "
-          "1 GiB loss block:")
+          "1 GiB loss block (peak = parameters + features + the larger of the loss and chunk phases):")
     print("  " + "  ".join(f"{k} {v:.2f} GiB" for k, v in gib.items()))
-    print(f"  fits an 80 GB GPU: {m['total'] < GPU_BYTES} ({m['total'] / GPU_BYTES:.0%} of it)")
-    return {"model_B": 1 << 20, "model_gib": gib, "model_fits_80GB": m["total"] < GPU_BYTES}
+    print(f"  fits an 80 GB GPU: {m['peak'] < GPU_BYTES} ({m['peak'] / GPU_BYTES:.0%} of it)")
+    # the same model for this CPU's fp32 run at B = 36864 (chunk 4096, 32 MiB loss blocks, Lion: 1 state)
+    cpu = memory_model(heads, 36864, chunk=4096, emb_bytes=4, act_bytes=4, block_bytes=32 * 2**20, optimizer_states=1)
+    print(f"memory model, B = 36864 on CPU in fp32 (chunk 4096): peak {cpu['peak'] / 2**30:.2f} GiB "
+          "+ the process itself (torch, allocator; ~0.4 GiB)")
+    return {"model_B": 1 << 20, "model_gib": gib, "model_fits_80GB": m["peak"] < GPU_BYTES,
+            "model_cpu_36864_gib": round(cpu["peak"] / 2**30, 2)}
 
 
 def main(argv=None):
@@ -226,7 +231,7 @@ def main(argv=None):
     model = model_line()
     load = round(os.getloadavg()[0], 2)
     print(f"load average {load} on {os.cpu_count()} CPUs (other jobs slow the step and the matmul peak alike)")
-    round4 = lambda d: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in d.items()}  # noqa: E731
+    round4 = lambda d: {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in d.items()}  # noqa: E731
     print(json.dumps({"benchmark": "align_step", "loadavg": load, "runs": [round4(r) for r in rows], **model}))
 
 

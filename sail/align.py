@@ -551,8 +551,8 @@ def align(cfg: AlignConfig, resume: bool = False) -> AlignResult:
     except KeyboardInterrupt as e:
         bar.close()
         ck = load_checkpoint(run)
-        if isinstance(e, _GracefulStop) and rank == 0 and (ck is None or ck.step < step) and step > start:
-            _check_finite(bad, heads, run, True)  # never checkpoint weights a NaN step has already spoiled
+        finite = not bad[0].item()  # no checkpoint of weights that a NaN/Inf loss has reached
+        if isinstance(e, _GracefulStop) and rank == 0 and (ck is None or ck.step < step) and step > start and finite:
             save_checkpoint(run, step, heads, opt, sched, {"epoch": step // steps_per_epoch})
             ck = load_checkpoint(run)
         raise AlignInterrupted(run, step, ck.step if ck else None) from None

@@ -17,8 +17,9 @@ The step runs in three passes (Gao et al. 2021, "GradCache"):
    embedding gradients: torch.autograd.backward([x_c, y_c...], [gx_c, gy_c...]). Parameter gradients
    accumulate over chunks. The chunk forward is the same code as pass 1, so the result equals the
    unchunked step up to float rounding (tests/test_step.py checks it in float64 for every head x loss).
-Peak memory: features + 2 x (K+1) x B x D (embeddings, their gradients) + the loss's O(B*D) + one
-chunk's activations; see `memory_model` (printed by benchmarks/align_step.py).
+Peak memory: parameters + features + the larger of the loss phase (embeddings and the loss's O(B*D)
+buffers) and the chunk phase (the embeddings' gradients and one chunk's activations): the embeddings
+are freed once the loss has their gradients. See `memory_model` (printed by benchmarks/align_step.py).
 
 Under torch.distributed each rank passes its LOCAL rows; the losses gather the other ranks' embeddings as
 negatives and follow the convention in sail.losses (local embedding gradients are world x the
@@ -196,23 +197,27 @@ def broadcast_parameters(module: nn.Module, group=None) -> None:
 
 def memory_model(heads: nn.Module, batch: int, *, captions: int = 1, chunk: int = 32768, feature_bytes: int = 2,
                  emb_bytes: int = 2, act_bytes: int = 2, block_bytes: int = 2**30, optimizer_states: int = 2) -> dict:
-    """Estimated peak bytes of one step, per term (defaults: a GPU run, fp16 features, bf16 autocast).
+    """Estimated bytes of one step, per term, and the peak (defaults: a GPU run, fp16 features, bf16).
 
     features      the batch's frozen features, B (image_dim + K text_dim)
-    embeddings    x, y_k and their gradients: (K+1) B D three times in the embeddings' dtype (the
-                  embeddings, the loss's stored gradients, .grad while backward hands them over)
-    loss          the kernels' float32 gradient accumulators (K+1) B D, one bf16 (B, D) product buffer
-                  and one (rows, B) block: similarities (bf16) + logits and softplus (fp32) = 2.5 x block_bytes
+    embeddings    x, y_k: (K+1) B D in the embeddings' dtype (held through the loss, freed before pass 3)
+    loss          the kernels' float32 gradient accumulators (K+1) B D, one bf16 (B, D) product buffer and
+                  one (rows, B) block: similarities (bf16) + logits and softplus (fp32) = 2.5 x block_bytes;
+                  then the stored gradients and .grad while backward hands them over: 2 (K+1) B D
+    grads         the embeddings' gradients held through pass 3: (K+1) B D
     chunk         one chunk's activations in the heads (activation_bytes_per_row x chunk)
     parameters    weights + gradients + optimizer states, float32
+    peak = parameters + features + max(embeddings + loss, grads + chunk): the two phases do not overlap.
     """
-    d, k = heads.out_dim, captions
+    d, k1 = heads.out_dim, captions + 1
     terms = {
-        "features": batch * (heads.image_dim + k * heads.text_dim) * feature_bytes,
-        "embeddings": 3 * (k + 1) * batch * d * emb_bytes,
-        "loss": (k + 1) * batch * d * 4 + batch * d * 2 + int(2.5 * block_bytes),
+        "features": batch * (heads.image_dim + captions * heads.text_dim) * feature_bytes,
+        "embeddings": k1 * batch * d * emb_bytes,
+        "loss": k1 * batch * d * 4 + batch * d * 2 + int(2.5 * block_bytes) + 2 * k1 * batch * d * emb_bytes,
+        "grads": k1 * batch * d * emb_bytes,
         "chunk": activation_bytes_per_row(heads, act_bytes) * min(chunk, batch),
         "parameters": (2 + optimizer_states) * heads.num_parameters() * 4,
     }
-    terms["total"] = sum(terms.values())
+    terms["peak"] = terms["parameters"] + terms["features"] + max(terms["embeddings"] + terms["loss"],
+                                                                  terms["grads"] + terms["chunk"])
     return terms

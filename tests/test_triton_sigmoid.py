@@ -233,7 +233,7 @@ def test_align_with_triton_impl_matches_torch_impl(tmp_path):
         out = tmp_path / impl
         align(AlignConfig(image=str(img), text=str(txt), out=str(out), head="linear", out_dim=16, batch=24, steps=3,
                           lr=1e-3, optimizer="adamw", val_fraction=0.1, eval_every=1000, progress=False,
-                          device=DEVICE, loss_impl=impl))
+                          device=DEVICE, loss_impl=impl, log_every=1))
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         logged[impl] = torch.tensor([r["loss"] for r in rows], dtype=torch.float64)
         assert json.loads((out / "train_config.json").read_text())["loss_impl"] == impl
