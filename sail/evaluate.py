@@ -15,7 +15,7 @@ sliding-window protocol lives in `sail.segmentation`.
 
 Cached stores go to `<features_root>/<dataset>-<hash of its source>/<model>-<hash of the store's
 identity>.h5`: the identity is everything that determines the embeddings (data and its content hash,
-the exact texts, encoder and revision, pooling, max length, patch tokens), so a cache is reused only
+the exact texts, encoder and revision, pooling, max length, weights dtype), so a cache is reused only
 when it holds exactly what is asked for, and two datasets with the same folder name never meet.
 """
 
@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from tqdm.auto import tqdm
 
 from sail import metrics
@@ -67,19 +66,22 @@ def cache_path(features_root: str, dataset: Dataset, spec, identity: dict) -> Pa
 
 
 def cached_store(model, dataset: Dataset, modality: str, features_root: str = "features",
-                 patch_tokens: bool = False, progress: bool = True) -> FeatureStore:
+                 progress: bool = True) -> FeatureStore:
     """Extract `dataset` with the run's encoder once; later calls with the same identity reuse the store."""
+    from sail.precision import resolve_precision
+
     source = model.image_model if modality == "image" else model.text_model
     spec = resolve_model(source, modality)
     image = modality == "image"
     identity = {"model_id": spec.source, "revision": model_revision(spec.source), "modality": modality,
                 "pooling": model.pooling if image else "model", "max_length": None if image else model.max_length,
-                "patch_tokens": bool(patch_tokens) and image, "source": dataset.source,
-                "source_hash": dataset.source_hash, "fields": sorted(dataset.captions) if not image else ["image"],
-                "n": len(dataset)}
+                "source": dataset.source, "source_hash": dataset.source_hash,
+                "fields": sorted(dataset.captions) if not image else ["image"], "n": len(dataset),
+                # bf16 weights on a GPU, fp32 on a CPU: other numbers, so another cache
+                "weights_dtype": resolve_precision("auto", model.device).name}
     out = cache_path(features_root, dataset, spec, identity)
     cfg = ExtractConfig(model=source, data=dataset.source, out=str(out), modality=modality,
-                        pooling=model.pooling, patch_tokens=patch_tokens, max_length=model.max_length,
+                        pooling=model.pooling, max_length=model.max_length,
                         device=str(model.device), progress=progress, features_root=features_root)
     res = extract(cfg, dataset=dataset)
     return FeatureStore(res.path)
@@ -225,7 +227,8 @@ def winoground(run: str, data: str, images: str | None = None, device: str = "au
 
 
 def _labelled(store_path: str, run: str | None, device: torch.device, field: str = "image"):
-    """Valid labelled rows of a store as (N, D) float32 on `device` (through the run's image head if given)."""
+    """Valid labelled rows of a store: features (N, D) float32 on `device` (through the run's image head if
+    given) and labels (N,) int64 on the CPU."""
     store = FeatureStore(store_path)
     if store.labels is None:
         raise SailError(f"{store_path} has no labels; use a labelled dataset (label column or class folders)")
@@ -238,25 +241,27 @@ def _labelled(store_path: str, run: str | None, device: torch.device, field: str
         x = project_store(AlignmentHeads.from_pretrained(run).to(device), store.read(field, rows), "image", device=device)
     else:
         x = torch.from_numpy(store.read(field, rows))
-    return x.float().to(device), torch.from_numpy(store.labels[rows]).to(device)
+    # labels stay on the CPU: metrics moves them where it needs them (its seeded splits index on the CPU)
+    return x.float().to(device), torch.from_numpy(store.labels[rows])
 
 
 def linear_probe(train_store: str, test_store: str, run: str | None = None, seed: int = 0,
-                 device: str = "auto") -> dict:
+                 device: str = "auto", progress: bool = True) -> dict:
     """Logistic regression (L-BFGS, weight decay tuned on a validation split) on `device`."""
     dev = pick_device(device)
     xtr, ytr = _labelled(train_store, run, dev)
     xte, yte = _labelled(test_store, run, dev)
-    return metrics.linear_probe(xtr, ytr, xte, yte, seed=seed)
+    return metrics.linear_probe(xtr, ytr, xte, yte, seed=seed, progress=progress)
 
 
-def knn(train_store: str, test_store: str, k: int = 20, run: str | None = None, device: str = "auto") -> dict:
+def knn(train_store: str, test_store: str, k: int = 20, run: str | None = None, device: str = "auto",
+        progress: bool = True) -> dict:
     """Weighted kNN (DINO protocol) with exact cosine neighbours computed on `device`."""
     dev = pick_device(device)
     xtr, ytr = _labelled(train_store, run, dev)
     xte, yte = _labelled(test_store, run, dev)
     norm = torch.nn.functional.normalize
-    return metrics.knn_classify(norm(xtr, dim=1), ytr, norm(xte, dim=1), yte, k=k)
+    return metrics.knn_classify(norm(xtr, dim=1), ytr, norm(xte, dim=1), yte, k=k, progress=progress)
 
 
 def alignment(image_store: str, text_store: str, k: int = 10, field: str | None = None, device: str = "auto") -> dict:

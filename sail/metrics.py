@@ -23,6 +23,7 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from sail.errors import SailError
 
@@ -233,7 +234,8 @@ def winoground(scores):
 # classification on frozen features: kNN and linear probe
 
 
-def knn_classify(train_emb, train_labels, test_emb, test_labels, k=20, temperature=0.07, chunk_size=4096):
+def knn_classify(train_emb, train_labels, test_emb, test_labels, k=20, temperature=0.07, chunk_size=4096,
+                 progress=False):
     """Weighted kNN classification in percent (DINO protocol): {"top1", "top5"}.
 
     Each test row's k most cosine-similar train rows (exact search, in chunks of test rows, on the
@@ -241,11 +243,11 @@ def knn_classify(train_emb, train_labels, test_emb, test_labels, k=20, temperatu
     exp(sim / temperature); classes are ranked by total vote (pessimistic ties; a class with no votes
     ties at 0). Embeddings are assumed L2-normalised. For several k from one search, see `knn_sweep`.
     """
-    return knn_sweep(train_emb, train_labels, test_emb, test_labels, [int(k)], temperature, chunk_size)[int(k)]
+    return knn_sweep(train_emb, train_labels, test_emb, test_labels, [int(k)], temperature, chunk_size, progress)[int(k)]
 
 
 def knn_sweep(train_emb, train_labels, test_emb, test_labels, ks=(10, 20, 100, 200), temperature=0.07,
-              chunk_size=4096):
+              chunk_size=4096, progress=False):
     """`knn_classify` for several k from one neighbour search: {k: {"top1", "top5"}}."""
     train = _embeddings(train_emb, "train_emb")
     test = _embeddings(test_emb, "test_emb", device=train.device).to(train.dtype)
@@ -262,7 +264,7 @@ def knn_sweep(train_emb, train_labels, test_emb, test_labels, ks=(10, 20, 100, 2
     n_classes = int(max(y_train.max(), y_test.max())) + 1
 
     ranks = {kk: [] for kk in ks}
-    for a in range(0, test.shape[0], chunk_size):
+    for a in tqdm(range(0, test.shape[0], chunk_size), desc="knn", unit="chunk", disable=not progress, dynamic_ncols=True):
         sims, idx = (test[a:a + chunk_size] @ train.T).topk(max(ks), dim=1)  # (B, N) -> (B, kmax), best first
         weights, nb, y = (sims.double() / temperature).exp(), y_train[idx], y_test[a:a + chunk_size]
         for kk in ks:
@@ -318,7 +320,7 @@ def _stratified_split(y, val_fraction, seed):
 
 
 def linear_probe(train_x, train_y, test_x, test_y, val_fraction=0.2,
-                 weight_decays=(1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1), epochs=200, seed=0):
+                 weight_decays=(1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1), epochs=200, seed=0, progress=False):
     """Linear probe on frozen features, in percent: logistic regression with a tuned weight decay.
 
     Features need not be normalised: they are standardised with statistics of the fitting set.
@@ -352,7 +354,7 @@ def linear_probe(train_x, train_y, test_x, test_y, val_fraction=0.2,
     train_y_dev = train_y.to(train_x.device)
     x_fit, x_val = _standardised(train_x[fit_idx.to(train_x.device)], train_x[val_idx.to(train_x.device)])
     val_acc = {}
-    for wd in weight_decays:
+    for wd in tqdm(weight_decays, desc="linear probe (weight decays)", disable=not progress, dynamic_ncols=True):
         w, b = logistic_regression(x_fit, train_y_dev[fit_idx.to(train_x.device)], n_classes, wd, epochs)
         val_acc[wd] = accuracy(x_val, train_y[val_idx], w, b)
     best = max(weight_decays, key=lambda wd: (val_acc[wd], wd))

@@ -306,7 +306,7 @@ def test_probes_and_alignment_on_stores(trained, tmp_path, tiny_vision, monkeypa
     got_xtr, got_ytr, got_xte, got_yte = seen["args"]
     assert torch.equal(got_xtr, torch.from_numpy(xtr).float()) and got_ytr.tolist() == ytr.tolist()
     assert torch.equal(got_xte, torch.from_numpy(xte).float()) and got_yte.tolist() == yte.tolist()
-    assert seen["kw"] == {"seed": 3} and got_xtr.device.type == "cpu"
+    assert seen["kw"] == {"seed": 3, "progress": True} and got_xtr.device.type == "cpu"
     monkeypatch.undo()
     assert knn(str(trained["image"]), str(val.path), k=5, device="cpu") == pytest.approx(hand_knn(xtr, ytr, xte, yte, 5), abs=1e-9)
     model = SAILModel.from_pretrained(trained["run"])
