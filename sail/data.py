@@ -192,7 +192,7 @@ def _hash_files(paths: list[Path], content: bool) -> str:
 # ----------------------------------------------------------------------------------------- manifests
 
 
-_ENCODING_BLOCK = 1 << 24  # bytes per step of the encoding check
+_ENCODING_BLOCK = 1 << 22  # bytes per step of the encoding check
 
 
 def _line_of(data: bytes, start: int) -> int:
@@ -202,7 +202,7 @@ def _line_of(data: bytes, start: int) -> int:
 def check_encoding(path: Path, encoding: str = "utf-8") -> None:
     """Raise SailError naming the first line of `path` that is not valid `encoding` text.
 
-    ASCII-compatible encodings are checked in line-aligned 16 MiB blocks (bounded memory); others
+    ASCII-compatible encodings are checked in line-aligned 4 MiB blocks (bounded memory); others
     (UTF-16/32) in one piece.
     """
     import codecs
@@ -296,10 +296,11 @@ def _read_manifest_table(path: Path, encoding: str = "utf-8"):
             raise SailError(why or f"{path}: {str(e).splitlines()[0][:200]}") from None
     import pyarrow.csv as pcsv
 
-    read = pcsv.ReadOptions(encoding=encoding, block_size=1 << 24)
+    read = pcsv.ReadOptions(encoding=encoding)
     parse = pcsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",", newlines_in_values=True)
     try:
-        names = pcsv.open_csv(path, read_options=read, parse_options=parse).schema.names
+        with pcsv.open_csv(path, read_options=read, parse_options=parse) as head:  # only the column names
+            names = head.schema.names
         # every column as text: ids like 007 must not become 7
         convert = pcsv.ConvertOptions(column_types={n: pa.string() for n in names}, strings_can_be_null=False)
         return pcsv.read_csv(path, read_options=read, parse_options=parse, convert_options=convert)
