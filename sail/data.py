@@ -192,7 +192,7 @@ def _hash_files(paths: list[Path], content: bool) -> str:
 # ----------------------------------------------------------------------------------------- manifests
 
 
-_ENCODING_BLOCK = 1 << 24  # bytes per step of the encoding check
+_ENCODING_BLOCK = 1 << 22  # bytes per step of the encoding check
 
 
 def _line_of(data: bytes, start: int) -> int:
@@ -202,7 +202,7 @@ def _line_of(data: bytes, start: int) -> int:
 def check_encoding(path: Path, encoding: str = "utf-8") -> None:
     """Raise SailError naming the first line of `path` that is not valid `encoding` text.
 
-    ASCII-compatible encodings are checked in line-aligned 16 MiB blocks (bounded memory); others
+    ASCII-compatible encodings are checked in line-aligned 4 MiB blocks (bounded memory); others
     (UTF-16/32) in one piece.
     """
     import codecs
@@ -296,10 +296,11 @@ def _read_manifest_table(path: Path, encoding: str = "utf-8"):
             raise SailError(why or f"{path}: {str(e).splitlines()[0][:200]}") from None
     import pyarrow.csv as pcsv
 
-    read = pcsv.ReadOptions(encoding=encoding, block_size=1 << 24)
+    read = pcsv.ReadOptions(encoding=encoding)
     parse = pcsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",", newlines_in_values=True)
     try:
-        names = pcsv.open_csv(path, read_options=read, parse_options=parse).schema.names
+        with pcsv.open_csv(path, read_options=read, parse_options=parse) as head:  # only the column names
+            names = head.schema.names
         # every column as text: ids like 007 must not become 7
         convert = pcsv.ConvertOptions(column_types={n: pa.string() for n in names}, strings_can_be_null=False)
         return pcsv.read_csv(path, read_options=read, parse_options=parse, convert_options=convert)
@@ -307,31 +308,30 @@ def _read_manifest_table(path: Path, encoding: str = "utf-8"):
         raise SailError(f"{path} is not a readable {suffix[1:].upper()} file ({str(e).splitlines()[0][:200]})") from None
 
 
-def _text_array(table, name: str, path: Path, what: str):
-    """A text column as an Arrow string array, nulls kept; any other type is refused naming a row."""
+def _text_array(col, name: str, path: Path, what: str):
+    """A text column (Arrow, chunked) as strings, nulls kept; any other type is refused naming a row."""
     import pyarrow as pa
+    import pyarrow.compute as pc
 
-    col = table.column(name).combine_chunks()
     if pa.types.is_null(col.type):
         return pa.nulls(len(col), pa.string())
     if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
-        first = int(col.is_valid().to_numpy(zero_copy_only=False).argmax())
+        first = pc.index(pc.is_valid(col), True).as_py()
         value = json.dumps(col[first].as_py(), default=str)[:60]
         must = "ids must be text or integers" if what == "id" else f"{what}s must be text"
         raise SailError(f"{path}: {what} column {name!r} holds {col.type} values (row {first + 1}: {value}); {must}")
     return col
 
 
-def _id_column(table, name: str, path: Path) -> list[str]:
+def _id_column(col, name: str, path: Path) -> list[str]:
     """Ids as strings (integers allowed); empty or duplicate ids are refused naming a row."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    col = table.column(name).combine_chunks()
     if pa.types.is_integer(col.type):
         col = pc.cast(col, pa.string())
     else:
-        col = _text_array(table, name, path, "id" if not pa.types.is_null(col.type) else "text")
+        col = _text_array(col, name, path, "id")
     empty = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(col), ""), True)
     first = pc.index(empty, True).as_py()
     if first >= 0:
@@ -346,7 +346,6 @@ def _label_column(col) -> tuple[np.ndarray, list[str] | None]:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    col = col.combine_chunks()
     if pa.types.is_integer(col.type):
         return pc.fill_null(col, -1).to_numpy().astype(np.int64), None
     text = pc.cast(col, pa.string())
@@ -355,6 +354,22 @@ def _label_column(col) -> tuple[np.ndarray, list[str] | None]:
     names = sorted(v for v in pc.unique(text).to_pylist() if v not in (None, ""))
     index = pc.index_in(text, value_set=pa.array(names, pa.string()))
     return pc.fill_null(index, -1).to_numpy(zero_copy_only=False).astype(np.int64), names
+
+
+class _system_memory_pool:
+    """Arrow allocations through malloc while a manifest is read: large buffers go back to the OS when
+    freed (mimalloc/jemalloc would keep them), so the peak is the lists plus one column, not plus all."""
+
+    def __enter__(self):
+        import pyarrow as pa
+
+        self.before = pa.default_memory_pool()
+        pa.set_memory_pool(pa.system_memory_pool())
+
+    def __exit__(self, *exc):
+        import pyarrow as pa
+
+        pa.set_memory_pool(self.before)
 
 
 def open_manifest(path: Path, columns: list[str] | None, id_column: str = "id",
@@ -367,31 +382,38 @@ def open_manifest(path: Path, columns: list[str] | None, id_column: str = "id",
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    table = _read_manifest_table(path, encoding)
-    header = table.column_names
-    if table.num_rows == 0:
-        raise SailError(f"{path} has a header ({', '.join(header)}) but no rows")
-    if image_column and image_column not in header:
-        image_column = ""  # a text-only manifest; image extraction then says which column is missing
-    wanted = [id_column] + list(columns or [])
-    missing = [c for c in wanted if c not in header]
-    if missing:
-        raise SailError(f"{path} has no column(s) {', '.join(missing)}; its columns are {', '.join(header)}"
-                        " (choose with --columns / --id-column / --image-column)")
-    if columns is None:
-        columns = [c for c in ("caption", "long_caption", "short_caption", "text") if c in header]
-    ids = _id_column(table, id_column, path)
-    if image_column:
-        rel = _text_array(table, image_column, path, "image")
-        joined = pc.if_else(pc.starts_with(pc.fill_null(rel, ""), os.sep), rel,
-                            pc.binary_join_element_wise(str(path.parent) + os.sep, rel, ""))
-        images = pc.if_else(pc.fill_null(pc.equal(rel, ""), True), pa.scalar(None, pa.string()), joined).to_pylist()
-    else:
-        images = [None] * len(ids)
-    captions = {c: pc.fill_null(_text_array(table, c, path, "caption"), "").to_pylist() for c in columns}
-    labels, class_names = None, None
-    if label_column in header:
-        labels, class_names = _label_column(table.column(label_column))
+    with _system_memory_pool():
+        table = _read_manifest_table(path, encoding)
+        header = table.column_names
+        if table.num_rows == 0:
+            raise SailError(f"{path} has a header ({', '.join(header)}) but no rows")
+        if image_column and image_column not in header:
+            image_column = ""  # a text-only manifest; image extraction then says which column is missing
+        wanted = [id_column] + list(columns or [])
+        missing = [c for c in wanted if c not in header]
+        if missing:
+            raise SailError(f"{path} has no column(s) {', '.join(missing)}; its columns are {', '.join(header)}"
+                            " (choose with --columns / --id-column / --image-column)")
+        if columns is None:
+            columns = [c for c in ("caption", "long_caption", "short_caption", "text") if c in header]
+        # each column is freed once it is a list, so the Arrow copy and the lists never both exist whole
+        cols = {c: table.column(c) for c in dict.fromkeys([id_column, image_column, label_column, *columns])
+                if c in header}
+        del table
+        ids = _id_column(cols.pop(id_column), id_column, path)
+        if image_column:
+            rel = _text_array(cols.pop(image_column), image_column, path, "image")
+            joined = pc.if_else(pc.starts_with(pc.fill_null(rel, ""), os.sep), rel,
+                                pc.binary_join_element_wise(str(path.parent) + os.sep, rel, ""))
+            images = pc.if_else(pc.fill_null(pc.equal(rel, ""), True), pa.scalar(None, pa.string()),
+                                joined).to_pylist()
+            del rel, joined
+        else:
+            images = [None] * len(ids)
+        captions = {c: pc.fill_null(_text_array(cols.pop(c), c, path, "caption"), "").to_pylist() for c in columns}
+        labels, class_names = None, None
+        if label_column in cols:
+            labels, class_names = _label_column(cols.pop(label_column))
     return Dataset(path.stem, str(path.resolve()), _hash_files([path], content=True), ids, images,
                    captions, labels, class_names)
 
