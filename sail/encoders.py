@@ -192,7 +192,8 @@ def default_batch_size(n_params: int, device: torch.device) -> int:
 
 
 def num_params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Parameters of a torch module; 0 for a model that is not one (a custom encoder's callable)."""
+    return sum(p.numel() for p in model.parameters()) if hasattr(model, "parameters") else 0
 
 
 class FastPreprocess:

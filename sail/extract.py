@@ -326,7 +326,7 @@ def _extract_images(cfg, ds: Dataset, encoder, todo: list[int], parts: Path, ran
     workers = cfg.workers if cfg.workers is not None else default_workers(world)
     batches = _chunk_batches(todo, cfg.chunk_size, len(ds), cfg.batch_size)
     loader = torch.utils.data.DataLoader(
-        _ImageItems(ds.images, encoder.preprocess, cfg.max_pixels, encoder.draft_short_side()),
+        _ImageItems(ds.images, encoder.preprocess, cfg.max_pixels, getattr(encoder, "draft_short_side", lambda: None)()),
         batch_sampler=batches, collate_fn=_collate, num_workers=workers, pin_memory=encoder.device.type == "cuda",
         prefetch_factor=4 if workers else None, persistent_workers=False)
     pending: dict[int, dict] = {}  # chunk -> rows filled so far
