@@ -1,7 +1,7 @@
 """torchrun support shared by extract, align and the recipes: one place that starts the process group.
 
     rank, world = init_distributed()   # (0, 1) outside torchrun
-    device = local_device(pick_device("auto"), rank, world)
+    device = local_device(pick_device("auto"), rank, world)   # or both at once: rank, world, device = setup("auto")
     model = wrap_ddp(towers, device)   # towers itself in one process; BatchNorm -> SyncBatchNorm on GPUs
     barrier(world)
 """
@@ -69,3 +69,20 @@ def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         assert converted is module, "convert_sync_batchnorm swaps children in place unless the root is a BatchNorm"
     ids = [device.index] if device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+
+def setup(device: str = "auto") -> tuple[int, int, torch.device]:
+    """(rank, world, device): the process group (init_distributed) and this process's device (cuda:LOCAL_RANK
+    under torchrun on GPUs; `device` "auto" | "cpu" | "cuda" ... as sail.encoders.pick_device reads it)."""
+    from sail.encoders import pick_device
+
+    rank, world = init_distributed()
+    return rank, world, local_device(pick_device(device), rank, world)
+
+
+def cleanup() -> None:
+    """Destroy the process group if one was started (end of a torchrun script)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -44,6 +44,7 @@ def _batchnorm_buffers(model: nn.Module) -> list[torch.Tensor]:
     return [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
 
 
+# ~60 lines on purpose: the three passes share the micro-batch rows, RNG states and cached gradients.
 def contrastive_backward(model: nn.Module, pixels: torch.Tensor, input_ids: torch.Tensor,
                          attention_mask: torch.Tensor, loss_fn, accum_steps: int = 1,
                          autocast=nullcontext) -> tuple[torch.Tensor, dict]:

@@ -9,7 +9,7 @@ Rules
 - `--config` is a name from `config_names()` (the configs that ship with the package) or a path to a YAML file.
 - Overrides address nested keys with dots (`--vision.pretrained x`); dashes and underscores are the same
   (`--batch-size 8`). Values are read as YAML by OmegaConf (`--steps 10`, `--gates false`, `--lr 1e-3`,
-  `--betas [0.9,0.98]`).
+  `--betas [0.9,0.98]`); a bare `--flag` is true (`--resume`).
 - A key that is not in the file is an error naming it, except inside the open `config` sections of the
   towers (transformers kwargs: `--vision.config.hidden_dropout_prob 0.1`). A number cannot become text.
 """
@@ -52,11 +52,12 @@ def _pairs(argv: list[str]) -> list[tuple[str, str]]:
         if "=" in arg:
             key, value = arg[2:].split("=", 1)
             i += 1
-        elif i + 1 < len(argv):
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
             key, value = arg[2:], argv[i + 1]
             i += 2
-        else:
-            raise SailError(f"{arg} needs a value")
+        else:  # a bare flag (`--resume`, `--gates`) is true
+            key, value = arg[2:], "true"
+            i += 1
         pairs.append((key.replace("-", "_"), value))
     return pairs
 

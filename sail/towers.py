@@ -368,7 +368,8 @@ def build_towers(recipe: str, vision: dict, text: dict, embed_dim: int, image: d
     """Towers from recipe-config sections.
 
     projection: {"image": kind, "text": kind} (sail.heads.PROJECTIONS; ALIP: clip/clip, ALIGN: identity/fc);
-                a side left out uses `head`.
+                a side left out uses `head`. A `clip` side whose tower is `pretrained` from a CLIPModel
+                checkpoint starts from that checkpoint's visual_projection / text_projection.
     vision: {"type", "config": {...transformers config kwargs}, "pretrained": id/dir or null}
     text:   {"type", "config", "pretrained", "tokenizer": "char" | id/dir (default: pretrained),
              "max_length"}. Token ids the tower needs (vocab_size, pad/bos/eos) are filled in from the
@@ -396,8 +397,38 @@ def build_towers(recipe: str, vision: dict, text: dict, embed_dim: int, image: d
     image = dict(image or {})
     size = getattr(vision_tower.config, "image_size", 224)
     image.setdefault("size", int(size if isinstance(size, int) else size[0]))
-    return Towers(vision_tower, text_tower, tokenizer, recipe=recipe, vision_type=vision["type"],
-                  text_type=text["type"], embed_dim=int(embed_dim), preprocessing=ImagePreprocessing.from_dict(image),
-                  max_length=int(text.get("max_length", 77)), head=head, temperature=temperature,
-                  image_projection=(projection or {}).get("image"), text_projection=(projection or {}).get("text"),
-                  init_scale=init_scale, max_scale=max_scale)
+    towers = Towers(vision_tower, text_tower, tokenizer, recipe=recipe, vision_type=vision["type"],
+                    text_type=text["type"], embed_dim=int(embed_dim), preprocessing=ImagePreprocessing.from_dict(image),
+                    max_length=int(text.get("max_length", 77)), head=head, temperature=temperature,
+                    image_projection=(projection or {}).get("image"), text_projection=(projection or {}).get("text"),
+                    init_scale=init_scale, max_scale=max_scale)
+    for side, section, key in (("image", vision, "visual_projection.weight"), ("text", text, "text_projection.weight")):
+        if towers.head_spec[side] == "clip" and section.get("pretrained"):
+            _load_clip_projection(getattr(towers, f"{side}_head"), str(section["pretrained"]), key)
+    return towers
+
+
+def _load_clip_projection(head: nn.Module, pretrained: str, key: str) -> bool:
+    """Copy a CLIPModel checkpoint's projection (`visual_projection.weight` / `text_projection.weight`,
+    (embed_dim, width), no bias) into a `clip` projection; False when the checkpoint has none (a bare
+    CLIPVisionModel / CLIPTextModel), which keeps CLIP's random init."""
+    from safetensors import safe_open
+
+    path = Path(pretrained) / "model.safetensors"
+    if not path.is_file():
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(pretrained, "model.safetensors"))
+        except Exception:  # no safetensors weights reachable: nothing to copy
+            return False
+    with safe_open(str(path), framework="pt") as f:
+        if key not in f.keys():
+            return False
+        weight = f.get_tensor(key)
+    if weight.shape != head.proj.weight.shape:
+        raise SailError(f"{pretrained}'s {key} is {tuple(weight.shape)} but the projection is "
+                        f"{tuple(head.proj.weight.shape)}; set embed_dim to {weight.shape[0]}")
+    with torch.no_grad():
+        head.proj.weight.copy_(weight)
+    return True

@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from sail.errors import SailError
-from sail.recipe import epoch_batches, run_recipe, split_indices
+from sail.recipe import run_recipe
+from sail.recipe_data import epoch_batches, split_indices
 from sail.recipe_config import config_names, load_config
 from sail.runlog import read_metrics
 from sail.towers import Towers
@@ -188,25 +189,31 @@ def test_gates_off_through_run_recipe(tmp_path):
 @pytest.mark.parametrize("recipe", ["alip", "align"])
 def test_resume_after_a_kill_gives_identical_weights(recipe, tmp_path):
     # batch 96 of 364 training rows: 3 batches per epoch, so the run resumes mid-epoch and crosses an epoch.
-    args = dict(steps=4, batch_size=96, checkpoint_every=2, workers=1, **{"optim.warmup_steps": 2}) if recipe == "align" \
-        else dict(steps=4, batch_size=96, checkpoint_every=2, workers=1)
+    args = dict(steps=4, batch_size=96, checkpoint_every=2, workers=1)
+    if recipe == "align":
+        args["optim.warmup_steps"] = 2
     main = _main(recipe)
     full = tmp_path / "full"
     main(_argv(recipe, full, **args))
-    # "kill" after step 2: a fresh output folder holding only the step-2 checkpoint and the log so far
+    assert sorted(p.name for p in full.glob("checkpoint-*")) == ["checkpoint-00000002", "checkpoint-00000004"]
+    assert (full / "LATEST").read_text() == "checkpoint-00000004"  # sail.checkpoint's layout, as `sail align`
+    # "kill" after step 2: a fresh output folder holding the step-2 checkpoint, the config and the log so far
     resumed = tmp_path / "resumed"
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(full / "checkpoints" / "step-00000002", resumed / "checkpoints" / "step-00000002")
+    shutil.copytree(full / "checkpoint-00000002", resumed / "checkpoint-00000002")
+    (resumed / "LATEST").write_text("checkpoint-00000002")
+    shutil.copy(full / "recipe-config.yaml", resumed / "recipe-config.yaml")
     lines = (full / "metrics.jsonl").read_text().splitlines()
     (resumed / "metrics.jsonl").write_text("\n".join(lines[:3]) + "\n")  # steps 1, 2 and a line of step 3
-    main(_argv(recipe, resumed, **args))
+    with pytest.raises(SailError, match="already holds a run; pass --resume"):  # the rule `sail align` follows
+        main(_argv(recipe, resumed, **args))
+    main([*_argv(recipe, resumed, **args), "--resume"])
     a, b = load_file(str(full / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["step"] for r in _train_records(resumed)] == [1, 2, 3, 4]
     assert [r["loss"] for r in _train_records(resumed)] == [r["loss"] for r in _train_records(full)]
-    with pytest.raises(SailError, match="different batch_size"):
-        main(_argv(recipe, resumed, **{**args, "batch_size": 48}))
+    with pytest.raises(SailError, match="settings differ from the saved run \\(--batch-size\\)"):
+        main([*_argv(recipe, resumed, **{**args, "batch_size": 48}), "--resume"])
 
 
 def test_bad_images_are_skipped(tmp_path):

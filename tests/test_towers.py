@@ -276,3 +276,26 @@ def _align_config():
     from transformers import AlignVisionConfig
 
     return AlignVisionConfig(**ALIGN_VISION["config"])
+
+
+def test_clip_projections_load_from_a_pretrained_clip_checkpoint(tmp_path):
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(3)
+    tok = char_tokenizer()
+    clip = CLIPModel(CLIPConfig(projection_dim=12, vision_config=CLIP_VISION["config"],
+                                text_config={**CLIP_TEXT["config"], "vocab_size": len(tok),
+                                             "eos_token_id": tok.sep_token_id}))
+    clip.save_pretrained(tmp_path / "clip")
+    vision = {"type": "clip", "pretrained": str(tmp_path / "clip")}
+    text = {"type": "clip", "pretrained": str(tmp_path / "clip"), "tokenizer": "char", "max_length": 40}
+    towers = build_towers("alip", vision, text, embed_dim=12, projection={"image": "clip", "text": "clip"})
+    assert torch.equal(towers.image_head.proj.weight, clip.visual_projection.weight)
+    assert torch.equal(towers.text_head.proj.weight, clip.text_projection.weight)
+    # the towers then embed exactly as CLIPModel does (before normalisation)
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = clip.visual_projection(clip.vision_model(pixel_values=pixels).pooler_output)
+        torch.testing.assert_close(towers.embed_images(pixels), F.normalize(expected, dim=-1))
+    with pytest.raises(SailError, match=r"visual_projection.weight is \(12, 32\).*set embed_dim to 12"):
+        build_towers("alip", vision, text, embed_dim=8, projection={"image": "clip", "text": "clip"})
