@@ -46,6 +46,8 @@ host sync of a distributed training step (ranks whose sizes differ would otherwi
 ConsistencyGates are ALIP's per-sample weights for info_nce_loss(weights=...).
 """
 
+import warnings
+
 import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
@@ -301,6 +303,9 @@ def sigmoid_loss(image, text, t, b, average="pairs", block_size=None, group=None
                                impl=impl)
 
 
+_WARNED: set = set()  # self-check failures already reported
+
+
 def _pick_kernel(impl, image):
     """The multi-positive kernel impl names: sail.triton_sigmoid's fused one or the blockwise torch one."""
     if impl not in IMPLS:
@@ -316,7 +321,17 @@ def _pick_kernel(impl, image):
                         "(torch's CUDA wheels ship it) or use impl='torch'") from None
     if impl == "triton":
         triton_sigmoid.check_inputs(image)
-    return triton_sigmoid.multi_positive_kernel
+    if image.numel() == 0:  # check_impl's probe: nothing to verify yet
+        return triton_sigmoid.multi_positive_kernel
+    why = triton_sigmoid.self_check(image.device, image.dtype)  # once per (device, dtype)
+    if why is None:
+        return triton_sigmoid.multi_positive_kernel
+    if impl == "triton":
+        raise SailError(f"impl='triton': {why}; use impl='torch' (and please report the GPU and triton version)")
+    if why not in _WARNED:
+        _WARNED.add(why)
+        warnings.warn(f"impl='auto' uses the torch sigmoid loss: {why}", stacklevel=3)
+    return _multi_positive_kernel
 
 
 def check_impl(impl, device):

@@ -209,6 +209,53 @@ def _stripe_rows(block_size, n, m, elem_bytes):
     return max(1, min(n, STRIPE_ROWS, STRIPE_BYTES // (m * elem_bytes)))
 
 
+_CHECKED: dict = {}  # (device, dtype) -> None (agrees) or the reason it does not
+
+
+def self_check(device, dtype) -> str | None:
+    """Run the kernel once on a small problem (sizes off every tile grid, a diagonal offset) and compare
+    the loss, the two gradient sums and every dL/dl with a float64 computation on the same rounded inputs.
+
+    Returns None when they agree, else a one-line reason. Cached per (device, dtype): the first use on a
+    device costs one tiny launch (plus compilation). sail.losses runs it before the kernel is used, so a
+    GPU, driver or triton version on which the kernel miscomputes falls back to the torch loss instead of
+    training on wrong gradients.
+    """
+    key = (str(device), dtype)
+    if key not in _CHECKED:
+        _CHECKED[key] = _compare_with_float64(torch.device(device), dtype)
+    return _CHECKED[key]
+
+
+def _compare_with_float64(device, dtype) -> str | None:
+    n, m, d, diag, t, b = 37, 83, 40, 29, 20.0, -10.0
+    gen = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(n, d, generator=gen, dtype=torch.float64), dim=1)
+    y = torch.nn.functional.normalize(torch.randn(m, d, generator=gen, dtype=torch.float64), dim=1)
+    y[diag:diag + n] = torch.nn.functional.normalize(x + 0.3 * y[diag:diag + n], dim=1)  # real positives
+    xd, yd = x.to(device, dtype).contiguous(), y.to(device, dtype).contiguous()
+    x, y = xd.double().cpu(), yd.double().cpu()  # the reference sees the same rounded inputs
+    s = x @ y.T  # (n, m) cosines
+    z = -torch.ones_like(s)
+    z[torch.arange(n), torch.arange(n) + diag] = 1.0
+    logits = t * s + b
+    g_ref = torch.sigmoid(logits) - (z > 0).double()  # dL/dl * N
+    want = torch.stack([torch.nn.functional.softplus(-z * logits).sum(), (g_ref * s).sum(), g_ref.sum()])
+    try:
+        g = torch.empty((n, m), device=device, dtype=dtype)
+        got = stripe_sums(xd, yd, torch.tensor([t], device=device), torch.tensor([b], device=device), diag, g)
+        got, g = got.cpu(), g.double().cpu()
+    except Exception as e:  # a compile or launch failure is a reason to fall back, not to crash
+        return f"the kernel failed to run ({type(e).__name__}: {str(e)[:200]})"
+    tol = 1e-4 if dtype == torch.float32 else 1e-2  # G is stored in the input dtype (bf16: 2^-8 relative)
+    err_sums = ((got - want).abs() / want.abs().clamp_min(1.0)).max().item()
+    err_g = ((g - g_ref).norm() / g_ref.norm()).item()
+    if not (err_sums < tol and err_g < tol):  # also catches NaN
+        return (f"the kernel disagrees with float64 on {device} / {dtype} (sums {err_sums:.1e}, "
+                f"dL/dl {err_g:.1e}, tolerance {tol:.0e})")
+    return None
+
+
 def check_inputs(x):
     """SailError unless x can go through the kernel: CUDA (or the interpreter), bf16 / fp16 / fp32."""
     if x.device.type != "cuda" and not INTERPRET:

@@ -333,3 +333,37 @@ def test_random_sweep():
         fp32 = dtype == torch.float32
         compare([x, *ys], t, b, k, average, dtype, block, rtol_loss=2e-6 if fp32 else 1e-5,
                 rtol_grad=2e-5 if fp32 else 1e-2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the self-check that guards every first use of the kernel on a (device, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_self_check_accepts_the_real_kernel(dtype):
+    ts._CHECKED.clear()
+    assert ts.self_check(DEVICE, dtype) is None
+
+
+def test_self_check_catches_a_wrong_kernel_and_triton_refuses_it(monkeypatch):
+    real = ts.stripe_sums
+
+    def off_by_one_diagonal(x, y, t, b, diag, g=None):  # the classic tiling bug
+        return real(x, y, t, b, diag + 1, g)
+
+    monkeypatch.setattr(ts, "stripe_sums", off_by_one_diagonal)
+    monkeypatch.setattr(ts, "_CHECKED", {})
+    why = ts.self_check(DEVICE, torch.float32)
+    assert why is not None and "disagrees with float64" in why
+    x = F.normalize(torch.randn(8, 16, device=DEVICE), dim=1)
+    with pytest.raises(SailError, match="impl='triton': the kernel disagrees"):
+        losses.sigmoid_loss(x, x, 10.0, -10.0, impl="triton")
+
+
+def test_self_check_reports_a_kernel_that_fails_to_run(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(ts, "stripe_sums", broken)
+    monkeypatch.setattr(ts, "_CHECKED", {})
+    assert "failed to run (RuntimeError: no kernel image" in ts.self_check(DEVICE, torch.float32)
