@@ -186,7 +186,7 @@ def test_streamed_epochs_never_run_short(tmp_path):
     r = _cli("--image", img, "--text", txt, "--out", tmp_path / "run", "--head", "linear", "--out-dim", "8",
              "--batch", "96", "--epochs", "2", "--seed", "1", "--val-fraction", "0", "--in-memory", "no",
              "--stream-block-rows", "256", "--stream-buffer-blocks", "2", "--optimizer", "adamw", "--lr", "1e-3",
-             timeout=300)
+             "--log-every", "1", timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 13))
@@ -307,7 +307,8 @@ def test_sigint_checkpoints_and_prints_the_command_that_resumes(tmp_path):
     img, txt = paired_stores(tmp_path, n=1200)
     run = tmp_path / "run"
     args = ["--image", str(img), "--text", str(txt), "--out", str(run), "--head", "mlp", "--out-dim", "16", "--batch", "64",
-            "--steps", "100000", "--checkpoint-every", "100000", "--in-memory", "no", "--stream-block-rows", "256"]
+            "--steps", "100000", "--checkpoint-every", "100000", "--in-memory", "no", "--stream-block-rows", "256",
+            "--log-every", "1"]
     proc = subprocess.Popen([sys.executable, "-m", "sail.cli", "align", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     deadline = time.time() + 240
