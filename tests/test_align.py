@@ -307,7 +307,8 @@ def test_sigint_checkpoints_and_prints_the_command_that_resumes(tmp_path):
     img, txt = paired_stores(tmp_path, n=1200)
     run = tmp_path / "run"
     args = ["--image", str(img), "--text", str(txt), "--out", str(run), "--head", "mlp", "--out-dim", "16", "--batch", "64",
-            "--steps", "100000", "--checkpoint-every", "100000", "--in-memory", "no", "--stream-block-rows", "256"]
+            "--steps", "100000", "--checkpoint-every", "100000", "--in-memory", "no", "--stream-block-rows", "256",
+            "--log-every", "1"]
     proc = subprocess.Popen([sys.executable, "-m", "sail.cli", "align", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     deadline = time.time() + 240
