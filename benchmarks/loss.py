@@ -120,8 +120,7 @@ def worker(impl, n, dim, block_size, threads, repeats, accuracy):
 def run_one(impl, n, args):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, "--sizes", str(n),
            "--dim", str(args.dim), "--repeats", str(args.repeats), "--threads", str(args.threads)]
-    if args.accuracy and n <= args.accuracy_max:
-        cmd += ["--accuracy"]
+    cmd += ["--accuracy" if args.accuracy and n <= args.accuracy_max else "--no-accuracy"]
     if args.block_size:
         cmd += ["--block-size", str(args.block_size)]
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -43,7 +43,7 @@ from sail.optim import build_optimizer, cosine_with_warmup
 from sail.precision import Precision, resolve_precision
 from sail.runlog import MetricsLog, plot_curves
 from sail.stability import GradientBalance
-from sail.step import broadcast_parameters, train_step
+from sail.step import auto_chunk_size, broadcast_parameters, train_step
 from sail.store import FeatureStore
 
 LOSSES = ("sigmoid", "multi-positive", "info-nce")
@@ -490,6 +490,8 @@ def align(cfg: AlignConfig, resume: bool = False) -> AlignResult:
     step, last = start, {}
     stop = _StopRequest()
     loss_fn = functools.partial(_loss, cfg)
+    # chunk size fixed once per run: querying free memory inside the step could wait for the device
+    chunk = cfg.chunk_size or auto_chunk_size(heads, batch // world, device)
     acc = torch.zeros(5, device=device)  # sums since the last log of [loss, t, b, pos cosine, neg cosine]
     bad = torch.zeros(2, dtype=torch.float64, device=device)  # [first step with a non-finite loss (0: none), loss]
     since, tick = 0, time.perf_counter()
@@ -507,7 +509,7 @@ def align(cfg: AlignConfig, resume: bool = False) -> AlignResult:
                     def probe(x, y, t, b, at=step + 1):
                         probed.update(balance(x, y, float(t), float(b), at))
                 opt.zero_grad(set_to_none=True)
-                stats = train_step(heads, image, texts, loss_fn, precision=prec, chunk_size=cfg.chunk_size,
+                stats = train_step(heads, image, texts, loss_fn, precision=prec, chunk_size=chunk,
                                    scaler=scaler if scaler.is_enabled() else None, probe=probe)
                 if scaler.is_enabled():
                     scaler.step(opt)  # unscales; skips the step when a gradient overflowed
