@@ -10,18 +10,26 @@ logged step), `checkpoint-*/` + `LATEST` (resume with `--resume` after any crash
 
 Defaults follow the SAIL paper: Lion (lr 1e-5, wd 1e-7, betas 0.9/0.99), cosine schedule with warmup,
 t = 20, b = -10, loss averaged over all B^2 pairs. Under torchrun each rank takes its slice of every
-global batch and the loss gathers every rank's embeddings as negatives (DDP averages the gradients).
+global batch and the loss gathers every rank's embeddings as negatives; sail.step averages the gradients.
+
+Each step is sail.step.train_step: the heads run in chunks (--chunk-size, automatic from free memory), so
+memory is O(B*D) whatever the head; precision follows sail.precision (--precision, bf16 on Ampere+ GPUs).
+The step never waits for the device: statistics are read every --log-every steps, where a NaN/Inf loss
+stops the run (so up to --log-every steps may run after it) naming the last good checkpoint; checkpoints
+are only written after that check (and one of the weights).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -35,6 +43,7 @@ from sail.optim import build_optimizer, cosine_with_warmup
 from sail.precision import Precision, resolve_precision
 from sail.runlog import MetricsLog, plot_curves
 from sail.stability import GradientBalance
+from sail.step import broadcast_parameters, train_step
 from sail.store import FeatureStore
 
 LOSSES = ("sigmoid", "multi-positive", "info-nce")
@@ -69,11 +78,15 @@ class AlignConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"                # auto | fp32 | bf16 | fp16 (see sail.precision)
-    in_memory: str = "auto"                # auto | yes | no (stream from the stores)
+    in_memory: str = "auto"                # auto | yes | no (stream from the stores); a resumed run keeps its mode
+    stream_block_rows: int = 65536         # streaming: rows per contiguous block read
+    stream_buffer_blocks: int = 4          # streaming: blocks shuffled together (the shuffle window)
     checkpoint_every: int = 500
     eval_every: int = 500
-    log_every: int = 1
-    block_size: int | None = None
+    log_every: int = 50                    # steps between reads of the device-side statistics
+    block_size: int | None = None          # loss block rows (None: automatic)
+    chunk_size: int | None = None          # rows per head chunk (None: automatic from free memory)
+    loss_impl: str = "auto"                # sigmoid losses: auto | torch | triton (fused GPU kernel)
     progress: bool = True
 
     def resolved(self) -> dict:
@@ -81,9 +94,39 @@ class AlignConfig:
         d["betas"] = list(d["betas"])
         return d
 
+    def validate(self) -> None:
+        """Refuse values that would train something else than asked, naming the flag."""
+        def need(ok: bool, flag: str, value, what: str):
+            if not ok:
+                raise SailError(f"--{flag} {value} is invalid: {what}")
 
-# Settings that may differ between a run and its resumption.
-_RESUME_FREE = {"progress", "device", "precision", "in_memory", "eval_every", "log_every", "checkpoint_every"}
+        if self.loss not in LOSSES:
+            raise SailError(f"unknown loss {self.loss!r}; use one of {', '.join(LOSSES)}")
+        need(self.batch >= 2, "batch", self.batch, "a batch needs at least 2 pairs (SAIL uses 32768+)")
+        need(self.steps is None or self.steps >= 1, "steps", self.steps, "give at least 1 step, or leave it out to use --epochs")
+        need(self.epochs >= 1, "epochs", self.epochs, "give at least 1 epoch")
+        need(self.width >= 1, "width", self.width, "the hidden width factor must be at least 1")
+        need(self.out_dim >= 1, "out-dim", self.out_dim, "the embedding dimension must be at least 1")
+        need(self.lr > 0, "lr", self.lr, "the learning rate must be positive")
+        need(self.weight_decay >= 0, "weight-decay", self.weight_decay, "must be 0 or more")
+        need(all(0 <= x < 1 for x in self.betas), "beta1/--beta2", list(self.betas), "betas must be in [0, 1)")
+        need(self.warmup >= 0, "warmup", self.warmup, "a fraction in [0, 1) of the steps, or a step count >= 1")
+        need(self.init_scale > 0, "init-scale", self.init_scale, "the temperature t must be positive")
+        need(0 <= self.val_fraction < 1, "val-fraction", self.val_fraction, "must be in [0, 1)")
+        need(self.in_memory in ("auto", "yes", "no"), "in-memory", self.in_memory, "use auto, yes or no")
+        for flag in ("checkpoint_every", "eval_every", "log_every", "stream_block_rows", "stream_buffer_blocks"):
+            v = getattr(self, flag)
+            need(v >= 1, flag.replace("_", "-"), v, "must be at least 1")
+        need(self.block_size is None or self.block_size >= 1, "block-size", self.block_size, "must be at least 1")
+        need(self.chunk_size is None or self.chunk_size >= 1, "chunk-size", self.chunk_size, "must be at least 1")
+        need(self.seed >= 0, "seed", self.seed, "must be 0 or more")
+
+
+# Settings that may differ between a run and its resumption. The stores and the run directory are
+# compared by identity (see _store_identity), not by spelling; in_memory is replaced by the recorded mode.
+_RESUME_FREE = {"progress", "device", "precision", "loss_impl", "chunk_size", "block_size", "in_memory", "eval_every", "log_every", "checkpoint_every",
+                "out", "image", "text", "val_image", "val_text"}
+_STORE_FLAGS = ("image", "text", "val_image", "val_text")
 
 
 @dataclass
@@ -96,6 +139,48 @@ class AlignResult:
         rows = [(k, f"{v:.4g}" if isinstance(v, float) else str(v)) for k, v in self.metrics.items()]
         w = max(len(k) for k, _ in rows) if rows else 0
         return "\n".join([f"run {self.run_dir} ({self.steps} steps)"] + [f"  {k:<{w}}  {v}" for k, v in rows])
+
+
+class AlignInterrupted(KeyboardInterrupt):
+    """Ctrl-C during `sail align`: where the run stopped and the step a resume starts from."""
+
+    def __init__(self, run_dir: Path, step: int, checkpoint_step: int | None):
+        super().__init__(f"interrupted at step {step}")
+        self.run_dir, self.step, self.checkpoint_step = run_dir, step, checkpoint_step
+
+
+class _GracefulStop(KeyboardInterrupt):
+    pass
+
+
+class _StopRequest:
+    """The first Ctrl-C asks the loop to stop after the step in flight (weights, optimizer and step count
+    stay consistent, so a checkpoint can be written); a second one interrupts at once."""
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self.requested, self._previous = False, None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step (Ctrl-C again to stop at once)", flush=True)
+
+    def check(self) -> None:
+        if self.requested:
+            raise _GracefulStop
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            import signal
+
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -117,20 +202,42 @@ def _loss(cfg: AlignConfig, x: torch.Tensor, ys: list[torch.Tensor], t, b) -> to
     from sail import losses
 
     if cfg.loss == "sigmoid":
-        return losses.sigmoid_loss(x, ys[0], t, b, average=cfg.average, block_size=cfg.block_size)
+        return losses.sigmoid_loss(x, ys[0], t, b, average=cfg.average, block_size=cfg.block_size,
+                                   impl=cfg.loss_impl)
     if cfg.loss == "multi-positive":
-        return losses.multi_positive_loss(x, ys, t, b, average=cfg.average, block_size=cfg.block_size)
+        return losses.multi_positive_loss(x, ys, t, b, average=cfg.average, block_size=cfg.block_size,
+                                          impl=cfg.loss_impl)
     return losses.info_nce_loss(x, ys[0], t, block_size=cfg.block_size)
 
 
-@torch.no_grad()
-def _logit_stats(x: torch.Tensor, y: torch.Tensor, t: float, b: float) -> tuple[float, float]:
-    """Mean positive and negative logit in O(B*D): sum of all logits from the column sums."""
-    n = len(x)
-    pos = (x * y).sum(1)                              # (B,) diagonal of X Y^T
-    total = x.sum(0) @ y.sum(0)                       # sum over all B^2 entries
-    neg = (total - pos.sum()) / max(1, n * n - n)
-    return float(t * pos.mean() + b), float(t * neg + b)
+def _check_loss_impl(cfg: AlignConfig, device: torch.device) -> None:
+    """Fail before any data is read when --loss-impl cannot run (unknown, no triton, not CUDA)."""
+    from sail import losses
+
+    if cfg.loss == "info-nce" and cfg.loss_impl == "triton":
+        raise SailError("--loss-impl triton is for the sigmoid and multi-positive losses; info-nce runs in torch")
+    losses.check_impl(cfg.loss_impl, device)
+
+
+def _track_nonfinite(bad: torch.Tensor, loss: torch.Tensor, step: int) -> None:
+    """Remember, on the device, the first step whose loss was not finite and that loss (no host sync)."""
+    first = (bad[0] == 0) & ~torch.isfinite(loss)
+    bad.copy_(torch.where(first, torch.stack([torch.full_like(bad[0], step), loss.to(bad.dtype)]), bad))
+
+
+def _check_finite(bad: torch.Tensor, heads: AlignmentHeads, run: Path, weights: bool) -> None:
+    """At a log point: stop on a non-finite loss (and, before a checkpoint, on non-finite weights), naming
+    the last good checkpoint."""
+    step, value = bad.tolist()
+    what = f"loss became {value} at step {int(step)}" if step else None
+    if what is None and weights:
+        finite = torch.stack([torch.isfinite(p).all() for p in heads.parameters()]).all()
+        what = None if bool(finite) else "the weights became non-finite"
+    if what is None:
+        return
+    good = load_checkpoint(run)
+    where = f"the last good checkpoint is {good.path} (step {good.step})" if good else "no checkpoint was written yet"
+    raise SailError(f"{what}; {where}; try a lower --lr or a larger --batch/temperature")
 
 
 @torch.no_grad()
@@ -149,21 +256,122 @@ def _validate(heads: AlignmentHeads, image: torch.Tensor, text: torch.Tensor, de
             "val_i2t_R@5": r["image_to_text_R@5"], "val_t2i_R@5": r["text_to_image_R@5"]}
 
 
-def _prepare_run_dir(cfg: AlignConfig, resume: bool) -> Path:
+def _store_identity(store: FeatureStore) -> dict:
+    """Where a store is and what it holds: resume accepts a store found at the same resolved path or one
+    with the same content (a moved or copied file), whatever the spelling of the path."""
+    import hashlib
+
+    digest = hashlib.sha1("\n".join(store.ids.tolist()).encode()).hexdigest()
+    return {"path": str(store.path.resolve()), "rows": len(store), "ids_sha1": digest,
+            "fields": {f: store.dim(f) for f in store.fields}}
+
+
+def _check_same_stores(run: Path, saved: dict, stores: dict[str, FeatureStore]) -> None:
+    for flag, store in stores.items():
+        before = saved.get(flag)
+        if before is None:
+            continue
+        now = _store_identity(store)
+        if now["path"] != before["path"] and now["ids_sha1"] != before["ids_sha1"]:
+            raise SailError(f"cannot resume {run}: --{flag.replace('_', '-')} {store.path} is another store than the "
+                            f"run used ({before['path']}, {before['rows']} rows); pass that store or a copy of it")
+        if {k: now[k] for k in ("rows", "ids_sha1", "fields")} != {k: before[k] for k in ("rows", "ids_sha1", "fields")}:
+            raise SailError(f"cannot resume {run}: --{flag.replace('_', '-')} {store.path} changed since the run started "
+                            f"({now['rows']} rows now, {before['rows']} then); restore it or use another --out")
+
+
+def _is_failed_start(run: Path) -> bool:
+    """A run directory with settings but no checkpoint and no final model: nothing in it to resume."""
+    return not (run / "LATEST").exists() and not (run / "model.safetensors").exists()
+
+
+def _prepare_run_dir(cfg: AlignConfig, resume: bool) -> tuple[Path, dict | None]:
+    """The run directory and, when resuming, its saved settings. A directory left by a failed start (no
+    checkpoint) is reused as new, with or without --resume."""
     run = Path(cfg.out)
+    if run.exists() and not run.is_dir():
+        raise SailError(f"--out {run} is a file; a run is a directory: choose another --out")
     saved = run / "train_config.json"
     if saved.exists():
+        if _is_failed_start(run):
+            return run, None
         if not resume:
             raise SailError(f"{run} already holds a run; pass --resume to continue it or choose another --out")
         old = json.loads(saved.read_text())
         new = cfg.resolved()
-        diff = [k for k in new if k not in _RESUME_FREE and old.get(k) != new[k]]
+        defaults = {f.name: f.default for f in dataclasses.fields(AlignConfig)}  # settings added since the run began
+        diff = [k for k in new if k not in _RESUME_FREE and old.get(k, defaults.get(k)) != new[k]]
         if diff:
-            raise SailError(f"cannot resume {run}: settings differ from the saved run ({', '.join(diff)}); "
-                            "use the same settings or another --out")
-    elif resume and run.exists() and any(run.iterdir()):
+            raise SailError(f"cannot resume {run}: settings differ from the saved run "
+                            f"({', '.join('--' + k.replace('_', '-') for k in diff)}); use the same settings or another --out")
+        return run, old
+    if resume and run.exists() and any(run.iterdir()):
         raise SailError(f"{run} has no train_config.json to resume from")
-    return run
+    return run, None
+
+
+def _batching_mode(cfg: AlignConfig, saved: dict | None, nbytes: int, device: torch.device, world: int) -> str:
+    """"memory" or "stream": a resumed run keeps the mode it started with (the two differ in batch order)."""
+    before = (saved or {}).get("batching", {}).get("mode")
+    asked = {"yes": "memory", "no": "stream"}.get(cfg.in_memory)
+    if before is not None:
+        if asked is not None and asked != before:
+            raise SailError(f"cannot resume with --in-memory {cfg.in_memory}: the run started with its features "
+                            f"{'in memory' if before == 'memory' else 'streamed'} and the batch order would change; "
+                            "drop --in-memory (or pass the run's own)")
+        return before
+    if asked is not None:
+        return asked
+    # every process holds the whole set in memory mode: on one host, W copies share the RAM
+    return "memory" if _fits(nbytes * (world if device.type != "cuda" else 1), device) else "stream"
+
+
+def _finite_rows(store: FeatureStore, field: str, rows: np.ndarray, progress: bool, rank: int = 0,
+                 world: int = 1) -> np.ndarray:
+    """(len(rows),) bool: False where a feature row holds NaN or Inf (float16: exponent bits all ones).
+    Under torchrun each rank checks every W-th slab; the caller combines the ranks' answers."""
+    ok = np.ones(len(rows), dtype=bool)
+    order = np.argsort(rows, kind="stable")
+    step = 65536
+    for i in tqdm(range(rank * step, len(rows), world * step), desc=f"check {store.path.name}:{field}", unit="slab",
+                  disable=not progress or len(rows) <= 4 * step, leave=False):
+        x = store.read(field, rows[order[i:i + step]]).view(np.uint16)
+        ok[order[i:i + step]] = ~((x & 0x7C00) == 0x7C00).any(1)
+    return ok
+
+
+def _drop_nonfinite(pairs: PairedFeatures, what: str, progress: bool, say, rank: int = 0, world: int = 1,
+                    device: torch.device | None = None) -> PairedFeatures:
+    """Skip pairs whose image or text row holds NaN/Inf, printing how many and the first ids."""
+    ok = _finite_rows(pairs.image_store, "image", pairs.image_rows, progress, rank, world)
+    for c in pairs.captions:
+        ok &= _finite_rows(pairs.text_store, c, pairs.text_rows, progress, rank, world)
+    if world > 1:  # every rank must drop the same pairs: AND over the ranks' slabs
+        t = torch.from_numpy(ok.astype(np.uint8)).to(device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        ok = t.cpu().numpy().astype(bool)
+    if not ok.all():
+        bad = pairs.ids[~ok]
+        say(f"align: skipping {len(bad)} {what} pairs with NaN/Inf features (ids {', '.join(map(str, bad[:5]))}"
+            f"{', ...' if len(bad) > 5 else ''})")
+        pairs = pairs.subset(np.flatnonzero(ok))
+    return pairs
+
+
+def _check_modality(store: FeatureStore, flag: str, want: str) -> None:
+    have = store.attrs.get("modality")
+    if have is not None and have != want:
+        raise SailError(f"--{flag} {store.path} holds {have} features (modality={have}); "
+                        f"pass {'an image' if want == 'image' else 'a text'} store to --{flag}")
+
+
+def _joined(image_store: FeatureStore, text_store: FeatureStore, captions: list[str], say) -> PairedFeatures:
+    pairs = PairedFeatures.from_stores(image_store, text_store, captions)
+    di, dt = len(image_store) - len(pairs), len(text_store) - len(pairs)
+    if di or dt:
+        say(f"align: join by id kept {len(pairs)} pairs; dropped {di} of {len(image_store)} rows of {image_store.path} "
+            f"and {dt} of {len(text_store)} rows of {text_store.path} (id missing from the other store, or not valid)")
+    return pairs
 
 
 PANELS = [(("loss",), "loss"), (("t", "b"), "t, b"), (("pos_logit", "neg_logit"), "logits"),
@@ -174,18 +382,25 @@ PANELS = [(("loss",), "loss"), (("t", "b"), "t, b"), (("pos_logit", "neg_logit")
 
 
 def align(cfg: AlignConfig, resume: bool = False) -> AlignResult:
-    if cfg.loss not in LOSSES:
-        raise SailError(f"unknown loss {cfg.loss!r}; use one of {', '.join(LOSSES)}")
+    cfg.validate()
     rank, world = init_distributed()
     device = local_device(pick_device(cfg.device), rank, world)
     prec = resolve_precision(cfg.precision, device)
+    _check_loss_impl(cfg, device)
     if cfg.batch % world:
         raise SailError(f"--batch {cfg.batch} must divide evenly over {world} processes")
     torch.manual_seed(cfg.seed)
-    run = _prepare_run_dir(cfg, resume)
+    run, saved = _prepare_run_dir(cfg, resume)
+    resume = saved is not None  # a directory left by a failed start begins afresh
 
-    # ---- data: join stores by id, hold out a validation split
+    def say(msg: str) -> None:
+        if rank == 0:
+            print(msg, flush=True)
+
+    # ---- data: check the stores, join them by id, hold out a validation split
     image_store, text_store = FeatureStore(cfg.image), FeatureStore(cfg.text)
+    _check_modality(image_store, "image", "image")
+    _check_modality(text_store, "text", "text")
     captions = cfg.captions or (text_store.fields if cfg.loss == "multi-positive" else text_store.fields[:1])
     encoders = {"image": _encoder_info(image_store), "text": _encoder_info(text_store)}
     saved_encoders = run / "encoders.json"
@@ -194,26 +409,40 @@ def align(cfg: AlignConfig, resume: bool = False) -> AlignResult:
         if before != json.loads(json.dumps(encoders, default=str)):
             raise SailError(f"cannot resume {run}: the stores now come from other encoders than when the run started "
                             f"({before['image']['model_id']} / {before['text']['model_id']}); re-extract or use another --out")
-    pairs = PairedFeatures.from_stores(image_store, text_store, captions)
+    stores = {"image": image_store, "text": text_store}
+    pairs = _joined(image_store, text_store, captions, say)
     if cfg.val_image or cfg.val_text:
         if not (cfg.val_image and cfg.val_text):
             raise SailError("give both --val-image and --val-text, or neither")
         vi, vt = FeatureStore(cfg.val_image), FeatureStore(cfg.val_text)
+        _check_modality(vi, "val-image", "image")
+        _check_modality(vt, "val-text", "text")
         _check_same_encoder(image_store, vi)
         _check_same_encoder(text_store, vt)
-        train, val = pairs, PairedFeatures.from_stores(vi, vt, captions[:1])
+        stores.update(val_image=vi, val_text=vt)
+        train, val = pairs, _joined(vi, vt, captions[:1], say)
     else:
         train, val = pairs.split(cfg.val_fraction, cfg.seed)
+    identities = {k: _store_identity(v) for k, v in stores.items()}
+    if resume:
+        _check_same_stores(run, saved.get("stores", {}), stores)
+    train = _drop_nonfinite(train, "training", cfg.progress and rank == 0, say, rank, world, device)
+    if len(val):
+        val = _drop_nonfinite(val, "validation", cfg.progress and rank == 0, say, rank, world, device)
     batch = min(cfg.batch, len(train) - len(train) % world)
     if batch < 2:
         raise SailError(f"only {len(train)} training pairs; need at least 2 (check the stores and --val-fraction)")
-    local = batch // world
-    on_device = cfg.in_memory == "yes" or (cfg.in_memory == "auto" and _fits(train.nbytes(), device))
+    if batch < cfg.batch:
+        say(f"align: --batch {cfg.batch} is more than the {len(train)} training pairs; using batch {batch}")
+    mode = _batching_mode(cfg, saved, train.nbytes(), device, world)
+    on_device = mode == "memory"
     if on_device:
         image_all, texts_all = train.load(device)
-        batches = MemoryBatches(image_all, texts_all, batch, cfg.seed)
+        batches = MemoryBatches(image_all, texts_all, batch, cfg.seed, rank, world)
     else:
-        batches = StreamingBatches(train, batch, cfg.seed, device=device)
+        # reuse: the loop is done with a batch when it asks for the next one
+        batches = StreamingBatches(train, batch, cfg.seed, cfg.stream_block_rows, cfg.stream_buffer_blocks,
+                                   device=device, rank=rank, world=world, reuse=True)
     steps_per_epoch = batches.steps_per_epoch
     total = cfg.steps or cfg.epochs * steps_per_epoch
     val_image, val_texts = val.load("cpu") if len(val) else (None, None)
@@ -224,18 +453,21 @@ def align(cfg: AlignConfig, resume: bool = False) -> AlignResult:
     opt = build_optimizer(cfg.optimizer, heads.param_groups(cfg.weight_decay), cfg.lr, cfg.weight_decay, tuple(cfg.betas))
     warmup = int(cfg.warmup if cfg.warmup >= 1 else round(cfg.warmup * total))
     sched = cosine_with_warmup(opt, total, min(warmup, max(0, total - 1)))
-    model = heads
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(heads, device_ids=[device.index] if device.type == "cuda" else None)
+    scaler = prec.grad_scaler()  # dynamic loss scaling for fp16, a pass-through otherwise
 
     start = 0
     ck = load_checkpoint(run) if resume else None
     if ck is not None:
         ck.restore(heads, opt, sched)
         start = ck.step
+        if scaler.is_enabled() and "grad_scaler" in ck.state:
+            scaler.load_state_dict(ck.state["grad_scaler"])
+    broadcast_parameters(heads)  # every rank starts from rank 0's weights (as DDP did)
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
-        (run / "train_config.json").write_text(json.dumps(cfg.resolved(), indent=1))
+        record = {**cfg.resolved(), "stores": identities,
+                  "batching": {"mode": mode, "block_rows": cfg.stream_block_rows, "buffer_blocks": cfg.stream_buffer_blocks}}
+        (run / "train_config.json").write_text(json.dumps(record, indent=1))
         saved_encoders.write_text(json.dumps(encoders, indent=1, default=str))
     log = MetricsLog(run / "metrics.jsonl", resume_step=start if ck is not None else None, enabled=rank == 0)
     extra = {
@@ -250,59 +482,87 @@ def align(cfg: AlignConfig, resume: bool = False) -> AlignResult:
               f"{cfg.head} heads ({heads.num_parameters() / 1e6:.2f}M params), loss {cfg.loss}, "
               f"features {'on ' + device.type if on_device else 'streamed'}", flush=True)
 
-    # ---- loop
+    # ---- loop. Nothing in a step waits for the device: the step's statistics accumulate on the device and
+    # are read every --log-every steps (and at validation and checkpoint steps), where a non-finite loss
+    # also stops the run; so up to --log-every steps may pass after a NaN before the run stops.
     bar = tqdm(total=total, initial=start, disable=not cfg.progress or rank != 0, unit="step", dynamic_ncols=True)
-    balance = GradientBalance(batch, cfg.loss, every=cfg.log_every)  # warns once if negatives swamp positives
+    balance = GradientBalance(batch, cfg.loss)  # warns once if negatives swamp positives; probed at log points
     step, last = start, {}
+    stop = _StopRequest()
+    loss_fn = functools.partial(_loss, cfg)
+    acc = torch.zeros(5, device=device)  # sums since the last log of [loss, t, b, pos cosine, neg cosine]
+    bad = torch.zeros(2, dtype=torch.float64, device=device)  # [first step with a non-finite loss (0: none), loss]
+    since, tick = 0, time.perf_counter()
     try:
         while step < total:
             epoch, offset = divmod(step, steps_per_epoch)
             for image, texts in batches.epoch(epoch, offset):
                 if step >= total:
                     break
-                tick = time.perf_counter()
-                image = image[rank * local:(rank + 1) * local]
-                texts = [t[rank * local:(rank + 1) * local] for t in texts]
-                with prec.autocast():
-                    x, y0 = model(image, texts[0])
-                    ys = [y0] + [heads.encode_text(t) for t in texts[1:]]
-                t, b = heads.scale(), heads.logit_bias
-                loss = _loss(cfg, x.float(), [y.float() for y in ys], t, b)
-                t_val, b_val = t.item(), b.item()
-                if not torch.isfinite(loss):
-                    good = load_checkpoint(run)
-                    where = f"the last good checkpoint is {good.path} (step {good.step})" if good else "no checkpoint was written yet"
-                    raise SailError(f"loss became {loss.item()} at step {step + 1}; {where}; "
-                                    "try a lower --lr or a larger --batch/temperature")
+                stop.check()  # a first Ctrl-C stops here, between steps
+                log_next = (step + 1) % cfg.log_every == 0 or step + 1 == total
+                probed = {}
+                probe = None
+                if rank == 0 and balance.enabled and log_next:  # positives' share of the gradient, at log points
+                    def probe(x, y, t, b, at=step + 1):
+                        probed.update(balance(x, y, float(t), float(b), at))
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                stats = train_step(heads, image, texts, loss_fn, precision=prec, chunk_size=cfg.chunk_size,
+                                   scaler=scaler if scaler.is_enabled() else None, probe=probe)
+                if scaler.is_enabled():
+                    scaler.step(opt)  # unscales; skips the step when a gradient overflowed
+                    scaler.update()
+                else:
+                    opt.step()
                 sched.step()
                 heads.clamp_()
                 step += 1
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                dt = time.perf_counter() - tick
-                row = {"step": step, "loss": loss.item(), "t": t_val, "b": b_val,
-                       "lr": opt.param_groups[0]["lr"], "pairs_per_s": batch / dt}
-                row["pos_logit"], row["neg_logit"] = _logit_stats(x.float(), ys[0].float(), row["t"], row["b"])
-                row.update(balance(x.float(), ys[0].float(), t_val, b_val, step) if rank == 0 else {})
-                if rank == 0 and val_image is not None and (step % cfg.eval_every == 0 or step == total):
+                since += 1
+                acc += stats
+                _track_nonfinite(bad, stats[0], step)
+                validate = rank == 0 and val_image is not None and (step % cfg.eval_every == 0 or step == total)
+                checkpoint = step % cfg.checkpoint_every == 0 and step < total
+                bar.update(1)
+                if not (step % cfg.log_every == 0 or step == total or validate or checkpoint):
+                    continue
+                sums = acc.tolist()  # the host sync, once per log interval
+                _check_finite(bad, heads, run, checkpoint)
+                now = time.perf_counter()
+                t_val, b_val = (float(v) for v in stats[1:3].tolist())
+                bias = b_val if cfg.loss != "info-nce" else 0.0
+                row = {"step": step, "loss": sums[0] / since, "t": t_val, "b": b_val, "lr": opt.param_groups[0]["lr"],
+                       "pairs_per_s": batch * since / (now - tick),
+                       "pos_logit": t_val * sums[3] / since + bias, "neg_logit": t_val * sums[4] / since + bias}
+                row.update(probed)
+                acc.zero_()
+                since, tick = 0, now
+                if validate:
                     row.update(_validate(heads, val_image, val_texts[0], device, prec))
                 last.update(row)
-                if step % cfg.log_every == 0 or step == total or "val_i2t_R@1" in row:
-                    log.log(row)
+                log.log(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", t=f"{row['t']:.1f}", b=f"{row['b']:.2f}",
                                 pairs_s=f"{row['pairs_per_s']:.0f}", refresh=False)
-                bar.update(1)
-                if step % cfg.checkpoint_every == 0 and step < total and rank == 0:
-                    save_checkpoint(run, step, heads, opt, sched, {"epoch": epoch})
-                if world > 1 and step % cfg.checkpoint_every == 0:
+                if checkpoint and rank == 0:
+                    state = {"epoch": epoch, **({"grad_scaler": scaler.state_dict()} if scaler.is_enabled() else {})}
+                    save_checkpoint(run, step, heads, opt, sched, state)
+                if world > 1 and checkpoint:
                     torch.distributed.barrier()
-    finally:
+                tick = time.perf_counter()  # validation and checkpoints do not count against pairs/s
+    except KeyboardInterrupt as e:
         bar.close()
+        ck = load_checkpoint(run)
+        finite = not bad[0].item()  # no checkpoint of weights that a NaN/Inf loss has reached
+        if isinstance(e, _GracefulStop) and rank == 0 and (ck is None or ck.step < step) and step > start and finite:
+            save_checkpoint(run, step, heads, opt, sched, {"epoch": step // steps_per_epoch})
+            ck = load_checkpoint(run)
+        raise AlignInterrupted(run, step, ck.step if ck else None) from None
+    finally:
+        stop.restore()
+        bar.close()
+        batches.close()
 
     if rank == 0:
+        _check_finite(bad, heads, run, True)  # the last steps since the last log point, before saving
         heads.save_pretrained(run, extra_config=extra, metadata={
             "image_model": str(extra["image_encoder"]["model_id"]), "text_model": str(extra["text_encoder"]["model_id"]),
             "loss": cfg.loss})

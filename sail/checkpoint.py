@@ -1,25 +1,42 @@
-"""Crash-safe training checkpoints without pickle: tensors in safetensors, everything else in JSON.
+"""Crash-safe training checkpoints without pickle, for `sail align` and the recipes: tensors in safetensors,
+everything else in JSON.
 
-    save_checkpoint(run_dir, step, model=heads, optimizer=opt, scheduler=sched, state={"epoch": 3})
+    save_checkpoint(run_dir, step, model=heads, optimizer=opt, scheduler=sched, state={"epoch": 3},
+                    position=(epoch, next_batch), keep=2)
     ck = load_checkpoint(run_dir)          # None if the run has none
-    ck.restore(model=heads, optimizer=opt, scheduler=sched); ck.state["epoch"]
+    ck.restore(model=heads, optimizer=opt, scheduler=sched); ck.state["epoch"]; ck.position
 
-Each checkpoint is written to `checkpoint-<step>.tmp/`, renamed to `checkpoint-<step>/`, and only then
-named in `LATEST` (itself replaced atomically); older checkpoints are removed afterwards. A kill -9 at
-any moment leaves LATEST pointing at a complete checkpoint.
+Layout of RUN/checkpoint-<step>/: model.safetensors (+ NAME.safetensors per extra module), optimizer.safetensors,
+rng-rank<R>.safetensors + rng-rank<R>.json (torch CPU/CUDA, numpy and Python RNG of each process),
+checkpoint.json (step, state, data position, optimizer and scheduler settings). RUN/LATEST names the newest.
+
+Atomic: each checkpoint is written to `checkpoint-<step>.tmp/` (files fsynced), renamed to `checkpoint-<step>/`,
+and only then named in `LATEST` (itself replaced atomically); all but the newest `keep` are removed
+afterwards. A kill -9 at any moment leaves LATEST pointing at a complete checkpoint.
+
+Under torch.distributed, `collective=True` means every rank calls save_checkpoint (each writes its own RNG
+state; rank 0 writes the rest); the default is the caller being the only writer (rank 0 or one process).
+
+The resume rule (align and the recipes): a run directory that holds a run (its settings file and a
+checkpoint or a final model) is continued only when asked (`--resume`), and only with the settings it
+started with (`check_resume`); without --resume sail refuses and overwrites nothing. A directory left by a
+failed start (settings, no checkpoint, no model) is reused as new.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from sail.distributed import barrier, current
 from sail.errors import SailError
 
 
@@ -53,12 +70,35 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], plain: dict, current_g
     return {"state": state, "param_groups": groups}
 
 
-def _rng_state() -> dict[str, torch.Tensor]:
-    out = {"rng.cpu": torch.get_rng_state()}
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    """This process's RNG states: (tensors for safetensors, JSON-able rest)."""
+    tensors = {"rng.cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            out[f"rng.cuda{i}"] = s
-    return out
+            tensors[f"rng.cuda{i}"] = s
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    plain = {"numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
+             "python": [version, list(py_state), py_gauss]}
+    return tensors, plain
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], plain: dict | None) -> None:
+    torch.set_rng_state(tensors["rng.cpu"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+    if plain:  # absent in checkpoints written before numpy / Python states were kept
+        kind, keys, pos, has_gauss, gauss = plain["numpy"]
+        np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+        version, py_state, py_gauss = plain["python"]
+        random.setstate((version, tuple(py_state), py_gauss))
+
+
+def _fsync_tree(folder: Path) -> None:
+    for f in folder.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
 
 
 def _json_default(v):
@@ -71,37 +111,53 @@ def _json_default(v):
 
 def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer=None, scheduler=None,
                     state: dict | None = None, extra_modules: dict[str, torch.nn.Module] | None = None,
-                    keep: int = 1) -> Path:
+                    keep: int = 1, position=None, collective: bool = False) -> Path:
+    """Write RUN/checkpoint-<step>/ atomically and point LATEST at it (see the module doc).
+    `position`: where the data stream resumes (the recipes: [epoch, next batch]); JSON-able."""
     run_dir = Path(run_dir)
+    rank = current()[0] if collective else 0
+    sync = barrier if collective else (lambda: None)
     final = run_dir / f"checkpoint-{step:08d}"
     tmp = run_dir / f"checkpoint-{step:08d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    sync()
+    rng_tensors, rng_plain = _rng_state()  # every rank its own
+    save_file({k: v.contiguous() for k, v in rng_tensors.items()}, str(tmp / f"rng-rank{rank}.safetensors"))
+    (tmp / f"rng-rank{rank}.json").write_text(json.dumps(rng_plain))
+    if rank == 0:
+        _write_state(tmp, step, model, optimizer, scheduler, state, extra_modules, position)
+    sync()
+    if rank == 0:
+        _fsync_tree(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        latest_tmp = run_dir / "LATEST.tmp"
+        latest_tmp.write_text(final.name)
+        os.replace(latest_tmp, run_dir / "LATEST")
+        old = sorted(p for p in run_dir.glob("checkpoint-*") if p.is_dir() and not p.name.endswith(".tmp"))
+        for p in old[:-keep] if keep > 0 else []:
+            if p != final:
+                shutil.rmtree(p, ignore_errors=True)
+    sync()
+    return final
+
+
+def _write_state(tmp: Path, step: int, model, optimizer, scheduler, state, extra_modules, position) -> None:
     modules = {"model": model, **(extra_modules or {})}
     for name, m in modules.items():
-        save_file({k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()}, str(tmp / f"{name}.safetensors"))
-    meta: dict = {"step": step, "state": state or {}, "modules": list(modules)}
+        # clone on CPU: safetensors refuses tensors that share storage (tied weights, views)
+        save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in m.state_dict().items()},
+                  str(tmp / f"{name}.safetensors"))
+    meta: dict = {"step": step, "state": state or {}, "modules": list(modules), "position": position}
     if optimizer is not None:
         tensors, plain = flatten_optimizer(optimizer.state_dict())
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         meta["optimizer"] = plain
     if scheduler is not None:
         meta["scheduler"] = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-    save_file(_rng_state(), str(tmp / "rng.safetensors"))
     (tmp / "checkpoint.json").write_text(json.dumps(meta, default=_json_default))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    latest_tmp = run_dir / "LATEST.tmp"
-    latest_tmp.write_text(final.name)
-    os.replace(latest_tmp, run_dir / "LATEST")
-    old = sorted(p for p in run_dir.glob("checkpoint-*") if p.is_dir() and not p.name.endswith(".tmp"))
-    for p in old[:-keep] if keep > 0 else []:
-        if p != final:
-            shutil.rmtree(p, ignore_errors=True)
-    return final
 
 
 @dataclass
@@ -110,6 +166,11 @@ class Checkpoint:
     step: int
     state: dict
     meta: dict
+
+    @property
+    def position(self):
+        """The data position saved with the checkpoint (None if none was given)."""
+        return self.meta.get("position")
 
     def restore(self, model: torch.nn.Module, optimizer=None, scheduler=None,
                 extra_modules: dict[str, torch.nn.Module] | None = None, rng: bool = True) -> None:
@@ -121,11 +182,14 @@ class Checkpoint:
         if scheduler is not None and "scheduler" in self.meta:
             scheduler.load_state_dict({**scheduler.state_dict(), **self.meta["scheduler"]})
         if rng:
-            r = load_file(str(self.path / "rng.safetensors"))
-            torch.set_rng_state(r["rng.cpu"])
-            cuda = [r[k] for k in sorted(r) if k.startswith("rng.cuda")]
-            if cuda and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+            rank = current()[0]
+            mine, legacy = self.path / f"rng-rank{rank}.safetensors", self.path / "rng.safetensors"
+            if mine.is_file():
+                plain = self.path / f"rng-rank{rank}.json"
+                _set_rng_state(load_file(str(mine)), json.loads(plain.read_text()) if plain.is_file() else None)
+            elif legacy.is_file():  # written by sail 0.1
+                _set_rng_state(load_file(str(legacy)), None)
+            # else: more processes than when it was saved; the new ranks keep their fresh RNG
 
 
 def load_checkpoint(run_dir: str | Path) -> Checkpoint | None:
@@ -139,3 +203,32 @@ def load_checkpoint(run_dir: str | Path) -> Checkpoint | None:
     except (OSError, json.JSONDecodeError) as e:
         raise SailError(f"checkpoint {path} is unreadable ({e}); delete {latest} to start over") from None
     return Checkpoint(path, int(meta["step"]), meta["state"], meta)
+
+
+def check_resume(run_dir: str | Path, settings_file: str, settings: dict, resume: bool,
+                 free: tuple[str, ...] = ()) -> Checkpoint | None:
+    """The resume rule (module doc) for a run whose settings live in RUN/`settings_file` (JSON or YAML):
+    the checkpoint to continue from, or None for a fresh start. Raises SailError when RUN holds a run and
+    `resume` is false, or when `settings` differ from the saved ones (keys in `free` may differ)."""
+    import yaml
+
+    run = Path(run_dir)
+    if run.exists() and not run.is_dir():
+        raise SailError(f"--out {run} is a file; a run is a directory: choose another --out")
+    saved = run / settings_file
+    holds_run = saved.is_file() and ((run / "LATEST").exists() or (run / "model.safetensors").exists())
+    if not holds_run:
+        if resume and run.exists() and any(run.iterdir()) and not saved.is_file():
+            raise SailError(f"{run} has no {settings_file} to resume from")
+        return None  # nothing there, or a failed start: reused as new
+    if not resume:
+        raise SailError(f"{run} already holds a run; pass --resume to continue it or choose another --out")
+    old = yaml.safe_load(saved.read_text()) or {}  # YAML reads JSON too
+    diff = [k for k in settings if k not in free and k in old and old[k] != settings[k]]
+    if diff:
+        raise SailError(f"cannot resume {run}: settings differ from the saved run "
+                        f"({', '.join('--' + k.replace('_', '-') for k in diff)}); use the same settings or another --out")
+    ck = load_checkpoint(run)
+    if ck is None:
+        raise SailError(f"{run} holds a finished run without checkpoints; choose another --out")
+    return ck

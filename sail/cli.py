@@ -18,6 +18,24 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="sail: vision-language alignment tuning on frozen unimodal encoders.")
 
 
+_ARGV: list[str] = []  # the arguments of this invocation, for the resume command printed after Ctrl-C
+
+_OVERWRITE = typer.Option(False, "--overwrite", help="replace an existing output")
+
+
+def _check_out(out: Optional[str], overwrite: bool) -> None:
+    """An output file the user named: never a folder, and an existing one is replaced only with --overwrite."""
+    from pathlib import Path
+
+    if out is None:
+        return
+    path = Path(out)
+    if path.is_dir():
+        raise SailError(f"--out {out} is a directory; give a file path such as {path / 'results.json'}")
+    if path.exists() and not overwrite:
+        raise SailError(f"--out {out} already exists; pass --overwrite to replace it, or choose another path")
+
+
 def _split(value: Optional[str]) -> Optional[list[str]]:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
@@ -41,14 +59,19 @@ def extract(
     model: str = typer.Option(..., help="alias (see `sail models`), Hugging Face id, or local model directory"),
     data: str = typer.Option(..., help="manifest (csv/tsv/jsonl/parquet), .tar shard(s) folder, image folder, or 'sample'"),
     columns: Optional[str] = typer.Option(None, help="caption columns for text models, comma-separated (default: caption[,long_caption])"),
-    out: Optional[str] = typer.Option(None, help="store path (default features/<dataset>/<model>.h5)"),
+    out: Optional[str] = typer.Option(None, help="store path (default FEATURES_ROOT/<dataset>/<model>.h5)"),
+    features_root: str = typer.Option("features", help="root folder of feature stores (used when --out is not given)"),
     pooling: str = typer.Option("concat", help="image pooling: concat ([CLS; mean patch]), cls, mean"),
     patch_tokens: bool = typer.Option(False, "--patch-tokens", help="also store patch tokens (for segmentation)"),
     max_length: Optional[int] = typer.Option(None, help="text token limit (default: the model's maximum)"),
     modality: Optional[str] = typer.Option(None, help="force image or text"),
-    batch_size: int = typer.Option(64, help="items per forward pass"),
+    batch_size: Optional[int] = typer.Option(None, help="items per forward pass (default: from the model's size; 32 on CPU)"),
     chunk_size: int = typer.Option(2048, help="rows per crash-safe part file"),
-    workers: Optional[int] = typer.Option(None, help="image decoding workers (default: cores - 1)"),
+    workers: Optional[int] = typer.Option(None, help="image decoding workers (default: this process's cores - 1)"),
+    precision: str = typer.Option("auto", help="weights dtype: auto (bf16 on Ampere+ GPUs, fp32 on CPU), fp32, bf16, fp16"),
+    preprocess: str = typer.Option("fast", help="fast (PIL + torch, matches the processor) or hf (the model's own processor)"),
+    dist_timeout: float = typer.Option(720.0, help="minutes a torchrun rank may wait for the others"),
+    overwrite: bool = _OVERWRITE,
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N"),
     id_column: str = typer.Option("id", help="manifest id column"),
     image_column: str = typer.Option("image", help="manifest image-path column (relative to the manifest)"),
@@ -56,17 +79,21 @@ def extract(
     allow_truncated: bool = typer.Option(False, "--allow-truncated",
                                          help="keep the complete samples of truncated shards (recorded as skipped)"),
     max_pixels: int = typer.Option(100_000_000, help="skip larger images as 'too large' (0: no limit)"),
+    encoding: str = typer.Option("utf-8", help="text encoding of a CSV/TSV/JSONL manifest (e.g. latin-1, utf-16)"),
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code/--no-trust-remote-code",
                                                      help="allow model code from the hub (default: per alias)"),
 ):
     """Run a frozen encoder once over a dataset and store its embeddings (resumable, crash-safe)."""
     from sail.extract import ExtractConfig, extract as run
 
-    result = run(ExtractConfig(model=model, data=data, columns=_split(columns), out=out, pooling=pooling,
+    result = run(ExtractConfig(model=model, data=data, columns=_split(columns), out=out, features_root=features_root, pooling=pooling,
                                patch_tokens=patch_tokens, max_length=max_length, modality=modality,
                                batch_size=batch_size, chunk_size=chunk_size, workers=workers, device=device,
                                id_column=id_column, image_column=image_column, split=split,
-                               allow_truncated=allow_truncated, max_pixels=max_pixels, trust_remote_code=trust_remote_code))
+                               allow_truncated=allow_truncated, max_pixels=max_pixels, encoding=encoding,
+                               trust_remote_code=trust_remote_code,
+                               precision=precision, preprocess=preprocess, dist_timeout=dist_timeout,
+                               overwrite=overwrite))
     import os
 
     if int(os.environ.get("RANK", "0")) == 0:
@@ -101,33 +128,65 @@ def align(
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N"),
     precision: str = typer.Option("auto", help="auto | fp32 | bf16 | fp16 (auto: bf16 on Ampere+ GPUs, fp32 on CPU)"),
-    in_memory: str = typer.Option("auto", help="auto | yes | no (stream from the stores)"),
+    in_memory: str = typer.Option("auto", help="auto | yes | no (stream from the stores); a resumed run keeps its own"),
+    stream_block_rows: int = typer.Option(65536, help="streaming: rows per contiguous read"),
+    stream_buffer_blocks: int = typer.Option(4, help="streaming: blocks shuffled together"),
     checkpoint_every: int = typer.Option(500, help="steps between checkpoints"),
     eval_every: int = typer.Option(500, help="steps between validation R@1"),
     block_size: Optional[int] = typer.Option(None, help="loss block rows (default: automatic)"),
+    loss_impl: str = typer.Option("auto", help="sigmoid losses: auto (triton on CUDA if installed) | torch | triton"),
+    chunk_size: Optional[int] = typer.Option(None, help="rows per head chunk (default: automatic from free memory)"),
+    log_every: int = typer.Option(50, help="steps between reads of the loss/t/b statistics (and NaN checks)"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
 ):
     """Train alignment heads on cached features; writes config.json + model.safetensors."""
-    from sail.align import AlignConfig, align as run
+    from sail.align import AlignConfig, AlignInterrupted, align as run
 
-    result = run(AlignConfig(image=image, text=text, out=out, captions=_split(captions), loss=loss, average=average,
-                             head=head, width=width, out_dim=out_dim, activation=activation, batch=batch, epochs=epochs,
-                             steps=steps, optimizer=optimizer, lr=lr, weight_decay=weight_decay, betas=(beta1, beta2),
-                             warmup=warmup, init_scale=init_scale, init_bias=init_bias, val_fraction=val_fraction,
-                             val_image=val_image, val_text=val_text, seed=seed, device=device, precision=precision,
-                             in_memory=in_memory,
-                             checkpoint_every=checkpoint_every, eval_every=eval_every, block_size=block_size),
-                 resume=resume)
+    try:
+        result = run(AlignConfig(image=image, text=text, out=out, captions=_split(captions), loss=loss, average=average,
+                                 head=head, width=width, out_dim=out_dim, activation=activation, batch=batch, epochs=epochs,
+                                 steps=steps, optimizer=optimizer, lr=lr, weight_decay=weight_decay, betas=(beta1, beta2),
+                                 warmup=warmup, init_scale=init_scale, init_bias=init_bias, val_fraction=val_fraction,
+                                 val_image=val_image, val_text=val_text, seed=seed, device=device, precision=precision,
+                                 in_memory=in_memory, checkpoint_every=checkpoint_every, eval_every=eval_every,
+                                 block_size=block_size, loss_impl=loss_impl, chunk_size=chunk_size, log_every=log_every,
+                                 stream_block_rows=stream_block_rows, stream_buffer_blocks=stream_buffer_blocks),
+                     resume=resume)
+    except AlignInterrupted as e:
+        _interrupted(e)
     if result.metrics:
         typer.echo(result.summary())
 
 
-@app.command()
-def info(path: str = typer.Argument(..., help="feature store (.h5)")):
-    """Print a store's attributes, fields, labels and skipped samples."""
-    from sail.store import describe
+def _interrupted(e) -> None:
+    """Ctrl-C in `sail align`: say where the run stands and print the exact command that continues it."""
+    import os
+    import shlex
 
-    typer.echo(describe(path))
+    if int(os.environ.get("RANK", "0")) != 0:
+        raise typer.Exit(130)
+    args = list(_ARGV)
+    if "--resume" not in args:
+        args.append("--resume")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    prefix = f"torchrun --nproc_per_node {world} -m sail.cli" if world > 1 else "sail"
+    where = (f"the last checkpoint is step {e.checkpoint_step}" if e.checkpoint_step is not None
+             else "no checkpoint was written yet, so it restarts from step 0")
+    typer.echo(f"interrupted at step {e.step} of {e.run_dir}; {where}. Resume with:\n  {prefix} {shlex.join(args)}",
+               err=True)
+    raise typer.Exit(130)
+
+
+@app.command()
+def info(path: str = typer.Argument(..., help="feature store (.h5)"),
+         verify: bool = typer.Option(False, "--verify", help="re-read every dataset and compare its sha256 checksum")):
+    """Print a store's attributes, fields, labels, skipped samples and integrity (exit 2 if it is damaged)."""
+    from sail.store import describe, verify as run_verify
+
+    text, problems = describe(path, run_verify(path) if verify else None)
+    typer.echo(text)
+    if problems:
+        raise SailError(f"{path} is damaged: {'; '.join(problems)}; extract it again")
 
 
 # ----------------------------------------------------------------------------------------- eval
@@ -141,59 +200,74 @@ def _report(task: str, result: dict, out: Optional[str], run: Optional[str]) -> 
     import json
     from pathlib import Path
 
-    width = max(len(k) for k in result)
+    def line(k, v, width):
+        return f"  {k:<{width}}  {v:.2f}" if isinstance(v, float) else f"  {k:<{width}}  {v}"
+
+    flat = {k: v for k, v in result.items() if not isinstance(v, dict)}
     typer.echo(f"{task}")
-    for k, v in result.items():
-        typer.echo(f"  {k:<{width}}  {v:.2f}" if isinstance(v, float) else f"  {k:<{width}}  {v}")
+    for k, v in flat.items():
+        typer.echo(line(k, v, max(len(k) for k in flat)))
+    for name, table in result.items():  # e.g. per_class_iou: one row per class
+        if isinstance(table, dict) and table:
+            typer.echo(f"{name}")
+            for k, v in table.items():
+                typer.echo(line(str(k), "-" if v is None else v, max(len(str(k)) for k in table)))
     path = Path(out) if out else (Path(run) / "eval" / f"{task}.json" if run else Path(f"eval-{task}.json"))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1, default=str))
+    tmp = path.with_name(path.name + ".tmp")  # never a half-written results file
+    tmp.write_text(json.dumps(result, indent=1, default=str))
+    tmp.replace(path)
     typer.echo(f"saved {path}")
 
 
 _RUN = typer.Argument(..., help="run directory (config.json + model.safetensors)")
 _OUT = typer.Option(None, "--out", help="JSON file for the results (default RUN/eval/TASK.json)")
-_DEVICE = typer.Option("auto", help="auto, cpu, cuda")
+_DEVICE = typer.Option("auto", help="auto, cpu, cuda, cuda:N")
+_FEATURES = typer.Option("features", "--features-root", help="root folder of cached feature stores")
 _VISION = typer.Option(None, "--vision-model", help="local copy of the run's vision encoder")
 _TEXT = typer.Option(None, "--text-model", help="local copy of the run's text encoder")
 
 
 @eval_app.command("zeroshot")
 def eval_zeroshot(run: str = _RUN,
-                  data: str = typer.Option(..., help="labelled images: class folders, a manifest with a label column, or 'sample-val'"),
+                  data: str = typer.Option(..., help="labelled images: class folders, a manifest with a label column, a CLIP_benchmark webdataset folder, or 'sample-val'"),
                   classnames: Optional[str] = typer.Option(None, help="'imagenet' or a file (default: the dataset's class names)"),
-                  templates: str = typer.Option("imagenet", help="built-in set (imagenet, cifar10, food101, ...) or a file, one template with {} per line"),
+                  templates: Optional[str] = typer.Option(None, help="built-in set (imagenet, cifar10, food101, ...) or a file, one template with {} per line (default: a CLIP_benchmark folder's own, else imagenet)"),
                   image_store: Optional[str] = typer.Option(None, help="use these image features instead of extracting"),
-                  out: Optional[str] = _OUT, device: str = _DEVICE, vision_model: Optional[str] = _VISION,
-                  text_model: Optional[str] = _TEXT):
+                  split: str = typer.Option("test", help="split of a CLIP_benchmark webdataset folder"),
+                  out: Optional[str] = _OUT, overwrite: bool = _OVERWRITE, device: str = _DEVICE, vision_model: Optional[str] = _VISION,
+                  text_model: Optional[str] = _TEXT, features_root: str = _FEATURES):
     """Zero-shot classification with template ensembles: top-1, top-5, mean per-class recall."""
+    _check_out(out, overwrite)
     from sail.evaluate import zeroshot
 
-    _report("zeroshot", zeroshot(run, data, classnames, templates, image_store, device=device,
-                                 vision_model=vision_model, text_model=text_model), out, run)
+    _report("zeroshot", zeroshot(run, data, classnames, templates, image_store, features_root=features_root,
+                                 device=device, vision_model=vision_model, text_model=text_model, split=split), out, run)
 
 
 @eval_app.command("retrieval")
 def eval_retrieval(run: str = _RUN,
-                   data: str = typer.Option(..., help="manifest (caption columns / rows per image), Karpathy JSON, or COCO captions JSON"),
+                   data: str = typer.Option(..., help="manifest (caption columns / rows per image), Karpathy JSON, COCO captions JSON, or CLIP_benchmark retrieval folder"),
                    images_root: Optional[str] = typer.Option(None, help="image folder for JSON inputs (default: the JSON's folder)"),
-                   split: str = typer.Option("test", help="Karpathy split"),
+                   split: str = typer.Option("test", help="Karpathy or CLIP_benchmark split"),
                    columns: Optional[str] = typer.Option(None, help="caption columns of a manifest"),
-                   out: Optional[str] = _OUT, device: str = _DEVICE, vision_model: Optional[str] = _VISION,
-                   text_model: Optional[str] = _TEXT):
+                   out: Optional[str] = _OUT, overwrite: bool = _OVERWRITE, device: str = _DEVICE, vision_model: Optional[str] = _VISION,
+                   text_model: Optional[str] = _TEXT, features_root: str = _FEATURES):
     """Image-text retrieval R@1/5/10 in both directions (several captions per image)."""
+    _check_out(out, overwrite)
     from sail.evaluate import retrieval
 
-    _report("retrieval", retrieval(run, data, images_root, split, _split(columns), device=device,
-                                   vision_model=vision_model, text_model=text_model), out, run)
+    _report("retrieval", retrieval(run, data, images_root, split, _split(columns), features_root=features_root,
+                                   device=device, vision_model=vision_model, text_model=text_model), out, run)
 
 
 @eval_app.command("winoground")
 def eval_winoground(run: str = _RUN, data: str = typer.Option(..., help="Winoground examples.jsonl"),
                     images: Optional[str] = typer.Option(None, help="image folder (default: images/ beside the jsonl)"),
-                    out: Optional[str] = _OUT, device: str = _DEVICE, vision_model: Optional[str] = _VISION,
+                    out: Optional[str] = _OUT, overwrite: bool = _OVERWRITE, device: str = _DEVICE, vision_model: Optional[str] = _VISION,
                     text_model: Optional[str] = _TEXT):
     """Winoground text, image and group scores."""
+    _check_out(out, overwrite)
     from sail.evaluate import winoground
 
     _report("winoground", winoground(run, data, images, device, vision_model, text_model), out, run)
@@ -202,34 +276,45 @@ def eval_winoground(run: str = _RUN, data: str = typer.Option(..., help="Winogro
 @eval_app.command("linear-probe")
 def eval_linear_probe(train: str = typer.Option(..., help="labelled train store"), test: str = typer.Option(..., help="labelled test store"),
                       run: Optional[str] = typer.Option(None, help="project through this run's image head first"),
-                      out: Optional[str] = _OUT):
+                      out: Optional[str] = _OUT, overwrite: bool = _OVERWRITE, device: str = _DEVICE):
     """Logistic regression on frozen features; weight decay chosen on a validation split."""
+    _check_out(out, overwrite)
     from sail.evaluate import linear_probe
 
-    _report("linear-probe", linear_probe(train, test, run), out, run)
+    _report("linear-probe", linear_probe(train, test, run, device=device), out, run)
 
 
 @eval_app.command("knn")
 def eval_knn(train: str = typer.Option(..., help="labelled train store"), test: str = typer.Option(..., help="labelled test store"),
              k: int = typer.Option(20), run: Optional[str] = typer.Option(None, help="project through this run's image head first"),
-             out: Optional[str] = _OUT):
-    """k-nearest-neighbour classification (faiss, cosine, weighted votes)."""
+             out: Optional[str] = _OUT, overwrite: bool = _OVERWRITE, device: str = _DEVICE):
+    """k-nearest-neighbour classification (exact cosine neighbours, weighted votes)."""
+    _check_out(out, overwrite)
     from sail.evaluate import knn
 
-    _report("knn", knn(train, test, k, run), out, run)
+    _report("knn", knn(train, test, k, run, device=device), out, run)
 
 
 @eval_app.command("segmentation")
 def eval_segmentation(run: str = _RUN, images: str = typer.Option(..., help="folder of images"),
                       masks: str = typer.Option(..., help="folder of label masks <stem>.png"),
-                      classnames: str = typer.Option(..., help="file, one class per line, in mask-index order"),
-                      templates: str = typer.Option("imagenet"), ignore_index: int = typer.Option(255),
-                      out: Optional[str] = _OUT, device: str = _DEVICE, vision_model: Optional[str] = _VISION,
+                      classnames: str = typer.Option(..., help="file, one class per line in mask-index order ('a, b' = synonyms)"),
+                      templates: str = typer.Option("imagenet"),
+                      reduce_zero_label: bool = typer.Option(False, "--reduce-zero-label", help="label 0 = ignore, others shift down by one (ADE20K, VOC20)"),
+                      ignore_index: int = typer.Option(255, help="mask value never scored (VOC object boundaries)"),
+                      short_side: int = typer.Option(448, help="resize images so the short side is this (0: keep)"),
+                      window: int = typer.Option(448, help="sliding window size (px)"),
+                      stride: int = typer.Option(224, help="sliding window stride (px)"),
+                      out: Optional[str] = _OUT, overwrite: bool = _OVERWRITE, device: str = _DEVICE, vision_model: Optional[str] = _VISION,
                       text_model: Optional[str] = _TEXT):
-    """Zero-shot segmentation from patch tokens through the image head: mIoU."""
+    """Zero-shot segmentation (SAIL's sliding-window protocol): mIoU, pixel accuracy, per-class IoU."""
+    _check_out(out, overwrite)
     from sail.evaluate import segmentation
+    from sail.segmentation import SegProtocol
 
-    _report("segmentation", segmentation(run, images, masks, classnames, templates, ignore_index, device=device,
+    protocol = SegProtocol(short_side=short_side, window=window, stride=stride,
+                           reduce_zero_label=reduce_zero_label, ignore_index=ignore_index)
+    _report("segmentation", segmentation(run, images, masks, classnames, templates, protocol, device=device,
                                          vision_model=vision_model, text_model=text_model), out, run)
 
 
@@ -237,11 +322,12 @@ def eval_segmentation(run: str = _RUN, images: str = typer.Option(..., help="fol
 def eval_alignment(image: str = typer.Option(..., help="first store (e.g. image features)"),
                    text: str = typer.Option(..., help="second store (e.g. text features) over the same ids"),
                    k: int = typer.Option(10), field: Optional[str] = typer.Option(None, help="field of the second store"),
-                   out: Optional[str] = _OUT):
+                   out: Optional[str] = _OUT, overwrite: bool = _OVERWRITE, device: str = _DEVICE):
     """How aligned two frozen feature spaces already are: mutual k-NN overlap."""
+    _check_out(out, overwrite)
     from sail.evaluate import alignment
 
-    _report("alignment", alignment(image, text, k, field), out, None)
+    _report("alignment", alignment(image, text, k, field, device=device), out, None)
 
 
 # ----------------------------------------------------------------------------------------- hub
@@ -274,11 +360,11 @@ def report(path: str = typer.Argument(..., help="run directory or sweep director
 
 @app.command()
 def index(run: str = _RUN, images: str = typer.Option(..., help="image feature store to index"),
-          out: str = typer.Option(..., help="index directory")):
+          out: str = typer.Option(..., help="index directory"), overwrite: bool = _OVERWRITE):
     """Build a faiss index of a run's projected image embeddings."""
     from sail.search import build_index
 
-    meta = build_index(run, images, out)
+    meta = build_index(run, images, out, overwrite)
     typer.echo(f"indexed {meta['size']} images ({meta['dim']}-d) into {out}")
 
 
@@ -318,7 +404,13 @@ def filter_align_cmd(manifest: str = typer.Argument(..., help="manifest to filte
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def recipe(ctx: typer.Context, name: str = typer.Argument(..., help="alip or align")):
-    """Run a full-model recipe: sail recipe alip --config recipes/configs/alip-tiny.yaml [--key value ...]"""
+    """Train a full-model recipe (ALIP, ALIGN): a shipped config name or a YAML path, plus --dotted.key overrides.
+
+    Example: sail recipe alip --config alip-tiny --steps 20 --optim.lr 1e-4 --out runs/alip
+
+    Shipped configs: alip-tiny, alip-vit-b32, alip-vit-b16, align-tiny, align-efficientnet-b7. Rerunning the
+    same command resumes from the newest checkpoint in --out.
+    """
     from sail.recipe import run_recipe
 
     run_recipe(name, list(ctx.args))
@@ -344,15 +436,25 @@ def sweep(ctx: typer.Context, out: str = typer.Option(..., "--out", help="sweep 
 def demo(out: str = typer.Option("runs/demo", help="run directory"),
          features_root: str = typer.Option("features", help="where the feature stores go")):
     """extract -> align -> eval on the embedded sample, with models that need no download."""
+    from pathlib import Path
+
     from sail.demo import run_demo
+
+    for flag, path in (("--out", out), ("--features-root", features_root)):
+        if Path(path).exists() and not Path(path).is_dir():
+            raise SailError(f"{flag} {path} is a file; it must be a directory")
 
     run_demo(out, features_root)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point: user mistakes (SailError) print one line and exit 2, with no traceback."""
+    global _ARGV
+    _ARGV = list(sys.argv[1:] if argv is None else argv)
     try:
-        app(args=argv, prog_name="sail", standalone_mode=False)
+        rc = app(args=argv, prog_name="sail", standalone_mode=False)
+        if isinstance(rc, int):  # click returns typer.Exit's code instead of raising it here
+            return rc
     except SailError as e:
         typer.echo(f"error: {e}", err=True)
         return 2
@@ -360,9 +462,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         typer.echo("interrupted; rerun the same command to resume", err=True)
         return 130
     except Exception as e:  # click's usage errors (typer vendors its own click, so match by shape)
-        if hasattr(e, "show") and hasattr(e, "exit_code"):
+        if type(e).__name__ == "NoArgsIsHelpError":  # `sail eval` alone: the help is the answer
             e.show()
-            return e.exit_code
+            return 2
+        if hasattr(e, "format_message") and hasattr(e, "exit_code"):
+            ctx = getattr(e, "ctx", None)
+            hint = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
+            typer.echo(f"error: {e.format_message().splitlines()[0].rstrip('.')}{hint}", err=True)
+            return 2
         if type(e).__name__ in ("Abort", "Exit"):
             return getattr(e, "exit_code", 1)
         raise

@@ -14,7 +14,6 @@ labels) plus a name and a content hash used to tie a feature store to the data i
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import json
@@ -67,11 +66,14 @@ DEFAULT_MAX_PIXELS = 100_000_000  # larger images are skipped ("too large"), lik
 BACKGROUND = (255, 255, 255)  # what transparent pixels are composited on
 
 
-def load_image(ref: str | None, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(ref: str | None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+               draft: int | None = None) -> Image.Image:
     """Decode one image fully (so truncated files fail here, not later) and return it as RGB.
 
     Raises ImageError with a short reason for a missing, unreadable or too large (> max_pixels; None
     or 0 = no limit) image. See `to_rgb` for how each PIL mode becomes RGB.
+    draft: a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (DCT scaling, several times faster) while its
+    shorter side stays >= draft pixels.
     """
     if ref is None:
         raise ImageError("no image")
@@ -91,12 +93,15 @@ def load_image(ref: str | None, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> 
             # PIL's own process-wide guard (an error above twice its limit) would refuse what the caller allows
             Image.MAX_IMAGE_PIXELS = max_pixels or None
         with warnings.catch_warnings():
-            # the pixel limit is ours (below); PIL's warning would only break the progress bar
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # the pixel limit is ours (below); PIL's DecompressionBombWarning, and its warnings about odd
+            # EXIF or TIFF tags, would only break the progress bar: a usable image is used, a bad one fails
+            warnings.simplefilter("ignore")
             image = Image.open(source)
             w, h = image.size
             if max_pixels and w * h > max_pixels:
                 raise ImageError(f"too large: {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,} (--max-pixels)")
+            if draft and image.format == "JPEG" and min(w, h) >= 2 * draft:
+                image.draft("RGB", (-(-w * draft // min(w, h)), -(-h * draft // min(w, h))))  # sides stay >= asked
             image.load()
             return to_rgb(image)
     except ImageError:
@@ -187,66 +192,230 @@ def _hash_files(paths: list[Path], content: bool) -> str:
 # ----------------------------------------------------------------------------------------- manifests
 
 
-def _read_manifest_rows(path: Path) -> tuple[list[str], list[dict]]:
+_ENCODING_BLOCK = 1 << 22  # bytes per step of the encoding check
+
+
+def _line_of(data: bytes, start: int) -> int:
+    return data[:start].count(b"\n") + 1
+
+
+def check_encoding(path: Path, encoding: str = "utf-8") -> None:
+    """Raise SailError naming the first line of `path` that is not valid `encoding` text.
+
+    ASCII-compatible encodings are checked in line-aligned 4 MiB blocks (bounded memory); others
+    (UTF-16/32) in one piece.
+    """
+    import codecs
+
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise SailError(f"unknown --encoding {encoding!r}; use e.g. utf-8, latin-1, cp1252, utf-16") from None
+    hint = "pass the file's encoding with --encoding (e.g. --encoding latin-1), or re-save it as UTF-8"
+    ascii_compatible = "\n".encode(encoding, errors="ignore") == b"\n" and "a".encode(encoding, errors="ignore") == b"a"
+    with open(path, "rb") as f:
+        if not ascii_compatible:
+            data = f.read()
+            try:
+                data.decode(encoding)
+            except UnicodeDecodeError as e:
+                line = data[:e.start].decode(encoding, errors="replace").count("\n") + 1
+                raise SailError(f"{path}:{line} is not {encoding} text ({e.reason} at byte {e.start}); {hint}") from None
+            return
+        lines_before, carry = 0, b""
+        for block in iter(lambda: f.read(_ENCODING_BLOCK), b""):
+            block = carry + block
+            cut = block.rfind(b"\n") + 1
+            block, carry = (block[:cut], block[cut:]) if cut else (b"", block)
+            try:
+                block.decode(encoding)
+            except UnicodeDecodeError as e:
+                line = lines_before + _line_of(block, e.start)
+                raise SailError(f"{path}:{line} is not {encoding} text ({e.reason}); {hint}") from None
+            lines_before += block.count(b"\n")
+        try:
+            carry.decode(encoding)
+        except UnicodeDecodeError as e:
+            raise SailError(f"{path}:{lines_before + 1} is not {encoding} text ({e.reason}); {hint}") from None
+
+
+def _jsonl_problem(path: Path, text: str) -> str | None:
+    """Why pyarrow refused a JSONL file, found line by line (only runs on that error path)."""
+    types: dict[str, tuple[str, int]] = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            return f"{path}:{n} is not valid JSON ({e.msg}); fix or remove that line"
+        if not isinstance(row, dict):
+            return f"{path}:{n} is a JSON {type(row).__name__}, not an object of columns"
+        for k, v in row.items():
+            if v is None:
+                continue
+            kind = {bool: "boolean", int: "number", float: "number", str: "string", list: "list", dict: "object"}[type(v)]
+            first = types.setdefault(k, (kind, n))
+            if first[0] != kind:
+                return (f"{path}:{n}: column {k!r} holds a {kind} ({json.dumps(v)[:60]}) but a {first[0]} on line "
+                        f"{first[1]}; each column needs one type (captions and ids are text)")
+    return None
+
+
+def _read_manifest_table(path: Path, encoding: str = "utf-8"):
+    """The manifest as a pyarrow Table: typed columns, no per-row Python objects."""
+    import pyarrow as pa
+
     suffix = path.suffix.lower()
-    if suffix in (".csv", ".tsv"):
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-            rows = list(reader)
-            return list(reader.fieldnames or []), rows
-    if suffix == ".jsonl":
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise SailError(f"{path}:{n} is not valid JSON ({e.msg}); fix or remove that line") from None
-        columns = list(dict.fromkeys(k for r in rows[:1000] for k in r))
-        return columns, rows
+    if suffix not in MANIFEST_EXTENSIONS:
+        raise SailError(f"{path}: unknown manifest type {suffix!r}; use one of {', '.join(MANIFEST_EXTENSIONS)}")
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
-        return table.column_names, table.to_pylist()
-    raise SailError(f"{path}: unknown manifest type {suffix!r}; use one of {', '.join(MANIFEST_EXTENSIONS)}")
+        try:
+            return pq.read_table(path)
+        except (pa.ArrowException, OSError) as e:
+            raise SailError(f"{path} is not a readable Parquet file ({str(e).splitlines()[0][:200]})") from None
+    check_encoding(path, encoding)
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if not head.decode(encoding, errors="ignore").strip("\ufeff \t\r\n"):
+        raise SailError(f"{path} is empty; a manifest needs a header (id,image,caption,...) and one row per sample")
+    if suffix == ".jsonl":
+        import pyarrow.json as pj
+
+        raw = path.read_bytes()
+        text = None
+        if encoding.lower().replace("_", "-") not in ("utf-8", "utf8"):
+            text = raw.decode(encoding)
+            raw = text.encode("utf-8")
+        try:
+            return pj.read_json(io.BytesIO(raw))
+        except pa.ArrowInvalid as e:
+            why = _jsonl_problem(path, text if text is not None else raw.decode("utf-8"))
+            raise SailError(why or f"{path}: {str(e).splitlines()[0][:200]}") from None
+    import pyarrow.csv as pcsv
+
+    read = pcsv.ReadOptions(encoding=encoding)
+    parse = pcsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",", newlines_in_values=True)
+    try:
+        with pcsv.open_csv(path, read_options=read, parse_options=parse) as head:  # only the column names
+            names = head.schema.names
+        # every column as text: ids like 007 must not become 7
+        convert = pcsv.ConvertOptions(column_types={n: pa.string() for n in names}, strings_can_be_null=False)
+        return pcsv.read_csv(path, read_options=read, parse_options=parse, convert_options=convert)
+    except pa.ArrowInvalid as e:
+        raise SailError(f"{path} is not a readable {suffix[1:].upper()} file ({str(e).splitlines()[0][:200]})") from None
+
+
+def _text_array(col, name: str, path: Path, what: str):
+    """A text column (Arrow, chunked) as strings, nulls kept; any other type is refused naming a row."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if pa.types.is_null(col.type):
+        return pa.nulls(len(col), pa.string())
+    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        first = pc.index(pc.is_valid(col), True).as_py()
+        value = json.dumps(col[first].as_py(), default=str)[:60]
+        must = "ids must be text or integers" if what == "id" else f"{what}s must be text"
+        raise SailError(f"{path}: {what} column {name!r} holds {col.type} values (row {first + 1}: {value}); {must}")
+    return col
+
+
+def _id_column(col, name: str, path: Path) -> list[str]:
+    """Ids as strings (integers allowed); empty or duplicate ids are refused naming a row."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if pa.types.is_integer(col.type):
+        col = pc.cast(col, pa.string())
+    else:
+        col = _text_array(col, name, path, "id")
+    empty = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(col), ""), True)
+    first = pc.index(empty, True).as_py()
+    if first >= 0:
+        raise SailError(f"{path}: row {first + 1} has an empty id (column {name!r}); every sample needs a unique id")
+    if pc.count_distinct(col).as_py() != len(col):
+        _check_unique(col.to_pylist(), path)  # names the first duplicate
+    return col.to_pylist()
+
+
+def _label_column(col) -> tuple[np.ndarray, list[str] | None]:
+    """Integer labels stay as they are (missing: -1); text labels become indices into sorted class names."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if pa.types.is_integer(col.type):
+        return pc.fill_null(col, -1).to_numpy().astype(np.int64), None
+    text = pc.cast(col, pa.string())
+    if pc.all(pc.match_substring_regex(pc.fill_null(text, "x"), r"^-?[0-9]+$")).as_py():
+        return pc.cast(text, pa.int64()).to_numpy().astype(np.int64), None
+    names = sorted(v for v in pc.unique(text).to_pylist() if v not in (None, ""))
+    index = pc.index_in(text, value_set=pa.array(names, pa.string()))
+    return pc.fill_null(index, -1).to_numpy(zero_copy_only=False).astype(np.int64), names
+
+
+class _system_memory_pool:
+    """Arrow allocations through malloc while a manifest is read: large buffers go back to the OS when
+    freed (mimalloc/jemalloc would keep them), so the peak is the lists plus one column, not plus all."""
+
+    def __enter__(self):
+        import pyarrow as pa
+
+        self.before = pa.default_memory_pool()
+        pa.set_memory_pool(pa.system_memory_pool())
+
+    def __exit__(self, *exc):
+        import pyarrow as pa
+
+        pa.set_memory_pool(self.before)
 
 
 def open_manifest(path: Path, columns: list[str] | None, id_column: str = "id",
-                  image_column: str = "image", label_column: str = "label") -> Dataset:
-    header, rows = _read_manifest_rows(path)
-    if image_column and image_column not in header:
-        image_column = ""  # a text-only manifest; image extraction then says which column is missing
-    wanted = [id_column] + list(columns or [])
-    missing = [c for c in wanted if c not in header]
-    if missing:
-        raise SailError(f"{path} has no column(s) {', '.join(missing)}; its columns are {', '.join(header)}"
-                        " (choose with --columns / --id-column / --image-column)")
-    if columns is None:
-        columns = [c for c in ("caption", "long_caption", "short_caption", "text") if c in header]
-    base = path.parent
-    ids = [str(r[id_column]) for r in rows]
-    _check_unique(ids, path)
-    images = []
-    for r in rows:
-        v = r.get(image_column) if image_column else None
-        images.append(str(base / str(v)) if v not in (None, "") else None)
-    captions = {c: ["" if r.get(c) is None else str(r[c]) for r in rows] for c in columns}
-    labels, class_names = None, None
-    if label_column in header:
-        labels, class_names = _encode_labels([r.get(label_column) for r in rows])
+                  image_column: str = "image", label_column: str = "label", encoding: str = "utf-8") -> Dataset:
+    """A CSV/TSV/JSONL/Parquet manifest, one row per sample; rows are numbered from 1 after the header.
+
+    Columns are read and checked as Arrow arrays and become the Dataset's lists in one step each (no
+    per-row dicts); image paths are joined to the manifest's folder unless absolute.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    with _system_memory_pool():
+        table = _read_manifest_table(path, encoding)
+        header = table.column_names
+        if table.num_rows == 0:
+            raise SailError(f"{path} has a header ({', '.join(header)}) but no rows")
+        if image_column and image_column not in header:
+            image_column = ""  # a text-only manifest; image extraction then says which column is missing
+        wanted = [id_column] + list(columns or [])
+        missing = [c for c in wanted if c not in header]
+        if missing:
+            raise SailError(f"{path} has no column(s) {', '.join(missing)}; its columns are {', '.join(header)}"
+                            " (choose with --columns / --id-column / --image-column)")
+        if columns is None:
+            columns = [c for c in ("caption", "long_caption", "short_caption", "text") if c in header]
+        # each column is freed once it is a list, so the Arrow copy and the lists never both exist whole
+        cols = {c: table.column(c) for c in dict.fromkeys([id_column, image_column, label_column, *columns])
+                if c in header}
+        del table
+        ids = _id_column(cols.pop(id_column), id_column, path)
+        if image_column:
+            rel = _text_array(cols.pop(image_column), image_column, path, "image")
+            joined = pc.if_else(pc.starts_with(pc.fill_null(rel, ""), os.sep), rel,
+                                pc.binary_join_element_wise(str(path.parent) + os.sep, rel, ""))
+            images = pc.if_else(pc.fill_null(pc.equal(rel, ""), True), pa.scalar(None, pa.string()),
+                                joined).to_pylist()
+            del rel, joined
+        else:
+            images = [None] * len(ids)
+        captions = {c: pc.fill_null(_text_array(cols.pop(c), c, path, "caption"), "").to_pylist() for c in columns}
+        labels, class_names = None, None
+        if label_column in cols:
+            labels, class_names = _label_column(cols.pop(label_column))
     return Dataset(path.stem, str(path.resolve()), _hash_files([path], content=True), ids, images,
                    captions, labels, class_names)
-
-
-def _encode_labels(values: list) -> tuple[np.ndarray, list[str] | None]:
-    """Integer labels stay as they are; string labels become indices into sorted class names."""
-    if all(isinstance(v, (int, np.integer)) or (isinstance(v, str) and v.lstrip("-").isdigit()) for v in values):
-        return np.array([int(v) for v in values], dtype=np.int64), None
-    names = sorted({str(v) for v in values if v not in (None, "")})
-    index = {n: i for i, n in enumerate(names)}
-    return np.array([index.get(str(v), -1) for v in values], dtype=np.int64), names
 
 
 def _check_unique(ids: list[str], where) -> None:
@@ -619,13 +788,13 @@ def open_image_folder(root: Path) -> Dataset:
 # ----------------------------------------------------------------------------------------- entry point
 
 
-def open_dataset(spec: str, columns: list[str] | None = None, id_column: str = "id",
-                 image_column: str = "image", split: str = "test", allow_truncated: bool = False) -> Dataset:
+def open_dataset(spec: str, columns: list[str] | None = None, id_column: str = "id", image_column: str = "image",
+                 split: str = "test", allow_truncated: bool = False, encoding: str = "utf-8") -> Dataset:
     """Open `sample`, a manifest file, a tar shard / folder of shards, a CLIP_benchmark webdataset root
     (`split` chooses its split), or a class-per-folder image tree.
 
     A truncated shard raises SailError unless `allow_truncated`, which keeps its complete samples and
-    records the shard in `Dataset.skipped`.
+    records the shard in `Dataset.skipped`. `encoding` is the text encoding of CSV/TSV/JSONL manifests.
     """
     if spec in ("sample", "sample-val"):
         from sail.sample import sample_dir
@@ -639,7 +808,7 @@ def open_dataset(spec: str, columns: list[str] | None = None, id_column: str = "
                         "a folder of .tar shards, a CLIP_benchmark webdataset folder, an image folder, "
                         "or 'sample' / 'sample-val'")
     if path.is_file() and path.suffix.lower() in MANIFEST_EXTENSIONS:
-        return open_manifest(path, columns, id_column, image_column)
+        return open_manifest(path, columns, id_column, image_column, encoding=encoding)
     if path.is_file() and path.suffix == ".tar":
         return open_webdataset([path], columns, path.stem, allow_truncated)
     if path.is_dir():

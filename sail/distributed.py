@@ -1,25 +1,32 @@
 """torchrun support shared by extract, align and the recipes: one place that starts the process group.
 
     rank, world = init_distributed()   # (0, 1) outside torchrun
+    device = local_device(pick_device("auto"), rank, world)   # or both at once: rank, world, device = setup("auto")
+    model = wrap_ddp(towers, device)   # towers itself in one process; BatchNorm -> SyncBatchNorm on GPUs
     barrier(world)
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 
 import torch
 
 
-def init_distributed() -> tuple[int, int]:
-    """(rank, world) under torchrun, initialising the process group once (nccl on GPU, gloo on CPU)."""
+def init_distributed(timeout: datetime.timedelta | None = None) -> tuple[int, int]:
+    """(rank, world) under torchrun, initialising the process group once (nccl on GPU, gloo on CPU).
+
+    timeout: how long a collective (a barrier) may wait; None keeps torch's default (10 min for NCCL).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        kwargs = {"timeout": timeout} if timeout is not None else {}
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", **kwargs)
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -46,3 +53,36 @@ def local_device(device: torch.device, rank: int, world: int) -> torch.device:
         device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}")
         torch.cuda.set_device(device)
     return device
+
+
+def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel around `module` under torch.distributed, else `module` itself.
+
+    On GPUs, `module`'s BatchNorm layers are first converted in place to SyncBatchNorm, so batch statistics
+    are those of the global batch (ALIGN's EfficientNet) and W processes train like one. torch's
+    SyncBatchNorm runs on GPUs only: on CPU (gloo) each rank keeps its own batch statistics, as one process
+    does per micro-batch with accum_steps (sail.gradcache)."""
+    if current()[1] == 1:
+        return module
+    if device.type == "cuda":
+        converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        assert converted is module, "convert_sync_batchnorm swaps children in place unless the root is a BatchNorm"
+    ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+
+def setup(device: str = "auto") -> tuple[int, int, torch.device]:
+    """(rank, world, device): the process group (init_distributed) and this process's device (cuda:LOCAL_RANK
+    under torchrun on GPUs; `device` "auto" | "cpu" | "cuda" ... as sail.encoders.pick_device reads it)."""
+    from sail.encoders import pick_device
+
+    rank, world = init_distributed()
+    return rank, world, local_device(pick_device(device), rank, world)
+
+
+def cleanup() -> None:
+    """Destroy the process group if one was started (end of a torchrun script)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

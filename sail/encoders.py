@@ -1,11 +1,18 @@
 """Frozen encoders: short aliases, loading from a Hugging Face id or a local directory, pooling.
 
 Images go through transformers (AutoModel + the model's own image processor, no torchvision); texts
-through sentence-transformers so each model keeps its own pooling and normalisation.
+through sentence-transformers so each model keeps its own pooling and normalisation. Weights are loaded
+directly in the dtype asked for (`dtype=torch.bfloat16` for a bf16 policy), not cast at every forward.
+
+Preprocessing: `preprocess="hf"` is the model's own image processor (the reference, float pixels);
+`preprocess="fast"` (what `sail extract` uses) reproduces it with PIL only, on uint8: a JPEG is decoded at
+a reduced DCT scale when that still leaves >= 2x the resize target (`draft_short_side`), only the crop box
+is resized, and normalisation happens in torch on the device inside `encode_pixels`. tests/test_extract.py
+holds it to within 0.05 (normalised units, max) of the processor on real photos.
 
     spec = resolve_model("dinov2-l")                # alias, HF id, or local directory
     enc = load_encoder(spec, device="cuda", pooling="concat")
-    pixels = enc.preprocess(pil_image)              # (3, H, W), safe to call in DataLoader workers
+    pixels = enc.preprocess(pil_image)              # (3, H, W) float (hf) or uint8 (fast), safe in DataLoader workers
     pooled, patches = enc.encode_pixels(batch)      # (B, D), (B, P, H) or None
     enc = load_encoder(resolve_model("gte-l"))
     vectors = enc.encode_texts(["a dog"])           # (1, 1024) float32 numpy
@@ -13,6 +20,7 @@ through sentence-transformers so each model keeps its own pooling and normalisat
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -21,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from sail.errors import SailError
 
@@ -118,29 +127,172 @@ def _infer_modality_hub(model_id: str, trust_remote_code) -> str:
 
 
 def model_revision(source: str) -> str:
-    """Hub commit when cached, else a short hash of a local directory's config and weight-file sizes."""
+    """The exact weights behind `source`: "hub:<commit>" from the local hub cache, "local:<hash>" of a
+    directory's file contents, "hub:unknown" for a hub id not in the cache (nothing loaded it yet)."""
     from sail import zoo
 
     if zoo.is_spec(source):
         return zoo.revision(source)
     path = Path(source)
     if path.is_dir():
-        h = hashlib.blake2b(digest_size=8)
-        for p in sorted(path.rglob("*")):
-            if p.is_file() and p.suffix in (".json", ".safetensors", ".bin", ".txt"):
-                h.update(str(p.relative_to(path)).encode())
-                h.update(p.read_bytes() if p.suffix == ".json" else str(p.stat().st_size).encode())
-        return "local:" + h.hexdigest()
-    return "hub:main"
+        files = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.rglob("*"))
+                      if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        return "local:" + _content_hash(str(path), files)
+    from huggingface_hub import try_to_load_from_cache
+
+    for name in ("config.json", "modules.json"):
+        found = try_to_load_from_cache(source, name)
+        if isinstance(found, str):  # .../snapshots/<commit>/config.json
+            return "hub:" + Path(found).parent.name
+    return "hub:unknown"
+
+
+@functools.lru_cache(maxsize=64)
+def _content_hash(root: str, files: tuple) -> str:
+    """Hash of whole files (a fine-tuned copy with the same sizes differs); `files` = (path, size, mtime)
+    tuples, so a second call in one process on unchanged files costs nothing (GB-sized weights)."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, _, _ in files:
+        h.update(str(Path(name).relative_to(root)).encode())
+        with open(name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+    return h.hexdigest()
 
 
 def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        picked = torch.device(device)
     except RuntimeError:
         raise SailError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if picked.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SailError(f"--device {device}: CUDA is not available here (torch {torch.__version__}); use --device cpu")
+        if picked.index is not None and picked.index >= torch.cuda.device_count():
+            raise SailError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s); use cuda:0..."
+                            f"cuda:{torch.cuda.device_count() - 1}")
+    elif picked.type not in ("cpu", "mps"):
+        raise SailError(f"unsupported device {device!r}; use auto, cpu, cuda or cuda:N")
+    return picked
+
+
+def default_batch_size(n_params: int, device: torch.device) -> int:
+    """Items per forward when --batch-size is not given, from the model's parameter count.
+
+    On a GPU activations bound the batch, and under inference_mode they are small (a ViT-L image at 224 px
+    keeps ~5 MB of activations alive in bf16, so 512 images take ~3 GB): big enough to keep the GPU busy,
+    small enough for a 7B text model (~15 GB of bf16 weights) to fit beside its batch. On a CPU a larger
+    batch does not run faster.
+    """
+    if device.type != "cuda":
+        return 32
+    return 1024 if n_params < 1e8 else 512 if n_params < 5e8 else 128 if n_params < 2e9 else 32
+
+
+def num_params(model) -> int:
+    """Parameters of a torch module; 0 for a model that is not one (a custom encoder's callable)."""
+    return sum(p.numel() for p in model.parameters()) if hasattr(model, "parameters") else 0
+
+
+class FastPreprocess:
+    """The model's image processor redone on uint8 with PIL: resize (shortest edge or fixed size), centre crop.
+
+    Returns (3, H, W) uint8; `normalize` turns a batch of them into what the processor returns. Picklable,
+    so DataLoader workers can hold it. Reproduces BitImageProcessor (DINOv2), CLIPImageProcessor,
+    ViTImageProcessor, SiglipImageProcessor and the like; `unsupported(processor)` says why not otherwise.
+    """
+
+    def __init__(self, processor):
+        why = self.unsupported(processor)
+        if why:
+            raise SailError(f"--preprocess fast cannot reproduce this model's image processor ({why}); use --preprocess hf")
+        size = dict(processor.size)
+        self.short = size.get("shortest_edge")
+        self.fixed = None if self.short else (size["height"], size["width"])
+        crop = dict(processor.crop_size) if getattr(processor, "do_center_crop", False) else None
+        self.crop = (crop["height"], crop["width"]) if crop else None
+        self.resample = Image.Resampling(int(processor.resample))
+        scale = float(processor.rescale_factor) if getattr(processor, "do_rescale", True) else 1.0
+        norm = getattr(processor, "do_normalize", True)
+        mean = processor.image_mean if norm else [0.0, 0.0, 0.0]
+        std = processor.image_std if norm else [1.0, 1.0, 1.0]
+        # (x * scale - mean) / std == (x - mean / scale) / (std / scale): the 1/255 folded into mean and std
+        self.mean = [m / scale for m in mean]
+        self.std = [s / scale for s in std]
+        self._stats: dict = {}  # device -> (mean, std) tensors
+
+    @staticmethod
+    def unsupported(processor) -> str:
+        """'' if FastPreprocess reproduces `processor`, else what it cannot do."""
+        if not hasattr(processor, "size") or not hasattr(processor, "image_mean"):
+            return f"{type(processor).__name__} has no size / image_mean"
+        if not getattr(processor, "do_resize", True):
+            return "no resize"
+        size = {k: v for k, v in dict(processor.size).items() if v is not None}
+        if set(size) not in ({"shortest_edge"}, {"height", "width"}):
+            return f"resize to {size}"
+        for flag in ("do_pad", "do_reduce_labels", "do_flip_channel_order"):
+            if getattr(processor, flag, False):
+                return flag
+        if getattr(processor, "do_center_crop", False):
+            crop = {k: v for k, v in dict(processor.crop_size).items() if v is not None}
+            if set(crop) != {"height", "width"}:
+                return f"crop to {crop}"
+        return ""
+
+    def resize_to(self, w: int, h: int) -> tuple[int, int]:
+        """(width, height) after the resize step, exactly as transformers computes it."""
+        if self.fixed:
+            return self.fixed[1], self.fixed[0]
+        if w <= h:  # short side -> `short`, the long side scaled and truncated (int), like transformers
+            return self.short, int(self.short * h / w)
+        return int(self.short * w / h), self.short
+
+    def draft_short_side(self) -> int:
+        """Decode JPEGs at a reduced scale only while the short side stays >= 2x the resize target."""
+        return 2 * (self.short or min(self.fixed))
+
+    def __call__(self, image) -> torch.Tensor:
+        w, h = image.size  # after a draft decode this is already reduced; the resize maps it the same way
+        rw, rh = self.resize_to(w, h)
+        if self.crop:
+            ch, cw = self.crop
+            left, top = (rw - cw) // 2, (rh - ch) // 2
+        else:
+            ch, cw, left, top = rh, rw, 0, 0
+        if left < 0 or top < 0:  # crop larger than the resized image: resize whole, pad like the processor
+            return self._padded(image, (rw, rh))
+        # Resample only the crop box of the source: same filter taps as resizing all and cropping
+        sx, sy = w / rw, h / rh
+        box = (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
+        out = image.resize((cw, ch), resample=self.resample, box=box)
+        return torch.from_numpy(np.asarray(out, dtype=np.uint8).copy()).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+
+    def _padded(self, image, size) -> torch.Tensor:
+        ch, cw = self.crop
+        rw, rh = size
+        canvas = np.zeros((ch, cw, 3), np.uint8)
+        x = np.asarray(image.resize(size, resample=self.resample), dtype=np.uint8)
+        top, left = (ch - rh) // 2, (cw - rw) // 2
+        ys, xs = max(0, -top), max(0, -left)
+        sub = x[ys:ys + ch, xs:xs + cw]
+        canvas[max(0, top):max(0, top) + sub.shape[0], max(0, left):max(0, left) + sub.shape[1]] = sub
+        return torch.from_numpy(canvas).permute(2, 0, 1)
+
+    def normalize(self, pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(B, 3, H, W) uint8 on any device -> normalised `dtype`, computed in fp32."""
+        stats = self._stats.get(pixels.device)
+        if stats is None:  # made once per device: a list -> CUDA tensor is a blocking copy
+            stats = (torch.tensor(self.mean, device=pixels.device).view(1, 3, 1, 1),
+                     torch.tensor(self.std, device=pixels.device).view(1, 3, 1, 1))
+            self._stats[pixels.device] = stats
+        mean, std = stats
+        return ((pixels.float() - mean) / std).to(dtype)
+
+    def __getstate__(self):  # DataLoader workers get the plain numbers, never device tensors
+        return {**self.__dict__, "_stats": {}}
 
 
 def autocast(device: torch.device):
@@ -155,18 +307,22 @@ class ImageEncoder:
 
     modality = "image"
 
-    def __init__(self, spec: ModelSpec, device: torch.device, pooling: str = "concat"):
+    def __init__(self, spec: ModelSpec, device: torch.device, pooling: str = "concat",
+                 dtype: torch.dtype = torch.float32, preprocess: str = "hf"):
         from transformers import AutoImageProcessor, AutoModel
         from transformers.utils import logging as hf_logging
 
         if pooling not in POOLINGS:
             raise SailError(f"unknown pooling {pooling!r}; use one of {', '.join(POOLINGS)}")
+        if preprocess not in ("fast", "hf"):
+            raise SailError(f"preprocess must be fast or hf, not {preprocess!r}")
         hf_logging.set_verbosity_error()  # the "fast processor needs torchvision" notice is expected
         hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars drown sail's own progress
-        self.spec, self.device, self.pooling = spec, device, pooling
+        self.spec, self.device, self.pooling, self.dtype = spec, device, pooling, dtype
         try:
             self.processor = AutoImageProcessor.from_pretrained(spec.source, trust_remote_code=spec.trust_remote_code)
-            self.model = AutoModel.from_pretrained(spec.source, trust_remote_code=spec.trust_remote_code)
+            # weights materialise in `dtype` (a bf16 ViT-L is 0.6 GB, not 1.2 GB in fp32 + a cast per forward)
+            self.model = AutoModel.from_pretrained(spec.source, trust_remote_code=spec.trust_remote_code, dtype=dtype)
         except (OSError, ValueError) as e:
             raise SailError(f"cannot load image model {spec.source!r} ({str(e).splitlines()[0][:160]})") from None
         self.model.eval().requires_grad_(False).to(device)
@@ -174,20 +330,38 @@ class ImageEncoder:
         self.hidden = cfg.hidden_size
         self.num_prefix = 1 + getattr(cfg, "num_register_tokens", 0)  # CLS (+ registers) before patches
         self.dim = 2 * self.hidden if pooling == "concat" else self.hidden
+        self.fast = FastPreprocess(self.processor) if preprocess == "fast" else None
+        self._uint8 = self.fast
 
     @property
     def preprocessing(self) -> dict:
-        return {k: v for k, v in self.processor.to_dict().items() if not k.startswith("_")}
+        out = {k: v for k, v in self.processor.to_dict().items() if not k.startswith("_")}
+        out["sail_preprocess"] = "fast" if self.fast else "hf"
+        out["sail_weights_dtype"] = str(self.dtype).replace("torch.", "")
+        return out
+
+    def draft_short_side(self) -> int | None:
+        """Short side a JPEG may be decoded down to (fast path only), for sail.data.load_image(draft=...)."""
+        return self.fast.draft_short_side() if self.fast else None
 
     def preprocess(self, image) -> torch.Tensor:
+        """PIL image -> (3, H, W): uint8 on the fast path, the processor's float pixels on the hf path."""
+        if self.fast:
+            return self.fast(image)
         return self.processor(images=[image], return_tensors="pt")["pixel_values"][0]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def encode_pixels(self, pixels: torch.Tensor, patch_tokens: bool = False):
-        """(B, 3, H, W) -> pooled (B, dim) float32, and patch tokens (B, P, hidden) if asked."""
-        with autocast(self.device):
-            hidden = self.model(pixel_values=pixels.to(self.device)).last_hidden_state  # (B, 1+R+P, H)
-        hidden = hidden.float()
+        """(B, 3, H, W) uint8 (fast) or float (hf) -> pooled (B, dim) float32, patch tokens (B, P, hidden) if asked."""
+        pixels = pixels.to(self.device, non_blocking=True)  # from pinned memory: the copy overlaps
+        if pixels.dtype == torch.uint8:
+            if self._uint8 is None:  # the fast path's normalisation, also for uint8 pixels on the hf path
+                self._uint8 = self.fast or FastPreprocess(self.processor)
+            pixels = self._uint8.normalize(pixels, self.dtype)
+        else:
+            pixels = pixels.to(self.dtype)
+        hidden = self.model(pixel_values=pixels).last_hidden_state  # (B, 1+R+P, H) in self.dtype
+        hidden = hidden.float()  # pool in fp32: a mean over 256 bf16 patch tokens loses digits
         cls, patches = hidden[:, 0], hidden[:, self.num_prefix:]
         if self.pooling == "cls":
             pooled = cls
@@ -203,13 +377,16 @@ class TextEncoder:
 
     modality = "text"
 
-    def __init__(self, spec: ModelSpec, device: torch.device, max_length: int | None = None):
+    def __init__(self, spec: ModelSpec, device: torch.device, max_length: int | None = None,
+                 dtype: torch.dtype = torch.float32):
         from sentence_transformers import SentenceTransformer
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        try:
-            self.model = SentenceTransformer(spec.source, device=str(device), trust_remote_code=spec.trust_remote_code)
+        self.dtype = dtype
+        try:  # weights load in `dtype` (NV-Embed-v2: ~15 GB in bf16 instead of ~30 GB in fp32)
+            self.model = SentenceTransformer(spec.source, device=str(device), trust_remote_code=spec.trust_remote_code,
+                                             model_kwargs={"dtype": dtype})
         except (OSError, ValueError) as e:
             raise SailError(f"cannot load text model {spec.source!r} ({str(e).splitlines()[0][:160]})") from None
         if max_length is not None:
@@ -223,12 +400,12 @@ class TextEncoder:
     @property
     def preprocessing(self) -> dict:
         return {"tokenizer": self.spec.source, "max_length": self.max_length,
-                "modules": [type(m).__name__ for m in self.model]}
+                "modules": [type(m).__name__ for m in self.model], "sail_weights_dtype": str(self.dtype).replace("torch.", "")}
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def encode_texts(self, texts: list[str], batch_size: int = 256) -> np.ndarray:
-        with autocast(self.device):
-            out = self.model.encode(texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
+        # sentence-transformers returns fp32 numpy (it upcasts bf16 outputs) whatever the weights' dtype
+        out = self.model.encode(texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
         return np.asarray(out, dtype=np.float32)
 
 
@@ -247,15 +424,16 @@ def _pooling_mode(pool) -> str:
 
 
 def load_encoder(spec: ModelSpec, device: str | torch.device = "auto", pooling: str = "concat",
-                 max_length: int | None = None):
+                 max_length: int | None = None, dtype: torch.dtype = torch.float32, preprocess: str = "hf"):
+    """An ImageEncoder or TextEncoder for `spec`, weights in `dtype`; `preprocess` applies to images only."""
     device = pick_device(device) if isinstance(device, str) else device
     from sail import zoo
 
     if zoo.is_spec(spec.source):
         return zoo.load_custom(spec, device, max_length)
     if spec.modality == "image":
-        return ImageEncoder(spec, device, pooling)
-    return TextEncoder(spec, device, max_length)
+        return ImageEncoder(spec, device, pooling, dtype, preprocess)
+    return TextEncoder(spec, device, max_length, dtype)
 
 
 def models_table() -> str:

@@ -1,16 +1,22 @@
 """`sail eval TASK`: what an alignment is worth on the benchmarks the papers report.
 
 Each task takes a run directory (or, for encoder-only tasks, feature stores), extracts and caches
-what it needs through the same store code as `sail extract` (under `features/<dataset>/`), and returns
-a flat dict of numbers that the CLI prints as a table and writes as JSON.
+what it needs through the same store code as `sail extract`, and returns a flat dict of numbers that
+the CLI prints as a table and writes as JSON. File formats are read by `sail.evalsets`; segmentation's
+sliding-window protocol lives in `sail.segmentation`.
 
     zeroshot(run, "imagenet/val", classnames="imagenet", templates="imagenet")
     retrieval(run, "coco/dataset_coco.json", images_root="coco/", split="test")
     winoground(run, "winoground/examples.jsonl")
-    linear_probe("features/in1k-train/dinov2-l.h5", "features/in1k-val/dinov2-l.h5")
+    linear_probe("features/in1k-train/dinov2-l.h5", "features/in1k-val/dinov2-l.h5", device="cuda")
     knn(train_store, test_store, k=20)
-    segmentation(run, "voc/images", "voc/masks", classnames="voc/classes.txt")
+    segmentation(run, "ADE/images/validation", "ADE/annotations/validation", "ade.txt", reduce_zero_label=True)
     alignment("features/coco/dinov2-l.h5", "features/coco/gte-l.h5")
+
+Cached stores go to `<features_root>/<dataset>-<hash of its source>/<model>-<hash of the store's
+identity>.h5`: the identity is everything that determines the embeddings (data and its content hash,
+the exact texts, encoder and revision, pooling, max length, weights dtype), so a cache is reused only
+when it holds exactly what is asked for, and two datasets with the same folder name never meet.
 """
 
 from __future__ import annotations
@@ -20,13 +26,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from sail import metrics
-from sail.data import IMAGE_EXTENSIONS, Dataset, open_dataset
-from sail.encoders import resolve_model
+from sail.data import Dataset, open_dataset
+from sail.encoders import model_revision, pick_device, resolve_model
 from sail.errors import SailError
+from sail.evalsets import content_hash, read_retrieval_data, read_winoground
 from sail.extract import ExtractConfig, extract
 from sail.model import SAILModel, project_store, read_run_config
+from sail.segmentation import SegProtocol, evaluate_segmentation
 from sail.store import FeatureStore, join
 
 TASKS = ("zeroshot", "retrieval", "winoground", "linear-probe", "knn", "segmentation", "alignment")
@@ -50,17 +59,30 @@ def check_store_matches_run(run: str, store: FeatureStore, modality: str) -> Non
                         f"({', '.join(diff)} differ); extract with the run's encoder")
 
 
+def cache_path(features_root: str, dataset: Dataset, spec, identity: dict) -> Path:
+    """Where a cached store of `dataset` lives: distinct for distinct data and for distinct identities."""
+    folder = f"{dataset.name}-{content_hash(dataset.source)[:8]}"
+    return Path(features_root) / folder / f"{spec.name}-{content_hash(json.dumps(identity, sort_keys=True))[:10]}.h5"
+
+
 def cached_store(model, dataset: Dataset, modality: str, features_root: str = "features",
-                 patch_tokens: bool = False, progress: bool = True) -> FeatureStore:
-    """Extract `dataset` with the run's encoder once; later calls reuse the store."""
+                 progress: bool = True) -> FeatureStore:
+    """Extract `dataset` with the run's encoder once; later calls with the same identity reuse the store."""
+    from sail.precision import resolve_precision
+
     source = model.image_model if modality == "image" else model.text_model
     spec = resolve_model(source, modality)
-    suffix = "-patches" if patch_tokens else ""
-    out = Path(features_root) / dataset.name / f"{spec.name}{suffix}.h5"
+    image = modality == "image"
+    identity = {"model_id": spec.source, "revision": model_revision(spec.source), "modality": modality,
+                "pooling": model.pooling if image else "model", "max_length": None if image else model.max_length,
+                "source": dataset.source, "source_hash": dataset.source_hash,
+                "fields": sorted(dataset.captions) if not image else ["image"], "n": len(dataset),
+                # bf16 weights on a GPU, fp32 on a CPU: other numbers, so another cache
+                "weights_dtype": resolve_precision("auto", model.device).name}
+    out = cache_path(features_root, dataset, spec, identity)
     cfg = ExtractConfig(model=source, data=dataset.source, out=str(out), modality=modality,
-                        pooling=getattr(model, "pooling", "concat"), patch_tokens=patch_tokens,
-                        max_length=getattr(model, "max_length", None), device=str(model.device), progress=progress,
-                        features_root=features_root)
+                        pooling=model.pooling, max_length=model.max_length,
+                        device=str(model.device), progress=progress, features_root=features_root)
     res = extract(cfg, dataset=dataset)
     return FeatureStore(res.path)
 
@@ -81,26 +103,55 @@ def _dataset_image_embeddings(model, ds: Dataset, features_root: str, progress: 
     if isinstance(model, SAILModel):
         store = cached_store(model, ds, "image", features_root, progress=progress)
         return _valid_embeddings(model, store, "image", "image")
+    return stream_image_embeddings(model, ds.images, progress=progress)
+
+
+def stream_image_embeddings(model, refs: list, batch_size: int = 64, progress: bool = True):
+    """Embeddings (n_readable, D) of image files decoded `batch_size` at a time, and their rows.
+
+    Decoded images never pile up: each batch is embedded and dropped (ImageNet val would take ~28 GB
+    held as PIL images). Unreadable images are skipped; their rows are absent from the result.
+    """
     from sail.data import ImageError, load_image
 
-    images, rows = [], []
-    for i, ref in enumerate(ds.images):
-        try:
-            images.append(load_image(ref))
-            rows.append(i)
-        except ImageError:
-            continue
-    emb = model.encode_image(images) if images else torch.zeros(0, 1)
+    out, rows = [], []
+    bar = tqdm(total=len(refs), desc="embed images", unit="img", disable=not progress, dynamic_ncols=True)
+    for start in range(0, len(refs), batch_size):
+        batch, batch_rows = [], []
+        for i, ref in enumerate(refs[start:start + batch_size], start):
+            try:
+                batch.append(load_image(ref))
+                batch_rows.append(i)
+            except ImageError:
+                continue
+        if batch:
+            out.append(model.encode_image(batch).float().cpu())
+            rows += batch_rows
+        bar.update(min(batch_size, len(refs) - start))
+    bar.close()
+    emb = torch.cat(out) if out else torch.zeros(0, 1)
     return emb, np.array(rows, dtype=np.int64)
 
 
 # --------------------------------------------------------------------------------------- zero-shot
 
 
-def zeroshot(run: str, data: str, classnames: str | None = None, templates: str = "imagenet",
+def zeroshot(run: str, data: str, classnames: str | None = None, templates: str | None = None,
              image_store: str | None = None, features_root: str = "features", device: str = "auto",
-             vision_model: str | None = None, text_model: str | None = None, progress: bool = True) -> dict:
+             vision_model: str | None = None, text_model: str | None = None, progress: bool = True,
+             split: str = "test") -> dict:
+    """Zero-shot top-1/top-5/mean per-class recall with a template ensemble.
+
+    A CLIP_benchmark folder brings its own class names and templates (the defaults here), and `split`
+    picks its split; otherwise the class names come from the data and the templates default to ImageNet's.
+    """
+    from sail.data import clip_benchmark_info, is_clip_benchmark
     from sail.templates import load_classnames, load_templates
+
+    bench = clip_benchmark_info(data) if not image_store and is_clip_benchmark(data) else None
+    if bench is not None and bench.dataset_type != "classification":
+        raise SailError(f"{data} is a CLIP_benchmark {bench.dataset_type} dataset; zero-shot here takes "
+                        "classification ones" + (" (use `sail eval retrieval`)" if bench.dataset_type == "retrieval" else ""))
 
     model = load_model(run, vision_model, text_model, device)
     if image_store:
@@ -111,7 +162,7 @@ def zeroshot(run: str, data: str, classnames: str | None = None, templates: str 
         labels, store_names, where = store.labels, store.class_names, store.path
         image_emb, rows = _valid_embeddings(model, store, "image", "image")
     else:
-        ds = open_dataset(data)
+        ds = open_dataset(data, split=split)
         labels, store_names, where = ds.labels, ds.class_names, data
     if labels is None or (labels < 0).all():
         raise SailError(f"{where} has no class labels; zero-shot needs a labelled dataset (label column or class folders)")
@@ -122,7 +173,8 @@ def zeroshot(run: str, data: str, classnames: str | None = None, templates: str 
         raise SailError(f"{where} has integer labels without class names; pass --classnames FILE")
     if labels.max() >= len(names):
         raise SailError(f"labels go up to {labels.max()} but only {len(names)} class names were given")
-    prompts = load_templates(templates)
+    prompts = load_templates(templates) if templates else (bench.templates if bench and bench.templates
+                                                           else load_templates("imagenet"))
     keep = labels[rows] >= 0
     class_emb = metrics.class_embeddings(model.encode_text, names, prompts)
     result = metrics.zeroshot(image_emb[keep], class_emb.to(image_emb.device), torch.from_numpy(labels[rows][keep]))
@@ -131,71 +183,6 @@ def zeroshot(run: str, data: str, classnames: str | None = None, templates: str 
 
 
 # --------------------------------------------------------------------------------------- retrieval
-
-
-def read_retrieval_data(data: str, images_root: str | None = None, split: str = "test",
-                        columns: list[str] | None = None) -> tuple[Dataset, list[str], list[int]]:
-    """(image dataset, captions, caption -> image index) from a manifest, Karpathy JSON or COCO JSON."""
-    path = Path(data)
-    if path.suffix == ".json":
-        if not path.exists():
-            raise SailError(f"{data} not found")
-        blob = json.loads(path.read_text())
-        root = Path(images_root) if images_root else path.parent
-        images, captions, owner = [], [], []
-        if "annotations" in blob:  # COCO captions: images + annotations(image_id, caption)
-            index = {}
-            for im in blob["images"]:
-                index[im["id"]] = len(images)
-                images.append((str(im["id"]), str(root / im["file_name"])))
-            for ann in blob["annotations"]:
-                if ann["image_id"] in index and str(ann.get("caption", "")).strip():
-                    captions.append(ann["caption"].strip())
-                    owner.append(index[ann["image_id"]])
-        elif "images" in blob and blob["images"] and "sentences" in blob["images"][0]:  # Karpathy split
-            for im in blob["images"]:
-                if split and im.get("split") != split:
-                    continue
-                rel = Path(im.get("filepath", "")) / im["filename"]
-                images.append((str(im.get("cocoid", im.get("imgid", im["filename"]))), str(root / rel)))
-                for s in im["sentences"]:
-                    captions.append(s["raw"].strip())
-                    owner.append(len(images) - 1)
-        else:
-            raise SailError(f"{data} is neither a COCO captions JSON (images + annotations) nor a Karpathy split JSON")
-        name = f"{path.stem}-{split}" if "annotations" not in blob else path.stem
-        ds = Dataset(name, str(path.resolve()), _json_hash(path, split), [i for i, _ in images],
-                     [p for _, p in images], {})
-    else:  # a manifest: several caption columns and/or several rows per image
-        base = open_dataset(data, columns)
-        cols = list(base.captions)
-        if not cols:
-            raise SailError(f"{data} has no caption columns; name them with --columns")
-        by_image: dict[str, int] = {}
-        ids, refs, captions, owner = [], [], [], []
-        for i, ref in enumerate(base.images):
-            key = ref or base.ids[i]
-            if key not in by_image:
-                by_image[key] = len(ids)
-                ids.append(base.ids[i])
-                refs.append(ref)
-            for c in cols:
-                text = base.captions[c][i].strip()
-                if text:
-                    captions.append(text)
-                    owner.append(by_image[key])
-        ds = Dataset(base.name, base.source, base.source_hash, ids, refs, {})
-    if not captions or not len(ds):
-        raise SailError(f"{data} holds no images with captions{' in split ' + split if path.suffix == '.json' else ''}")
-    return ds, captions, owner
-
-
-def _json_hash(path: Path, split: str) -> str:
-    import hashlib
-
-    h = hashlib.blake2b(path.read_bytes(), digest_size=16)
-    h.update(split.encode())
-    return h.hexdigest()
 
 
 def retrieval(run: str, data: str, images_root: str | None = None, split: str = "test",
@@ -211,7 +198,8 @@ def retrieval(run: str, data: str, images_root: str | None = None, split: str = 
     keep = [j for j, o in enumerate(owner) if new_index[o] >= 0]
     texts = [captions[j] for j in keep]
     if isinstance(model, SAILModel):
-        text_ds = Dataset(f"{ds.name}-captions", ds.source, ds.source_hash + "-captions",
+        # The cache is named by the exact texts: other --columns (or another split) is another store.
+        text_ds = Dataset(f"{ds.name}-captions", ds.source, content_hash(ds.source_hash, texts),
                           [f"{ds.ids[owner[j]]}#{j}" for j in keep], [None] * len(keep), {"caption": texts})
         text_store = cached_store(model, text_ds, "text", features_root, progress=progress)
         text_emb = project_store(model.heads, text_store.read("caption"), "text", device=model.device)
@@ -227,65 +215,56 @@ def retrieval(run: str, data: str, images_root: str | None = None, split: str = 
 def winoground(run: str, data: str, images: str | None = None, device: str = "auto",
                vision_model: str | None = None, text_model: str | None = None) -> dict:
     """Winoground from local files: examples.jsonl (id, image_0, image_1, caption_0, caption_1) + images/."""
-    path = Path(data)
-    if not path.exists():
-        raise SailError(f"{data} not found; download Winoground's examples.jsonl and images/ folder")
-    image_dir = Path(images) if images else path.parent / "images"
-    examples = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    for key in ("image_0", "image_1", "caption_0", "caption_1"):
-        if examples and key not in examples[0]:
-            raise SailError(f"{data} lacks the field {key!r}; expected Winoground's examples.jsonl")
+    examples, refs, texts = read_winoground(data, images)
     model = load_model(run, vision_model, text_model, device)
-    refs = [_find_image(image_dir, ex[k]) for ex in examples for k in ("image_0", "image_1")]
-    texts = [ex[k] for ex in examples for k in ("caption_0", "caption_1")]
     x = model.encode_image(refs).reshape(len(examples), 2, -1)
     y = model.encode_text(texts).reshape(len(examples), 2, -1)
     scores = torch.einsum("nid,njd->nij", x.float(), y.float())  # scores[n, i, j] = sim(image_i, caption_j)
     return {**metrics.winoground(scores), "examples": len(examples), "chance_group": 100 / 6}
 
 
-def _find_image(directory: Path, name: str) -> str:
-    p = directory / name
-    if p.suffix.lower() in IMAGE_EXTENSIONS and p.exists():
-        return str(p)
-    for ext in IMAGE_EXTENSIONS:
-        if (directory / f"{name}{ext}").exists():
-            return str(directory / f"{name}{ext}")
-    raise SailError(f"image {name!r} not found in {directory}; pass --images DIR")
-
-
 # --------------------------------------------------------------------------------------- encoder-only tasks
 
 
-def _labelled(store_path: str, run: str | None, field: str = "image"):
+def _labelled(store_path: str, run: str | None, device: torch.device, field: str = "image"):
+    """Valid labelled rows of a store: features (N, D) float32 on `device` (through the run's image head if
+    given) and labels (N,) int64 on the CPU."""
     store = FeatureStore(store_path)
     if store.labels is None:
         raise SailError(f"{store_path} has no labels; use a labelled dataset (label column or class folders)")
     ok = store.valid(field) & (store.labels >= 0)
     rows = np.flatnonzero(ok)
-    x = torch.from_numpy(store.read(field, rows)).float()
     if run:
         check_store_matches_run(run, store, "image")
         from sail.heads import AlignmentHeads
 
-        x = project_store(AlignmentHeads.from_pretrained(run), x.numpy(), "image")
-    return x, torch.from_numpy(store.labels[rows])
+        x = project_store(AlignmentHeads.from_pretrained(run).to(device), store.read(field, rows), "image", device=device)
+    else:
+        x = torch.from_numpy(store.read(field, rows))
+    # labels stay on the CPU: metrics moves them where it needs them (its seeded splits index on the CPU)
+    return x.float().to(device), torch.from_numpy(store.labels[rows])
 
 
-def linear_probe(train_store: str, test_store: str, run: str | None = None, seed: int = 0) -> dict:
-    xtr, ytr = _labelled(train_store, run)
-    xte, yte = _labelled(test_store, run)
-    return metrics.linear_probe(xtr, ytr, xte, yte, seed=seed)
+def linear_probe(train_store: str, test_store: str, run: str | None = None, seed: int = 0,
+                 device: str = "auto", progress: bool = True) -> dict:
+    """Logistic regression (L-BFGS, weight decay tuned on a validation split) on `device`."""
+    dev = pick_device(device)
+    xtr, ytr = _labelled(train_store, run, dev)
+    xte, yte = _labelled(test_store, run, dev)
+    return metrics.linear_probe(xtr, ytr, xte, yte, seed=seed, progress=progress)
 
 
-def knn(train_store: str, test_store: str, k: int = 20, run: str | None = None) -> dict:
-    xtr, ytr = _labelled(train_store, run)
-    xte, yte = _labelled(test_store, run)
+def knn(train_store: str, test_store: str, k: int = 20, run: str | None = None, device: str = "auto",
+        progress: bool = True) -> dict:
+    """Weighted kNN (DINO protocol) with exact cosine neighbours computed on `device`."""
+    dev = pick_device(device)
+    xtr, ytr = _labelled(train_store, run, dev)
+    xte, yte = _labelled(test_store, run, dev)
     norm = torch.nn.functional.normalize
-    return metrics.knn_classify(norm(xtr, dim=1), ytr, norm(xte, dim=1), yte, k=k)
+    return metrics.knn_classify(norm(xtr, dim=1), ytr, norm(xte, dim=1), yte, k=k, progress=progress)
 
 
-def alignment(image_store: str, text_store: str, k: int = 10, field: str | None = None) -> dict:
+def alignment(image_store: str, text_store: str, k: int = 10, field: str | None = None, device: str = "auto") -> dict:
     """Mutual k-NN overlap of two frozen feature spaces on their shared ids (Huh et al.)."""
     a, b = FeatureStore(image_store), FeatureStore(text_store)
     fa, fb = a.fields[0], field or b.fields[0]
@@ -294,7 +273,9 @@ def alignment(image_store: str, text_store: str, k: int = 10, field: str | None 
     ra, rb = join(a, b, fields=[[fa], [fb]])
     if len(ra) <= k:
         raise SailError(f"only {len(ra)} shared ids; mutual k-NN with k={k} needs more")
-    score = metrics.mutual_knn_alignment(torch.from_numpy(a.read(fa, ra)).float(), torch.from_numpy(b.read(fb, rb)).float(), k=k)
+    dev = pick_device(device)
+    score = metrics.mutual_knn_alignment(torch.from_numpy(a.read(fa, ra)).float().to(dev),
+                                         torch.from_numpy(b.read(fb, rb)).float().to(dev), k=k)
     return {"mutual_knn": score, "k": k, "samples": len(ra), "chance": k / (len(ra) - 1)}
 
 
@@ -302,73 +283,19 @@ def alignment(image_store: str, text_store: str, k: int = 10, field: str | None 
 
 
 def segmentation(run: str, images: str, masks: str, classnames: str, templates: str = "imagenet",
-                 ignore_index: int = 255, features_root: str = "features", device: str = "auto",
-                 vision_model: str | None = None, text_model: str | None = None, progress: bool = True) -> dict:
-    """Zero-shot masks (MaskCLIP-style): each patch token through the image head against class prompts.
+                 protocol: SegProtocol | None = None, device: str = "auto", vision_model: str | None = None,
+                 text_model: str | None = None, progress: bool = True, **protocol_fields) -> dict:
+    """Zero-shot masks by sliding windows over patch tokens (see `sail.segmentation`): mIoU + per-class IoU.
 
     images/ and masks/ hold files with the same stem (VOC / ADE20K layout); mask pixels are class
-    indices into `classnames` (a file, one name per line, background included where the masks use it).
+    indices into `classnames` (one class per line, "a, b" for synonyms; background included where the
+    masks use it, or `reduce_zero_label=True` where label 0 means "ignore", as ADE20K).
     """
-    from PIL import Image
+    from sail.evalsets import segmentation_pairs
 
-    from sail.templates import load_classnames, load_templates
-
-    names = load_classnames(classnames)
-    image_dir, mask_dir = Path(images), Path(masks)
-    files = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS) if image_dir.is_dir() else []
-    pairs = [(p, mask_dir / f"{p.stem}.png") for p in files if (mask_dir / f"{p.stem}.png").exists()]
-    if not pairs:
-        raise SailError(f"no image in {images} has a mask <stem>.png in {masks}")
+    protocol = protocol or SegProtocol(**protocol_fields)
+    pairs = segmentation_pairs(images, masks)
     model = load_model(run, vision_model, text_model, device)
     if not isinstance(model, SAILModel):
         raise SailError(f"{run} is a full-model recipe run; segmentation needs a `sail align` run (patch tokens through a head)")
-    ds = Dataset(f"seg-{image_dir.parent.name}-{image_dir.name}", str(image_dir.resolve()),
-                 _paths_hash([p for p, _ in pairs]), [p.stem for p, _ in pairs], [str(p) for p, _ in pairs], {})
-    store = cached_store(model, ds, "image", features_root, patch_tokens=True, progress=progress)
-    class_emb = metrics.class_embeddings(model.encode_text, names, load_templates(templates)).float()
-    proc = model.vision.processor
-    crop = proc.crop_size if getattr(proc, "do_center_crop", False) else {"height": proc.size.get("height"), "width": proc.size.get("width")}
-    ch, cw = crop["height"], crop["width"]
-    short = proc.size.get("shortest_edge", min(ch, cw))
-    cm = metrics.ConfusionMatrix(len(names), ignore_index)
-    valid = store.valid("image")
-    for row, (_, mask_path) in enumerate(pairs):
-        if not valid[row]:
-            continue
-        tokens = torch.from_numpy(store.read_patch_tokens("image", [row])[0]).float()  # (P, H)
-        pooled = torch.from_numpy(store.read("image", [row])[0]).float()
-        hidden = tokens.shape[1]
-        # SAIL's official code feeds [CLS ; patch_i] to a head trained on [CLS ; mean patch] features.
-        inp = torch.cat([pooled[:hidden].expand_as(tokens), tokens], 1) if model.pooling == "concat" else tokens
-        emb = project_store(model.heads, inp.numpy(), "image", device=model.device).float()
-        logits = emb @ class_emb.T.to(emb.device)                       # (P, C)
-        g = int(round(len(tokens) ** 0.5))
-        logits = logits.T.reshape(1, len(names), g, g)                  # (1, C, g, g) patch grid
-        pred = torch.nn.functional.interpolate(logits, size=(ch, cw), mode="bilinear", align_corners=False)[0].argmax(0)
-        cm.update(pred.cpu(), torch.from_numpy(_mask_like_processor(Image.open(mask_path), short, ch, cw)))
-    result = cm.compute()
-    return {"mIoU": result["mIoU"], "pixel_accuracy": result["pixel_accuracy"], "images": int(valid.sum()),
-            "classes": len(names)}
-
-
-def _paths_hash(paths: list[Path]) -> str:
-    import hashlib
-
-    h = hashlib.blake2b(digest_size=16)
-    for p in paths:
-        h.update(str(p).encode())
-        h.update(str(p.stat().st_size).encode())
-    return h.hexdigest()
-
-
-def _mask_like_processor(mask, short: int, ch: int, cw: int) -> np.ndarray:
-    """Resize (nearest, shortest side) and centre-crop a label mask the way the processor treats images."""
-    from PIL import Image
-
-    w, h = mask.size
-    scale = short / min(w, h)
-    mask = mask.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.NEAREST)
-    w, h = mask.size
-    left, top = (w - cw) // 2, (h - ch) // 2
-    arr = np.array(mask.crop((left, top, left + cw, top + ch)))
-    return arr.astype(np.int64)
+    return evaluate_segmentation(model, pairs, classnames, templates, protocol, progress)

@@ -9,7 +9,16 @@ most the chunk in flight. Running the same command again skips the finished chun
 cross chunk boundaries, so every value equals an uninterrupted run's. When all chunks exist they are
 merged into the store (itself written to a temp name and renamed), and the parts are removed.
 
-Under torchrun, rank r extracts chunks r, r+W, r+2W, ...; rank 0 merges after a barrier.
+Under torchrun, rank r extracts chunks r, r+W, r+2W, ...; after one barrier (every part written) rank 0
+merges and the other ranks exit at once, so nobody waits on a collective while a ~100 GB store is merged.
+The barrier waits for the slowest rank's extraction, so the process group gets `--dist-timeout` (default
+12 h) instead of NCCL's 10 minutes.
+
+GPU settings: the encoder is loaded in the precision policy's dtype (bf16 on Ampere+, `--precision`), runs
+under torch.inference_mode, and gets uint8 crops from the workers (`--preprocess fast`: JPEG draft decode,
+PIL resize + crop of just the crop box; normalised on the device) or the model's own processor
+(`--preprocess hf`, the reference). Workers default to the cores available per process; the batch to a
+size chosen from the model's parameter count.
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +38,10 @@ from tqdm.auto import tqdm
 import sail
 from sail import zoo
 from sail.data import DEFAULT_MAX_PIXELS, Dataset, ImageError, load_image, open_dataset
-from sail.encoders import load_encoder, model_revision, pick_device, resolve_model
-from sail.errors import SailError
 from sail.distributed import barrier, init_distributed, local_device
+from sail.encoders import default_batch_size, load_encoder, model_revision, num_params, pick_device, resolve_model
+from sail.errors import SailError
+from sail.precision import resolve_precision
 from sail.store import StoreWriter
 
 
@@ -45,9 +55,9 @@ class ExtractConfig:
     patch_tokens: bool = False
     max_length: int | None = None
     modality: str | None = None
-    batch_size: int = 64
+    batch_size: int | None = None       # None: chosen from the model's size (default_batch_size)
     chunk_size: int = 2048
-    workers: int | None = None
+    workers: int | None = None          # None: the cores this process may use, minus one
     device: str = "auto"
     features_root: str = "features"
     id_column: str = "id"
@@ -55,8 +65,24 @@ class ExtractConfig:
     split: str = "test"                # CLIP_benchmark webdataset split
     allow_truncated: bool = False      # keep the complete samples of truncated shards (recorded as skipped)
     max_pixels: int | None = DEFAULT_MAX_PIXELS  # larger images are skipped as "too large" (0/None: no limit)
+    encoding: str = "utf-8"            # text encoding of CSV/TSV/JSONL manifests
     trust_remote_code: bool | None = None
     progress: bool = True
+    precision: str = "auto"             # sail.precision: weights loaded in this dtype (auto: bf16 on Ampere+)
+    preprocess: str = "fast"            # fast (PIL + torch, checked against the processor) | hf (the processor)
+    dist_timeout: float = 720.0         # minutes a rank may wait at the barrier under torchrun
+    overwrite: bool = False             # replace an existing store at --out (only once the new one is complete)
+
+    def validate(self) -> None:
+        """Bad numbers are one clear error before anything is loaded or created."""
+        for flag, value, low in (("--batch-size", self.batch_size, 1), ("--chunk-size", self.chunk_size, 1),
+                                 ("--workers", self.workers, 0), ("--max-length", self.max_length, 1)):
+            if value is not None and value < low:
+                raise SailError(f"{flag} must be >= {low}, not {value}")
+        if not self.dist_timeout > 0:
+            raise SailError(f"--dist-timeout must be a positive number of minutes, not {self.dist_timeout}")
+        if self.preprocess not in ("fast", "hf"):
+            raise SailError(f"--preprocess must be fast or hf, not {self.preprocess!r}")
 
 
 @dataclass
@@ -86,15 +112,15 @@ class ExtractResult:
 class _ImageItems(torch.utils.data.Dataset):
     """Decodes and preprocesses images in DataLoader workers; failures come back as reasons."""
 
-    def __init__(self, refs: list, preprocess, max_pixels: int | None = DEFAULT_MAX_PIXELS):
-        self.refs, self.preprocess, self.max_pixels = refs, preprocess, max_pixels
+    def __init__(self, refs: list, preprocess, max_pixels: int | None = DEFAULT_MAX_PIXELS, draft: int | None = None):
+        self.refs, self.preprocess, self.max_pixels, self.draft = refs, preprocess, max_pixels, draft
 
     def __len__(self):
         return len(self.refs)
 
     def __getitem__(self, i):
         try:
-            return i, self.preprocess(load_image(self.refs[i], self.max_pixels)), ""
+            return i, self.preprocess(load_image(self.refs[i], self.max_pixels, self.draft)), ""
         except ImageError as e:
             return i, None, str(e)
         except Exception as e:  # a preprocessor failing on an odd image is a bad image, not a crash
@@ -133,48 +159,85 @@ def _save_part(path: Path, arrays: dict[str, np.ndarray]) -> None:
     os.replace(tmp, path)
 
 
-def _identity(cfg: ExtractConfig, spec, ds: Dataset, fields: list[str]) -> dict:
+# Everything that determines a store's numbers; two extractions agreeing on all of it are the same one.
+# (Preprocessing comes with the model's files, so the revision covers it.)
+STORE_IDENTITY = ("model_id", "modality", "pooling", "source", "source_hash", "fields", "patch_tokens", "max_length", "n",
+                  "weights_dtype", "preprocess")
+
+
+def _identity(cfg: ExtractConfig, spec, ds: Dataset, fields: list[str], weights_dtype: str) -> dict:
     """What makes two runs the same extraction; a mismatch with an existing store is an error."""
+    image = spec.modality == "image"
     return {"model_id": spec.source, "modality": spec.modality,
-            "pooling": cfg.pooling if spec.modality == "image" and not zoo.is_spec(spec.source) else "model",
+            "pooling": cfg.pooling if image and not zoo.is_spec(spec.source) else "model",
             "source": ds.source, "source_hash": ds.source_hash, "fields": fields,
-            "patch_tokens": bool(cfg.patch_tokens), "max_length": cfg.max_length, "chunk_size": cfg.chunk_size,
-            "n": len(ds)}
+            "patch_tokens": bool(cfg.patch_tokens) and image, "max_length": None if image else cfg.max_length,
+            "chunk_size": cfg.chunk_size, "n": len(ds), "weights_dtype": weights_dtype,
+            "preprocess": cfg.preprocess if image else None}
 
 
-def _check_existing(out: Path, ident: dict) -> bool:
-    """True if `out` is already this extraction, complete. Raises if it is a different one."""
-    if not out.exists():
+def _stored_identity(s, ours: dict) -> dict:
+    """A store's identity: the "identity" attribute, or what a 0.1 store's attributes still tell."""
+    a = s.attrs
+    if "identity" in a:
+        return json.loads(a["identity"])
+    fields = json.loads(a.get("fields", "[]"))
+    max_length = a.get("max_length")
+    return {"model_id": a.get("model_id"), "modality": a.get("modality"), "source": ours["source"],
+            "pooling": a.get("pooling") if a.get("modality") == "image" else "model",
+            "source_hash": a.get("source_hash"), "fields": fields, "n": len(s),
+            "patch_tokens": any(s.has_patch_tokens(f) for f in fields),
+            # 0.1 stored the effective limit only: it can contradict an explicit --max-length, nothing else
+            "max_length": None if ours["max_length"] is None or max_length in (None, -1) else int(max_length),
+            "weights_dtype": ours["weights_dtype"], "preprocess": ours["preprocess"]}  # not recorded before
+
+
+def _check_existing(out: Path, ident: dict, revision: str, overwrite: bool = False) -> bool:
+    """True if `out` is already this extraction, complete. Raises if it is something else (unless overwrite)."""
+    if out.is_dir():
+        raise SailError(f"--out {out} is a directory; give a file path such as {out / 'features.h5'}")
+    if not out.exists() or overwrite:
         return False
     from sail.store import FeatureStore
 
-    with FeatureStore(out) as s:
-        a = s.attrs
-        theirs = {"model_id": a.get("model_id"), "source_hash": a.get("source_hash"),
-                  "fields": json.loads(a.get("fields", "[]")), "pooling": a.get("pooling")}
-    ours = {"model_id": ident["model_id"], "source_hash": ident["source_hash"], "fields": ident["fields"],
-            "pooling": ident["pooling"] if ident["modality"] == "image" else theirs["pooling"]}
-    if theirs != ours:
-        diff = ", ".join(f"{k}: {theirs[k]!r} there, {ours[k]!r} here" for k in ours if theirs[k] != ours[k])
-        raise SailError(f"{out} already exists from a different extraction ({diff}); "
-                        "pass another --out or delete that file")
+    try:
+        s = FeatureStore(out)
+    except SailError as e:
+        raise SailError(f"{out} exists but is not a usable feature store ({e}); pass --overwrite to replace it, "
+                        "or choose another --out") from None
+    with s:
+        stored = _stored_identity(s, ident)
+        their_revision = str(s.attrs.get("model_revision", "hub:unknown"))
+    diff = [f"{k}: {stored.get(k)!r} there, {ident[k]!r} here" for k in STORE_IDENTITY
+            if k != "source" and stored.get(k) != ident[k]]
+    if "hub:unknown" not in (revision, their_revision) and revision != their_revision:
+        diff.append(f"model_revision: {their_revision!r} there, {revision!r} here")
+    if diff:
+        raise SailError(f"{out} already exists from a different extraction ({'; '.join(diff)}); "
+                        "pass --overwrite to replace it, or choose another --out (or --features-root)")
     return True
 
 
-def _open_parts(parts: Path, ident: dict, rank: int) -> None:
+def _open_parts(parts: Path, ident: dict, rank: int, overwrite: bool = False) -> bool:
+    """Create (rank 0) or reopen the parts folder; True if this call created it."""
     meta = parts / "meta.json"
     if meta.exists():
         theirs = json.loads(meta.read_text())
+        if theirs != ident and overwrite and rank == 0:  # --overwrite: an unfinished other extraction goes too
+            shutil.rmtree(parts)
+            return _open_parts(parts, ident, rank)
         if theirs != ident:
             diff = ", ".join(k for k in ident if theirs.get(k) != ident[k])
             raise SailError(f"{parts} holds an unfinished extraction with different settings ({diff}); "
-                            "rerun that command to finish it, or delete the folder")
-        return
+                            "rerun that command to finish it, pass --overwrite, or delete the folder")
+        return False
     if rank == 0:
         parts.mkdir(parents=True, exist_ok=True)
         tmp = meta.with_name("meta.json.tmp")
         tmp.write_text(json.dumps(ident, indent=1))
         os.replace(tmp, meta)
+        return True
+    return False
 
 
 # ----------------------------------------------------------------------------------------- the run
@@ -183,13 +246,16 @@ def _open_parts(parts: Path, ident: dict, rank: int) -> None:
 def extract(cfg: ExtractConfig, dataset: Dataset | None = None) -> ExtractResult:
     """Extract (or finish extracting) one store; returns where it is and what was skipped.
 
-    `dataset` replaces `cfg.data` for callers that build one in code (the eval tasks do).
+    `dataset` replaces `cfg.data` for callers that build one in code (the eval tasks do). Under torchrun
+    only rank 0's result has the skipped counts; the other ranks return once their parts are written.
     """
+    cfg.validate()
     start = time.time()
-    rank, world = init_distributed()
+    rank, world = init_distributed(timeout=datetime.timedelta(minutes=cfg.dist_timeout))
     spec = resolve_model(cfg.model, cfg.modality, cfg.trust_remote_code)
     ds = dataset if dataset is not None else open_dataset(cfg.data, cfg.columns, cfg.id_column, cfg.image_column,
-                                                              split=cfg.split, allow_truncated=cfg.allow_truncated)
+                                                              split=cfg.split, allow_truncated=cfg.allow_truncated,
+                                                              encoding=cfg.encoding)
     if len(ds) == 0:
         raise SailError(f"{cfg.data} holds no samples")
     if spec.modality == "image":
@@ -202,31 +268,42 @@ def extract(cfg: ExtractConfig, dataset: Dataset | None = None) -> ExtractResult
         if not fields:
             raise SailError(f"{cfg.data} has no caption columns, but {cfg.model} is a text model; name them with --columns")
     out = Path(cfg.out) if cfg.out else Path(cfg.features_root) / ds.name / f"{spec.name}.h5"
-    ident = _identity(cfg, spec, ds, fields)
+    device = local_device(pick_device(cfg.device), rank, world)
+    precision = resolve_precision(cfg.precision, device)
+    ident = _identity(cfg, spec, ds, fields, precision.name)
     parts = out.with_name(out.name + ".parts")
-    if _check_existing(out, ident):
+    if _check_existing(out, ident, model_revision(spec.source), cfg.overwrite):
         if rank == 0 and parts.exists():
             shutil.rmtree(parts, ignore_errors=True)  # left over from a run killed after its final rename
         return ExtractResult(out, len(ds), already_complete=True)
+    # Everything that can fail on a user's input is checked before the first file is created.
+    encoder = load_encoder(spec, device, cfg.pooling, cfg.max_length, precision.dtype, cfg.preprocess)
+    cfg = replace(cfg, batch_size=cfg.batch_size or default_batch_size(num_params(encoder.model), device))
     if rank == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
     barrier(world)
-    _open_parts(parts, ident, rank)
+    created = _open_parts(parts, ident, rank, cfg.overwrite)
     barrier(world)
 
     n_chunks = -(-len(ds) // cfg.chunk_size)
     todo = [c for c in range(n_chunks) if c % world == rank and not _part_path(parts, c).exists()]
-    encoder = load_encoder(spec, local_device(pick_device(cfg.device), rank, world), cfg.pooling, cfg.max_length)
-    if todo:
-        if spec.modality == "image":
-            _extract_images(cfg, ds, encoder, todo, parts, rank)
-        else:
-            _extract_texts(cfg, ds, encoder, fields, todo, parts, rank)
+    try:
+        if todo:
+            if spec.modality == "image":
+                _extract_images(cfg, ds, encoder, todo, parts, rank, world)
+            else:
+                _extract_texts(cfg, ds, encoder, fields, todo, parts, rank)
+    except BaseException:
+        if created and not any(parts.glob("part-*.npz")):  # nothing to resume from: leave nothing behind
+            shutil.rmtree(parts, ignore_errors=True)
+        raise
+    # The one collective wait: every rank's parts are written. It can last as long as the slowest rank's
+    # extraction, hence the long --dist-timeout. After it only rank 0 works (the merge, minutes to hours
+    # for a ~100 GB store) and the other ranks exit now instead of idling in a second barrier.
     barrier(world)
-    skipped: dict[str, int] = {}
-    if rank == 0:
-        skipped = _merge(out, parts, ds, fields, n_chunks, cfg, spec, encoder)
-    barrier(world)
+    if rank != 0:
+        return ExtractResult(out, len(ds), {}, time.time() - start)
+    skipped = _merge(out, parts, ds, fields, n_chunks, cfg, spec, encoder)
     return ExtractResult(out, len(ds), skipped, time.time() - start)
 
 
@@ -235,13 +312,23 @@ def _progress(total: int, unit: str, cfg: ExtractConfig, rank: int):
                 desc="extract", smoothing=0.1)
 
 
-def _extract_images(cfg, ds: Dataset, encoder, todo: list[int], parts: Path, rank: int) -> None:
-    workers = cfg.workers if cfg.workers is not None else min(8, max(1, (os.cpu_count() or 2) - 1))
+def default_workers(world: int = 1) -> int:
+    """Decoding workers per process: the cores this process may use, shared among the ranks on the node."""
+    try:
+        cores = len(os.sched_getaffinity(0))  # respects taskset / cgroup cpusets, unlike os.cpu_count()
+    except AttributeError:
+        cores = os.cpu_count() or 2
+    per_rank = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    return max(1, per_rank - 1)  # one core for the main process (collate, pinning, the GPU launches)
+
+
+def _extract_images(cfg, ds: Dataset, encoder, todo: list[int], parts: Path, rank: int, world: int = 1) -> None:
+    workers = cfg.workers if cfg.workers is not None else default_workers(world)
     batches = _chunk_batches(todo, cfg.chunk_size, len(ds), cfg.batch_size)
     loader = torch.utils.data.DataLoader(
-        _ImageItems(ds.images, encoder.preprocess, cfg.max_pixels), batch_sampler=batches, collate_fn=_collate,
-        num_workers=workers, pin_memory=encoder.device.type == "cuda", prefetch_factor=4 if workers else None,
-        persistent_workers=False)
+        _ImageItems(ds.images, encoder.preprocess, cfg.max_pixels, getattr(encoder, "draft_short_side", lambda: None)()),
+        batch_sampler=batches, collate_fn=_collate, num_workers=workers, pin_memory=encoder.device.type == "cuda",
+        prefetch_factor=4 if workers else None, persistent_workers=False)
     pending: dict[int, dict] = {}  # chunk -> rows filled so far
     bar = _progress(sum(len(b) for b in batches), "img", cfg, rank)
     for rows, ok, pixels, reasons in loader:
@@ -254,12 +341,12 @@ def _extract_images(cfg, ds: Dataset, encoder, todo: list[int], parts: Path, ran
         if pixels is not None:
             pooled, patches = encoder.encode_pixels(pixels, cfg.patch_tokens)
             sel = np.array([r - lo for r, k in zip(rows, ok) if k])
-            buf["feat"][sel] = pooled.cpu().numpy().astype(np.float16)
+            buf["feat"][sel] = pooled.to(torch.float16).cpu().numpy()  # cast on the device: half the copy
             buf["valid"][sel] = True
             if patches is not None:
                 if buf["patch"] is None:
                     buf["patch"] = np.zeros((size,) + tuple(patches.shape[1:]), np.float16)
-                buf["patch"][sel] = patches.cpu().numpy().astype(np.float16)
+                buf["patch"][sel] = patches.to(torch.float16).cpu().numpy()
         for r, k, why in zip(rows, ok, reasons):
             if not k:
                 buf["reason"][r - lo] = why
@@ -332,6 +419,7 @@ def _merge(out: Path, parts: Path, ds: Dataset, fields: list[str], n_chunks: int
             "source_hash": ds.source_hash, "dataset": ds.name, "sail_version": sail.__version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "trust_remote_code": bool(spec.trust_remote_code),
+            "identity": (parts / "meta.json").read_text(),  # the identity the parts were made under
         }
         writer.finish(attrs, ds.labels, ds.class_names, skipped)
     except BaseException:

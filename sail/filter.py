@@ -136,7 +136,10 @@ def _columns(path: Path, fmt: str) -> list[str]:
     """Column names: the CSV/TSV header, or the keys of the first JSONL record."""
     with open(path, encoding="utf-8-sig", newline="") as f:
         if fmt != "jsonl":
-            header = next(csv.reader(f, dialect=_DIALECTS[fmt]), None)
+            try:
+                header = next(csv.reader(f, dialect=_DIALECTS[fmt]), None)
+            except (UnicodeDecodeError, csv.Error) as err:
+                raise SailError(f"{path}: cannot parse it ({err}); it must be UTF-8 {fmt}") from None
             if not header:
                 raise SailError(f"{path}: the manifest is empty; it needs a header row")
             return header

@@ -98,6 +98,58 @@ def make_head(kind: str, in_dim: int, out_dim: int, width: int = 4, activation: 
     return GLUHead(in_dim, out_dim, width, activation)
 
 
+# Projections of the end-to-end recipes (sail.towers): the paper's choice for each tower, no LayerNorm.
+PROJECTIONS = KINDS + ("clip", "fc", "identity")
+
+
+class CLIPProjection(nn.Module):
+    """CLIP's projection: one Linear without bias and without LayerNorm (the layout of CLIPModel's
+    visual_projection / text_projection, so those weights load as `proj.weight`). Init N(0, in_dim^-0.5)
+    as in CLIP."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(in_dim, out_dim, bias=False)
+        nn.init.normal_(self.proj.weight, std=in_dim ** -0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+class FCProjection(nn.Module):
+    """ALIGN's text side: one fully-connected layer with linear activation on [CLS] (Linear with bias, no norm)."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.proj = _init_linear(nn.Linear(in_dim, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+class IdentityProjection(nn.Module):
+    """ALIGN's image side: the pooled tower feature is the embedding (EfficientNet-B7: 640-d), no parameters."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        if in_dim != out_dim:
+            raise SailError(f"an identity projection keeps the tower's width {in_dim}; set embed_dim to {in_dim} "
+                            f"or choose a projection that maps {in_dim} -> {out_dim}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def make_projection(kind: str, in_dim: int, out_dim: int, width: int = 4, activation: str = "relu6") -> nn.Module:
+    """A sail head (linear | mlp | glu, LayerNorm first) or a recipe projection: clip (Linear, no bias, no
+    LayerNorm), fc (Linear with bias, no LayerNorm), identity (no parameters; needs in_dim == out_dim)."""
+    if kind not in PROJECTIONS:
+        raise SailError(f"unknown projection {kind!r}; choose one of {', '.join(PROJECTIONS)}")
+    if kind in KINDS:
+        return make_head(kind, in_dim, out_dim, width, activation)
+    return {"clip": CLIPProjection, "fc": FCProjection, "identity": IdentityProjection}[kind](in_dim, out_dim)
+
+
 class AlignmentHeads(nn.Module):
     """Image head + text head + learnable log-temperature `logit_scale` (log t) and bias `logit_bias` (b)."""
 

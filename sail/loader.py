@@ -2,26 +2,37 @@
 
     pairs = PairedFeatures.from_stores(image_store, text_store, captions=["caption"])
     train, val = pairs.split(val_fraction=0.02, seed=0)
-    loader = train.batches(batch=36864, epoch=3, device="cuda")   # in memory: one slice per step
-    for image, texts in loader: ...                                # (B, Di) fp16, [K x (B, Dt)] fp16
+    loader = MemoryBatches(*train.load("cuda"), batch=36864, seed=0)       # in memory: one gather per step
+    loader = StreamingBatches(train, batch=36864, seed=0, device="cuda")   # streamed from the HDF5 files
+    for image, texts in loader.epoch(3, start_step=0): ...   # (B, Di) fp16, [K x (B, Dt)] fp16
 
-When the features do not fit (`in_memory=False`), `StreamingBatches` reads large contiguous row blocks
-from the HDF5 files in a background thread, shuffles them in a buffer of several blocks, and yields
-batches; the order is a pure function of (seed, epoch), so a resumed run sees the same batches.
+Both yield exactly `steps_per_epoch = len(pairs) // batch` full batches every epoch, in an order that is a
+pure function of (seed, epoch), so a run resumed at any step sees the same batches. Under torchrun
+(`rank`, `world`) each process gets only its rows of every global batch (rows [r*B/W, (r+1)*B/W) of it):
+the global batch sequence is the single process's, and a streaming rank reads only its own rows.
+
+Streaming plan (`StreamPlan`): the pairs are cut into blocks of `block_rows` consecutive rows; each epoch
+visits the blocks in a seeded order, `buffer_blocks` at a time (a buffer: a few contiguous slabs of each
+store), shuffles the rows of each buffer, and concatenates the buffers into the epoch's stream of all n
+pairs. Batch s is stream[s*B:(s+1)*B]: a batch may straddle two buffers (the rows a buffer leaves over are
+carried into the next), and only the last n % B rows of the stream are dropped, so every epoch has the same
+length. A background thread reads buffers and gathers batches ahead of the trainer, across epochs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import queue
 import threading
 from dataclasses import dataclass
 
+import h5py
 import numpy as np
 import torch
 
 from sail.errors import SailError
-from sail.store import FeatureStore, join
+from sail.store import FeatureStore, _read_rows, join
 
 
 @dataclass
@@ -111,73 +122,350 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
-class MemoryBatches:
-    """Batches sliced from features already on the device; a seeded permutation per epoch."""
+def _check_batch(n: int, batch: int, world: int, rank: int) -> None:
+    if batch < 2 or batch > n:
+        raise SailError(f"batch {batch} must be between 2 and the number of training pairs ({n})")
+    if batch % world or not 0 <= rank < world:
+        raise SailError(f"batch {batch} must divide evenly over {world} processes")
 
-    def __init__(self, image: torch.Tensor, texts: list[torch.Tensor], batch: int, seed: int = 0):
+
+class MemoryBatches:
+    """Batches gathered from features already on the device; a seeded permutation per epoch.
+
+    Every rank holds all rows (any row can fall into its share of a later batch) but gathers only its
+    B/W rows of each global batch.
+    """
+
+    def __init__(self, image: torch.Tensor, texts: list[torch.Tensor], batch: int, seed: int = 0,
+                 rank: int = 0, world: int = 1):
+        _check_batch(len(image), batch, world, rank)
         self.image, self.texts, self.batch, self.seed = image, texts, batch, seed
+        self.rank, self.local = rank, batch // world
         self.steps_per_epoch = len(image) // batch
 
     def epoch(self, epoch: int, start_step: int = 0):
         perm = epoch_permutation(len(self.image), self.seed, epoch).to(self.image.device)
+        lo = self.rank * self.local
         for s in range(start_step, self.steps_per_epoch):
-            idx = perm[s * self.batch:(s + 1) * self.batch]
+            idx = perm[s * self.batch + lo:s * self.batch + lo + self.local]
             yield self.image[idx], [t[idx] for t in self.texts]
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """The streamed batch order as a pure function of (n, batch, block_rows, buffer_blocks, seed, epoch).
+
+    Everything here is index arithmetic (no I/O), so it is cheap to test exhaustively.
+    """
+
+    n: int
+    batch: int
+    block_rows: int = 65536
+    buffer_blocks: int = 4
+    seed: int = 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.n // self.batch
+
+    def buffers(self, epoch: int):
+        """Pair indices of each buffer (ascending: contiguous store reads), in this epoch's read order; lazily,
+        so a 23M-pair epoch never holds more than one buffer's indices."""
+        starts = np.arange(0, self.n, self.block_rows)
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(starts))
+        for g in range(0, len(order), self.buffer_blocks):
+            yield np.sort(np.concatenate([np.arange(starts[b], min(self.n, starts[b] + self.block_rows))
+                                          for b in order[g:g + self.buffer_blocks]]))
+
+    def shuffle(self, epoch: int, k: int, size: int) -> np.ndarray:
+        """The order in which buffer k's rows enter the stream."""
+        return np.random.default_rng([self.seed, epoch, k]).permutation(size)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The whole epoch's stream of pair indices (n,): a reference for tests, O(n) memory."""
+        return np.concatenate([rows[self.shuffle(epoch, k, len(rows))] for k, rows in enumerate(self.buffers(epoch))])
+
+    def pieces(self, epoch: int, start_step: int = 0, rank: int = 0, world: int = 1):
+        """(k, rows, n_done) per buffer: the pair indices this rank takes from buffer k, in stream order.
+
+        Buffers wholly before `start_step` are skipped without shuffling. n_done counts the rank's rows
+        handed out before this piece; cutting the concatenated pieces every B/W rows gives the rank's
+        share of batches start_step, start_step + 1, ..., steps_per_epoch - 1.
+        """
+        B, local = self.batch, self.batch // world
+        q0, q_end = start_step * B, self.steps_per_epoch * B   # stream positions [q0, q_end) are used
+        lo, done = 0, 0
+        for k, rows in enumerate(self.buffers(epoch)):
+            hi = lo + len(rows)
+            if lo >= q_end:
+                break
+            if hi > q0:
+                q = np.arange(max(lo, q0), min(hi, q_end))
+                mine = q[(q % B) // local == rank]            # this rank's columns of each global batch
+                if len(mine):
+                    yield k, rows[self.shuffle(epoch, k, len(rows))[mine - lo]], done
+                    done += len(mine)
+            lo = hi
+
+
+class _Scratch:
+    """A reusable float16 array per field, grown on demand, so reading a buffer allocates nothing."""
+
+    def __init__(self):
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def get(self, key: str, rows: int, dim: int) -> np.ndarray:
+        a = self.arrays.get(key)
+        if a is None or a.shape[0] < rows or a.shape[1] != dim:
+            a = self.arrays[key] = np.empty((max(rows, 1), dim), dtype=np.float16)
+        return a
+
+
+_CHUNKS: dict[tuple, tuple[np.ndarray, int] | None] = {}  # (path, dataset, inode, size, mtime) -> layout
+_POOL = None
+
+
+def _chunk_offsets(store: FeatureStore, ds) -> tuple[np.ndarray, int] | None:
+    """File byte offset of each row-chunk of an uncompressed, fully written, row-chunked float16 field
+    (and the rows per chunk); None for any other layout (then h5py reads)."""
+    st = store.path.stat()  # a store rewritten in place gets new offsets
+    key = (str(store.path.resolve()), ds.name, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _CHUNKS:
+        found = None
+        try:
+            plist = ds.id.get_create_plist()
+            n, d = ds.shape
+            if (plist.get_layout() == h5py.h5d.CHUNKED and plist.get_nfilters() == 0 and ds.dtype == np.float16
+                    and ds.chunks[1] == d and store._h5.driver == "sec2"):
+                cr = ds.chunks[0]
+                offsets = np.full(-(-n // cr), -1, dtype=np.int64)
+
+                def visit(info):
+                    offsets[info.chunk_offset[0] // cr] = info.byte_offset
+
+                ds.id.chunk_iter(visit)
+                found = (offsets, cr) if (offsets >= 0).all() else None
+        except (AttributeError, TypeError, ValueError):  # older h5py/HDF5 without chunk_iter
+            found = None
+        _CHUNKS[key] = found
+    return _CHUNKS[key]
+
+
+def _pread(path, dest: np.ndarray, file_off: np.ndarray, dest_row: np.ndarray, rows: np.ndarray) -> None:
+    """Copy runs of rows from the file into dest: run i is rows[i] rows at byte file_off[i], written at row
+    dest_row[i]. Plain preads split over a few threads (pread releases the GIL): one kernel copy from the
+    page cache per byte, no HDF5 overhead; both cores copy, since reading is most of a streamed batch's cost."""
+    global _POOL
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    parts = max(1, min(4, os.cpu_count() or 1))
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(parts, thread_name_prefix="sail-read")
+    buf = memoryview(dest.reshape(-1).view(np.uint8))
+    row_bytes = dest.shape[1] * dest.itemsize
+    jobs = list(zip(file_off.tolist(), (dest_row * row_bytes).tolist(), (rows * row_bytes).tolist()))
+    with open(path, "rb", buffering=0) as f:
+        fd = f.fileno()
+
+        def work(part):
+            for off, at, size in part:
+                while size:  # pread may return short counts
+                    got = os.preadv(fd, [buf[at:at + size]], off)
+                    if got <= 0:
+                        raise OSError(f"{path}: short read at byte {off}")
+                    off, at, size = off + got, at + got, size - got
+
+        step = -(-len(jobs) // parts)
+        list(_POOL.map(work, [jobs[i:i + step] for i in range(0, len(jobs), step)]))
+
+
+def _runs(rows: np.ndarray, cr: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sorted unique rows -> runs of consecutive rows within one chunk: (first row, index of it in rows, length)."""
+    cut = np.flatnonzero((np.diff(rows) != 1) | (rows[1:] // cr != rows[:-1] // cr)) + 1
+    first = np.concatenate([[0], cut])
+    return rows[first], first, np.diff(np.concatenate([first, [len(rows)]]))
+
+
+def _read_span(store: FeatureStore, ds, lo: int, hi: int, dest: np.ndarray) -> None:
+    """Rows [lo, hi) of a field into dest (hi - lo, D)."""
+    layout = _chunk_offsets(store, ds)
+    if layout is None:
+        ds.read_direct(dest, source_sel=np.s_[lo:hi], dest_sel=np.s_[0:hi - lo])
+        return
+    offsets, cr = layout
+    starts = np.arange(lo // cr * cr, hi, cr)
+    a, b = np.maximum(starts, lo), np.minimum(starts + cr, hi)
+    _pread(store.path, dest, offsets[starts // cr] + (a - starts) * ds.shape[1] * 2, a - lo, b - a)
+
+
+def _read_source(store: FeatureStore, field: str, rows: np.ndarray, scratch: _Scratch, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read store rows `rows` (any order) into a reused array; returns (src, pos), src[pos[i]] = row rows[i].
+
+    Runs of nearby rows (gaps under one HDF5 chunk, at least half of the span wanted) are read straight
+    into the scratch array (HDF5 copies the page-cache pages once, no intermediate array); what is left
+    (rows scattered over the store, e.g. a text store in another order) goes through the store's chunked
+    read. src holds at most 2 * len(unique rows) rows.
+    """
+    ds = store._dataset(field)
+    uniq, inverse = np.unique(rows, return_inverse=True)
+    gap = ds.chunks[0] if ds.chunks else 1024
+    segments = np.split(np.arange(len(uniq)), np.flatnonzero(np.diff(uniq) > gap) + 1)
+    dense = [len(seg) >= 64 and uniq[seg[-1]] + 1 - uniq[seg[0]] <= 2 * len(seg) for seg in segments]
+    size = sum(int(uniq[seg[-1]] + 1 - uniq[seg[0]]) if d else len(seg) for seg, d in zip(segments, dense))
+    src = scratch.get(key, size, ds.shape[1])
+    pos_u = np.empty(len(uniq), dtype=np.int64)
+    o, rest = 0, []
+    for seg, d in zip(segments, dense):
+        if d:
+            lo, hi = int(uniq[seg[0]]), int(uniq[seg[-1]]) + 1
+            _read_span(store, ds, lo, hi, src[o:o + hi - lo])
+            pos_u[seg] = o + uniq[seg] - lo
+            o += hi - lo
+        else:
+            rest.append(seg)
+    if rest:
+        rest = np.concatenate(rest)
+        layout = _chunk_offsets(store, ds)
+        if layout is None:
+            src[o:o + len(rest)] = _read_rows(ds, uniq[rest])
+        else:  # scattered rows: read just them, one pread per run of consecutive rows (no whole chunks)
+            offsets, cr = layout
+            first, at, length = _runs(uniq[rest], cr)
+            _pread(store.path, src[o:o + len(rest)], offsets[first // cr] + (first % cr) * ds.shape[1] * 2, at, length)
+        pos_u[rest] = o + np.arange(len(rest))
+    return src, pos_u[inverse]
 
 
 class StreamingBatches:
-    """Batches read from the stores in contiguous blocks with a shuffle buffer, prefetched in a thread.
+    """Batches streamed from the stores by a `StreamPlan`, prefetched by one thread that runs across epochs.
 
-    Each epoch visits the blocks in a seeded order; `buffer_blocks` blocks are read (contiguous slabs),
-    shuffled together and cut into batches. The few rows left over in a buffer are dropped that epoch
-    (they differ from epoch to epoch), so every batch is full and the batch plan is known up front.
+    Per buffer the reader copies each store's rows once into a reused scratch array; per batch it gathers
+    the rank's B/W rows once into a (pinned, on CUDA) batch tensor that goes to the device as is.
+
+    reuse: recycle prefetch + 2 batch tensors instead of allocating each batch (fresh 100+ MB tensors cost
+    page faults that take longer than the gather). On CUDA this is always safe (the trainer gets device
+    copies; a slot waits for its copy's event); on CPU the trainer gets the recycled tensors themselves, so a
+    batch is valid only until the next one is requested (how `sail align` uses them). Default: CUDA only.
     """
 
     def __init__(self, pairs: PairedFeatures, batch: int, seed: int = 0, block_rows: int = 65536,
-                 buffer_blocks: int = 4, device: torch.device | str = "cpu"):
-        self.pairs, self.batch, self.seed, self.device = pairs, batch, seed, torch.device(device)
-        self.block_rows = max(block_rows, batch)
-        self.buffer_blocks = buffer_blocks
-        self.steps_per_epoch = sum(len(rows) // batch for rows in self._plan(0))
+                 buffer_blocks: int = 4, device: torch.device | str = "cpu", rank: int = 0, world: int = 1,
+                 prefetch: int = 2, reuse: bool | None = None):
+        _check_batch(len(pairs), batch, world, rank)
+        if block_rows < 1 or buffer_blocks < 1:
+            raise SailError(f"block_rows ({block_rows}) and buffer_blocks ({buffer_blocks}) must be positive")
+        self.pairs, self.device, self.rank, self.world = pairs, torch.device(device), rank, world
+        self.plan = StreamPlan(len(pairs), batch, block_rows, buffer_blocks, seed)
+        self.batch, self.seed, self.local = batch, seed, batch // world
+        self.block_rows, self.buffer_blocks = block_rows, buffer_blocks
+        self.steps_per_epoch = self.plan.steps_per_epoch
+        self.prefetch = prefetch
+        self.reuse = self.device.type == "cuda" if reuse is None else reuse
+        self._worker: tuple[threading.Thread, queue.Queue, threading.Event] | None = None
+        self._next: tuple[int, int] | None = None  # (epoch, step) the running worker delivers next
+        self.reader_starts = 0                    # how many times a reader thread was started
+        self._events: dict[int, object] = {}      # slot -> CUDA event of its last host-to-device copy
 
-    def _plan(self, epoch: int) -> list[np.ndarray]:
-        """Pair indices of each buffer, in the seeded block order of this epoch."""
-        n = len(self.pairs)
-        starts = np.arange(0, n, self.block_rows)
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(starts))
-        return [np.concatenate([np.arange(starts[b], min(n, starts[b] + self.block_rows)) for b in order[g:g + self.buffer_blocks]])
-                for g in range(0, len(order), self.buffer_blocks)]
+    # ---- the producer: runs in the worker thread
+    def _batches(self, epoch: int, start_step: int, scratch: _Scratch, new_out):
+        p, fields = self.pairs, [("image", self.pairs.image_store, "image")] + \
+            [(f"text:{c}", self.pairs.text_store, c) for c in self.pairs.captions]
+        store_rows = {"image": p.image_rows, **{f"text:{c}": p.text_rows for c in p.captions}}
+        out, fill = None, 0
+        for _, take, _ in self.plan.pieces(epoch, start_step, self.rank, self.world):
+            srcs = []
+            for key, store, field in fields:
+                src, pos = _read_source(store, field, store_rows[key][take], scratch, key)
+                srcs.append((torch.from_numpy(src), torch.from_numpy(pos)))
+            i = 0
+            while i < len(take):
+                if out is None:
+                    slot, out = new_out([src.shape[1] for src, _ in srcs])
+                    fill = 0
+                m = min(self.local - fill, len(take) - i)
+                for (src, pos), dst in zip(srcs, out):   # (m, D) rows gathered straight into the batch
+                    torch.index_select(src, 0, pos[i:i + m], out=dst[fill:fill + m])
+                fill, i = fill + m, i + m
+                if fill == self.local:
+                    yield slot, (out[0], out[1:])
+                    out = None
 
+    def _produce(self, q: queue.Queue, stop: threading.Event, epoch: int, start_step: int) -> None:
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        scratch = _Scratch()  # one per reader thread, reused by every buffer of every epoch
+        pin = self.device.type == "cuda"
+        slots: list[list[torch.Tensor]] = []
+        turn = itertools.count()
+
+        def new_out(dims: list[int]) -> tuple[int, list[torch.Tensor]]:
+            if not self.reuse:
+                return -1, [torch.empty((self.local, d), dtype=torch.float16, pin_memory=pin) for d in dims]
+            k = next(turn) % (self.prefetch + 2)  # the trainer holds 1 batch, the queue `prefetch`
+            if k == len(slots):
+                slots.append([torch.empty((self.local, d), dtype=torch.float16, pin_memory=pin) for d in dims])
+            event = self._events.pop(k, None)
+            if event is not None:
+                event.synchronize()  # the slot's last host-to-device copy has finished
+            return k, slots[k]
+
+        try:
+            for ep in itertools.count(epoch):
+                first = start_step if ep == epoch else 0
+                for s, batch in enumerate(self._batches(ep, first, scratch, new_out), start=first):
+                    if not put((ep, s, batch)):
+                        return
+        except BaseException as e:  # surface reader errors in the training loop
+            put((None, None, e))
+
+    # ---- the consumer
     def epoch(self, epoch: int, start_step: int = 0):
-        q: queue.Queue = queue.Queue(maxsize=3)
-
-        def produce():
-            try:
-                step = 0
-                for k, rows in enumerate(self._plan(epoch)):
-                    n_batches = len(rows) // self.batch
-                    if step + n_batches <= start_step:  # resuming: skip whole buffers without reading
-                        step += n_batches
-                        continue
-                    sub = self.pairs.subset(rows)
-                    image = _read_all(sub.image_store, "image", sub.image_rows)
-                    texts = [_read_all(sub.text_store, c, sub.text_rows) for c in sub.captions]
-                    shuffle = np.random.default_rng([self.seed, epoch, k]).permutation(len(rows))
-                    for i in range(n_batches):
-                        if step >= start_step:
-                            sel = shuffle[i * self.batch:(i + 1) * self.batch]
-                            batch = (torch.from_numpy(image[sel]), [torch.from_numpy(t[sel]) for t in texts])
-                            if self.device.type == "cuda":
-                                batch = (batch[0].pin_memory(), [t.pin_memory() for t in batch[1]])
-                            q.put(batch)
-                        step += 1
-            except BaseException as e:  # surface reader errors in the training loop
-                q.put(e)
-            q.put(None)
-
-        threading.Thread(target=produce, daemon=True).start()
-        while (item := q.get()) is not None:
+        """Batches start_step .. steps_per_epoch - 1 of `epoch`, each (B/W, Di) and K x (B/W, Dt) float16."""
+        if self._worker is None or self._next != (epoch, start_step):
+            self.close()
+            q, stop = queue.Queue(maxsize=self.prefetch), threading.Event()
+            t = threading.Thread(target=self._produce, args=(q, stop, epoch, start_step), daemon=True,
+                                 name="sail-stream")
+            t.start()
+            self._worker, self.reader_starts = (t, q, stop), self.reader_starts + 1
+            self._events = {}
+        _, q, _ = self._worker
+        self._next = (epoch, start_step)
+        for s in range(start_step, self.steps_per_epoch):
+            ep, got, item = q.get()
             if isinstance(item, BaseException):
+                self.close()
                 raise item
-            image, texts = item
-            yield image.to(self.device, non_blocking=True), [t.to(self.device, non_blocking=True) for t in texts]
+            if (ep, got) != (epoch, s):
+                raise RuntimeError(f"stream out of step: expected batch {s} of epoch {epoch}, got {got} of {ep}")
+            self._next = (epoch, s + 1) if s + 1 < self.steps_per_epoch else (epoch + 1, 0)
+            slot, (image, texts) = item
+            image, texts = image.to(self.device, non_blocking=True), [t.to(self.device, non_blocking=True) for t in texts]
+            if slot >= 0 and self.device.type == "cuda":
+                event = torch.cuda.Event()
+                event.record()
+                self._events[slot] = event
+            yield image, texts
+
+    def close(self) -> None:
+        """Stop the reader thread (it also stops by itself when the process exits)."""
+        if self._worker is not None:
+            t, q, stop = self._worker
+            stop.set()
+            while t.is_alive():
+                try:
+                    q.get(timeout=0.05)
+                except queue.Empty:
+                    pass
+            self._worker, self._next = None, None

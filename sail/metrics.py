@@ -23,6 +23,7 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from sail.errors import SailError
 
@@ -233,24 +234,27 @@ def winoground(scores):
 # classification on frozen features: kNN and linear probe
 
 
-def knn_classify(train_emb, train_labels, test_emb, test_labels, k=20, temperature=0.07,
-                 chunk_size=4096):
+def knn_classify(train_emb, train_labels, test_emb, test_labels, k=20, temperature=0.07, chunk_size=4096,
+                 progress=False):
     """Weighted kNN classification in percent (DINO protocol): {"top1", "top5"}.
 
-    Cosine neighbours from an exact faiss IndexFlatIP over the (L2-normalised) train embeddings;
-    each of the k neighbours votes for its label with weight exp(sim / temperature); classes are
-    ranked by total vote (pessimistic ties; a class with no votes ties at 0). k may also be a list:
-    then the result is {k: {"top1", "top5"}} for each k, from one neighbour search.
+    Each test row's k most cosine-similar train rows (exact search, in chunks of test rows, on the
+    inputs' device: pass CUDA tensors to run on a GPU) vote for their labels with weight
+    exp(sim / temperature); classes are ranked by total vote (pessimistic ties; a class with no votes
+    ties at 0). Embeddings are assumed L2-normalised. For several k from one search, see `knn_sweep`.
     """
-    import faiss
+    return knn_sweep(train_emb, train_labels, test_emb, test_labels, [int(k)], temperature, chunk_size, progress)[int(k)]
 
-    train = _embeddings(train_emb, "train_emb").cpu()
-    test = _embeddings(test_emb, "test_emb").cpu()
+
+def knn_sweep(train_emb, train_labels, test_emb, test_labels, ks=(10, 20, 100, 200), temperature=0.07,
+              chunk_size=4096, progress=False):
+    """`knn_classify` for several k from one neighbour search: {k: {"top1", "top5"}}."""
+    train = _embeddings(train_emb, "train_emb")
+    test = _embeddings(test_emb, "test_emb", device=train.device).to(train.dtype)
     _same_dim(train, test, "train_emb", "test_emb")
-    y_train = _labels(train_labels, "train_labels", train.shape[0])
-    y_test = _labels(test_labels, "test_labels", test.shape[0])
-    single = isinstance(k, (int, np.integer))
-    ks = _check_ks([k] if single else k)
+    y_train = _labels(train_labels, "train_labels", train.shape[0], device=train.device)
+    y_test = _labels(test_labels, "test_labels", test.shape[0], device=train.device)
+    ks = _check_ks(ks)
     if max(ks) > train.shape[0]:
         raise SailError(f"k={max(ks)} is larger than the {train.shape[0]} training samples")
     if test.shape[0] == 0:
@@ -259,23 +263,19 @@ def knn_classify(train_emb, train_labels, test_emb, test_labels, k=20, temperatu
         raise SailError(f"temperature must be > 0, got {temperature}")
     n_classes = int(max(y_train.max(), y_test.max())) + 1
 
-    index = faiss.IndexFlatIP(train.shape[1])
-    index.add(np.ascontiguousarray(train.numpy(), dtype=np.float32))
-    sims, idx = index.search(np.ascontiguousarray(test.numpy(), dtype=np.float32), max(ks))
-    sims, idx = torch.from_numpy(sims).double(), torch.from_numpy(idx)  # (Nt, kmax), best first
-
     ranks = {kk: [] for kk in ks}
-    for a in range(0, test.shape[0], chunk_size):
-        s, nb, y = sims[a:a + chunk_size], y_train[idx[a:a + chunk_size]], y_test[a:a + chunk_size]
+    for a in tqdm(range(0, test.shape[0], chunk_size), desc="knn", unit="chunk", disable=not progress, dynamic_ncols=True):
+        sims, idx = (test[a:a + chunk_size] @ train.T).topk(max(ks), dim=1)  # (B, N) -> (B, kmax), best first
+        weights, nb, y = (sims.double() / temperature).exp(), y_train[idx], y_test[a:a + chunk_size]
         for kk in ks:
-            votes = torch.zeros(s.shape[0], n_classes, dtype=torch.float64)
-            votes.scatter_add_(1, nb[:, :kk], (s[:, :kk] / temperature).exp())  # (B, C) vote totals
+            votes = torch.zeros(sims.shape[0], n_classes, dtype=torch.float64, device=train.device)
+            votes.scatter_add_(1, nb[:, :kk], weights[:, :kk])  # (B, C) vote totals
             ranks[kk].append(_pessimistic_rank(votes, y))
     out = {}
     for kk in ks:
         r = torch.cat(ranks[kk])
         out[kk] = {"top1": _pct(r < 1), "top5": _pct(r < min(5, n_classes))}
-    return out[ks[0]] if single else out
+    return out
 
 
 def logistic_regression(x, y, num_classes, weight_decay, epochs=200):
@@ -320,7 +320,7 @@ def _stratified_split(y, val_fraction, seed):
 
 
 def linear_probe(train_x, train_y, test_x, test_y, val_fraction=0.2,
-                 weight_decays=(1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1), epochs=200, seed=0):
+                 weight_decays=(1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1), epochs=200, seed=0, progress=False):
     """Linear probe on frozen features, in percent: logistic regression with a tuned weight decay.
 
     Features need not be normalised: they are standardised with statistics of the fitting set.
@@ -354,7 +354,7 @@ def linear_probe(train_x, train_y, test_x, test_y, val_fraction=0.2,
     train_y_dev = train_y.to(train_x.device)
     x_fit, x_val = _standardised(train_x[fit_idx.to(train_x.device)], train_x[val_idx.to(train_x.device)])
     val_acc = {}
-    for wd in weight_decays:
+    for wd in tqdm(weight_decays, desc="linear probe (weight decays)", disable=not progress, dynamic_ncols=True):
         w, b = logistic_regression(x_fit, train_y_dev[fit_idx.to(train_x.device)], n_classes, wd, epochs)
         val_acc[wd] = accuracy(x_val, train_y[val_idx], w, b)
     best = max(weight_decays, key=lambda wd: (val_acc[wd], wd))

@@ -5,6 +5,7 @@
     x = model.encode_image(["cat.jpg", pil_image])                 # (2, D) L2-normalised
     y = model.encode_text(["a photo of a cat"])                    # (1, D)
     p = model.similarity(["cat.jpg"], ["a cat", "a dog"])          # sigmoid(t x.y + b), (1, 2)
+    model.logit_scale, model.scale()                               # log t (as CLIP / open_clip), t
 
 The method names follow open_clip's (`encode_image`, `encode_text`), so CLIP evaluation code can
 call a SAIL model through a thin adapter. Encoders load lazily: a text-only use never loads the
@@ -34,8 +35,9 @@ def read_run_config(run_dir: str | Path) -> dict:
 
 class SAILModel(torch.nn.Module):
     def __init__(self, heads: AlignmentHeads, image_model: str, text_model: str, pooling: str = "concat",
-                 max_length: int | None = None, device: str | torch.device = "auto"):
+                 max_length: int | None = None, device: str | torch.device = "auto", loss: str = "sigmoid"):
         super().__init__()
+        self.loss = loss  # which loss trained the heads decides what `similarity` means
         self.device = pick_device(device) if isinstance(device, str) else device
         self.heads = heads.to(self.device).eval()
         self.image_model, self.text_model = image_model, text_model
@@ -62,7 +64,7 @@ class SAILModel(torch.nn.Module):
             raise SailError(f"{run_dir}/config.json does not name its encoders; pass vision_model= and text_model=")
         max_length = txt.get("max_length")
         return cls(heads, vision_model or img["model_id"], text_model or txt["model_id"], img.get("pooling", "concat"),
-                   None if max_length in (None, -1) else int(max_length), device)
+                   None if max_length in (None, -1) else int(max_length), device, cfg.get("loss", "sigmoid"))
 
     # ------------------------------------------------------------------ encoders (lazy)
     @staticmethod
@@ -95,6 +97,11 @@ class SAILModel(torch.nn.Module):
 
     @property
     def logit_scale(self) -> torch.Tensor:
+        """log t, CLIP's convention: code that calls `.exp()` on it gets the temperature t."""
+        return self.heads.logit_scale.detach()
+
+    def scale(self) -> torch.Tensor:
+        """The temperature t = exp(logit_scale), as `AlignmentHeads.scale()` and `Towers.scale()`."""
         return self.heads.scale().detach()
 
     # ------------------------------------------------------------------ embedding
@@ -132,9 +139,16 @@ class SAILModel(torch.nn.Module):
 
     @torch.no_grad()
     def similarity(self, images: list, texts: list[str]) -> torch.Tensor:
-        """Calibrated match probabilities sigmoid(t x.y + b), (n_images, n_texts)."""
+        """Match probabilities (n_images, n_texts) in the sense the run's loss trained.
+
+        sigmoid / multi-positive runs: sigmoid(t x.y + b), each pair on its own (b was trained).
+        info-nce runs: softmax over the texts of t x.y, as CLIP's label probabilities (b never trained).
+        """
         x, y = self.encode_image(images), self.encode_text(texts)
-        return torch.sigmoid(self.heads.scale() * x @ y.T + self.heads.logit_bias)
+        logits = self.heads.scale() * x @ y.T  # (n_images, n_texts)
+        if self.loss == "info-nce":
+            return logits.softmax(dim=-1)
+        return torch.sigmoid(logits + self.heads.logit_bias)
 
 
 def project_store(heads: AlignmentHeads, features: np.ndarray, modality: str, batch: int = 8192,

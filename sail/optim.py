@@ -24,6 +24,12 @@ from torch.optim.lr_scheduler import LambdaLR, OneCycleLR
 from sail.errors import SailError
 
 OPTIMIZERS = ("lion", "adamw", "lamb")
+# eps of AdamW / LAMB when build_optimizer is not given one. With the loss averaged over all B^2 pairs
+# (SAIL) the heads' parameter gradients are ~1e-9 .. 1e-8 at B = 36864 (benchmarks/align_step.py prints
+# them), so sqrt(v) ~ |g| sits at torch's 1e-8 and eps would shrink Adam's step m / (sqrt(v) + eps) by 2x
+# or more. 1e-12 keeps the step at ~lr for gradients down to ~1e-11 and still guards v = 0.
+# Lion (the default) divides by nothing and is unaffected. Recipes averaging over B pass their own eps.
+DEFAULT_EPS = 1e-12
 
 
 def _check_hparams(name: str, lr: float, betas: tuple[float, float], weight_decay: float, eps: float = 0.0):
@@ -44,8 +50,29 @@ def _closure_loss(closure):
         return closure()
 
 
+def _with_grads(group: dict, state: dict, name: str, init) -> dict:
+    """The group's parameters that have a gradient, bucketed by (device, dtype) for the foreach kernels:
+    {(device, dtype): (params, grads, states)}. `init(p)` fills a parameter's state on its first step."""
+    buckets: dict = {}
+    for p in group["params"]:
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            raise SailError(f"{name} does not support sparse gradients")
+        if not state[p]:
+            state[p].update(init(p))
+        params, grads, states = buckets.setdefault((p.device, p.dtype), ([], [], []))
+        params.append(p)
+        grads.append(p.grad)
+        states.append(state[p])
+    return buckets
+
+
 class Lion(torch.optim.Optimizer):
-    """Lion: p <- p - lr * (sign(b1*m + (1-b1)*g) + wd*p), then m <- b2*m + (1-b2)*g."""
+    """Lion: p <- p - lr * (sign(b1*m + (1-b1)*g) + wd*p), then m <- b2*m + (1-b2)*g.
+
+    One torch._foreach_* kernel per operation over all tensors of a (device, dtype) bucket, instead of a
+    Python loop with ~5 launches per tensor (towers have hundreds of tensors)."""
 
     def __init__(self, params, lr: float = 1e-5, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 1e-7):
@@ -58,25 +85,24 @@ class Lion(torch.optim.Optimizer):
         for group in self.param_groups:
             lr, wd = group["lr"], group["weight_decay"]
             beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise SailError("Lion does not support sparse gradients")
-                g = p.grad
-                state = self.state[p]
-                if not state:
-                    state["exp_avg"] = torch.zeros_like(p)
-                m = state["exp_avg"]
-                update = (m * beta1 + g * (1 - beta1)).sign_()  # interpolation uses the OLD momentum
-                p.mul_(1 - lr * wd)  # decoupled decay: same as p -= lr * wd * p
-                p.add_(update, alpha=-lr)
-                m.mul_(beta2).add_(g, alpha=1 - beta2)
+            init = lambda p: {"exp_avg": torch.zeros_like(p)}  # noqa: E731
+            for params, grads, states in _with_grads(group, self.state, "Lion", init).values():
+                ms = [st["exp_avg"] for st in states]
+                update = torch._foreach_mul(ms, beta1)  # interpolation uses the OLD momentum
+                torch._foreach_add_(update, grads, alpha=1 - beta1)
+                torch._foreach_sign_(update)
+                torch._foreach_mul_(params, 1 - lr * wd)  # decoupled decay: same as p -= lr * wd * p
+                torch._foreach_add_(params, update, alpha=-lr)
+                torch._foreach_mul_(ms, beta2)
+                torch._foreach_add_(ms, grads, alpha=1 - beta2)
         return loss
 
 
 class LAMB(torch.optim.Optimizer):
-    """LAMB: Adam direction r = m_hat / (sqrt(v_hat) + eps) + wd*p, scaled per tensor by ||p|| / ||r||."""
+    """LAMB: Adam direction r = m_hat / (sqrt(v_hat) + eps) + wd*p, scaled per tensor by ||p|| / ||r||.
+
+    Vectorised like Lion: foreach kernels per (device, dtype) bucket, the per-tensor norms from one
+    torch._foreach_norm each, the trust ratios computed on the stacked norms (no host sync)."""
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 1e-5):
@@ -89,38 +115,34 @@ class LAMB(torch.optim.Optimizer):
         for group in self.param_groups:
             lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
             beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise SailError("LAMB does not support sparse gradients")
-                g = p.grad
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
-                t = state["step"]
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.mul_(beta1).add_(g, alpha=1 - beta1)
-                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                m_hat = m / (1 - beta1 ** t)
-                v_hat = v / (1 - beta2 ** t)
-                r = m_hat / (v_hat.sqrt() + eps)
+            init = lambda p: {"step": 0, "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}  # noqa: E731
+            for params, grads, states in _with_grads(group, self.state, "LAMB", init).values():
+                for st in states:
+                    st["step"] += 1  # a Python int per tensor (checkpoints store it in JSON)
+                ms, vs = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
+                torch._foreach_mul_(ms, beta1)
+                torch._foreach_add_(ms, grads, alpha=1 - beta1)
+                torch._foreach_mul_(vs, beta2)
+                torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)
+                m_hat = torch._foreach_div(ms, [1 - beta1 ** st["step"] for st in states])
+                denom = torch._foreach_div(vs, [1 - beta2 ** st["step"] for st in states])  # v_hat
+                torch._foreach_sqrt_(denom)
+                torch._foreach_add_(denom, eps)
+                r = torch._foreach_div(m_hat, denom)
                 if wd != 0:
-                    r.add_(p, alpha=wd)
+                    torch._foreach_add_(r, params, alpha=wd)
                 # Trust ratio per tensor; 1 when either norm is 0 (fresh zero-init biases, zero updates).
-                p_norm, r_norm = p.norm(), r.norm()
+                p_norm, r_norm = torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(r))
                 trust = torch.where((p_norm > 0) & (r_norm > 0), p_norm / r_norm, torch.ones_like(p_norm))
-                p.sub_(r * (lr * trust))
+                torch._foreach_mul_(r, list((trust * -lr).unbind()))
+                torch._foreach_add_(params, r)
         return loss
 
 
 def build_optimizer(name: str, param_groups, lr: float, weight_decay: float, betas=None, eps=None):
     """"lion" | "adamw" | "lamb". `weight_decay` fills groups that do not set their own (see
-    AlignmentHeads.param_groups). betas/eps default to each optimizer's usual values; Lion has no eps and
-    ignores it."""
+    AlignmentHeads.param_groups). betas default to each optimizer's usual values, eps to DEFAULT_EPS
+    (1e-12, small enough for B^2-normalised gradients; see above); Lion has no eps and ignores it."""
     key = str(name).lower()
     if key not in OPTIMIZERS:
         raise SailError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
@@ -128,11 +150,11 @@ def build_optimizer(name: str, param_groups, lr: float, weight_decay: float, bet
         return Lion(param_groups, lr=lr, betas=tuple(betas) if betas else (0.9, 0.99), weight_decay=weight_decay)
     if key == "lamb":
         return LAMB(param_groups, lr=lr, betas=tuple(betas) if betas else (0.9, 0.999),
-                    eps=1e-6 if eps is None else eps, weight_decay=weight_decay)
+                    eps=DEFAULT_EPS if eps is None else eps, weight_decay=weight_decay)
     betas = tuple(betas) if betas else (0.9, 0.999)
-    _check_hparams("AdamW", lr, betas, weight_decay, 1e-8 if eps is None else eps)
-    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=1e-8 if eps is None else eps,
-                             weight_decay=weight_decay)
+    eps = DEFAULT_EPS if eps is None else eps
+    _check_hparams("AdamW", lr, betas, weight_decay, eps)
+    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
 
 # ---------------------------------------------------------------------- schedules

@@ -1,355 +1,208 @@
-"""Shared parts of the end-to-end recipes (recipes/alip.py, recipes/align.py): config, data, checkpoints, logs.
+"""What the end-to-end recipes (sail/recipes/alip.py, align.py) share, once: running a recipe by name, the
+training loop (step, logging, checkpoints, evaluation hooks), the zero-shot check.
 
-    cfg = load_config(["--config", "recipes/configs/alip-tiny.yaml", "--steps", "20"])
-    rank, world, device = setup_distributed(cfg["device"])
-    data = PairData(ds.images, [ds.captions["caption"]], towers.preprocessing, seed=cfg["seed"])
-    for epoch, next_batch, pixels, texts, skipped in iterate_batches(data, train_rows, cfg["batch_size"], seed):
-        ...
-    save_checkpoint(out, step, towers, optimizer, scheduler, {"gates": gates}, [epoch, next_batch])
-    load_checkpoint(latest_checkpoint(out), towers, optimizer, scheduler, {"gates": gates})
-    run_recipe("alip", ["--config", "recipes/configs/alip-tiny.yaml"])     # what `sail recipe` calls
+    run_recipe("alip", ["--config", "alip-tiny"])           # what `sail recipe` calls
+    run = start_run(cfg, "alip")                             # process group, device, precision, seed
+    summary = train_towers(run, towers, optimizer, scheduler, ds, columns, loss_fn, extra_modules={"gates": g})
 
-Conventions
-- Config: a YAML file plus `--key value` overrides of its top-level keys (dashes or underscores; values
-  parsed as YAML, so `--steps 10`, `--gates false`, `--out runs/x`). Unknown keys are an error.
-- batch_size is the GLOBAL batch (the papers' number); each of W processes takes batch_size / W rows
-  of every global batch, so 1 and W processes train on the same samples in the same steps.
-- Data order: epoch e is a permutation of the training rows drawn from (seed, e); the last incomplete
-  global batch is dropped. Augmentation of row i in epoch e uses a generator seeded from (seed, e, i).
-  A checkpoint stores (epoch, next batch), so a resumed run continues with exactly the same batches.
-- Bad images are dropped from their batch; under torch.distributed every rank then cuts its batch to
-  the smallest one (the loss needs equal local batches); batches with fewer than 2 pairs are skipped.
-- Checkpoints: OUT/checkpoints/step-NNNNNNNN/{model,state}.safetensors + state.json + rng-rankR.json
-  (tensors in safetensors, everything else JSON, no pickle), written to a temp folder and renamed, the
-  last `keep` kept. Rerunning the same command resumes from the newest one.
+A recipe builds its towers, optimizer, schedule and loss_fn(x, y, t) -> (loss, {name: scalar tensor}) and
+hands them to train_towers; the loop is the same for every recipe:
+  batch (sail.recipe_data) -> tokenize the text columns -> sail.gradcache.contrastive_backward (accum_steps
+  micro-batches, whole-batch negatives) -> grad clip -> optimizer / scheduler step -> towers.clamp_() ->
+  one host sync for the step's logged scalars -> metrics.jsonl (sail.runlog) -> every eval_every steps the
+  before_eval hook (ALIGN: BatchNorm recalibration, on every rank) and a zero-shot check on held-out rows
+  (rank 0) -> every checkpoint_every steps a checkpoint (sail.checkpoint, all ranks).
+Resume rule (sail.checkpoint.check_resume, the same as `sail align`): an --out that holds a run is continued
+only with --resume and the same settings (RESUME_KEYS); otherwise one error line, nothing overwritten.
+Outputs in OUT: config.json + model.safetensors + tokenizer/ (sail.towers.Towers.from_pretrained, `sail
+eval`), metrics.jsonl, curves.png, recipe-config.yaml, checkpoint-N/ + LATEST.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import json
-import os
-import random
-import shutil
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-import yaml
-from safetensors.torch import load_file, save_file
 
-from sail import runlog
-from sail.checkpoint import flatten_optimizer, unflatten_optimizer
-from sail.distributed import barrier, current
+from sail import distributed
+from sail.checkpoint import check_resume, save_checkpoint
 from sail.errors import SailError
 
-RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
-RESUME_KEYS = ("data", "batch_size", "steps", "seed", "vision", "text", "embed_dim", "head", "image")
+RESUME_KEYS = ("data", "batch_size", "steps", "seed", "vision", "text", "embed_dim", "projection", "image",
+               "text_column", "caption_column", "holdout")
 
 
-# ----------------------------------------------------------------------------------------- config
+# ----------------------------------------------------------------------------------------- running
 
 
-def load_config(argv: list[str] | None) -> dict:
-    """`--config FILE` plus `--key value` / `--key=value` overrides of top-level keys -> dict."""
-    argv = list(argv or [])
-    pairs, i = [], 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            raise SailError(f"unexpected argument {arg!r}; use --config FILE and --key value overrides")
-        if "=" in arg:
-            key, value = arg[2:].split("=", 1)
-            i += 1
-        elif i + 1 < len(argv):
-            key, value = arg[2:], argv[i + 1]
-            i += 2
-        else:
-            raise SailError(f"{arg} needs a value")
-        pairs.append((key.replace("-", "_"), value))
-    paths = [v for k, v in pairs if k == "config"]
-    if len(paths) != 1:
-        raise SailError("give exactly one --config FILE (see recipes/configs/)")
-    path = Path(paths[0])
-    if not path.is_file():
-        raise SailError(f"config {path} not found")
-    try:
-        cfg = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise SailError(f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
-    cfg = {k: _number(v) for k, v in cfg.items()}
-    for key, value in pairs:
-        if key == "config":
-            continue
-        if key not in cfg:
-            raise SailError(f"unknown option --{key}; {path} has keys {', '.join(sorted(cfg))}")
-        new, old = _number(yaml.safe_load(value)), cfg[key]
-        if isinstance(old, (int, float)) and not isinstance(old, bool) and \
-                (isinstance(new, bool) or not isinstance(new, (int, float))):
-            raise SailError(f"--{key} needs a number, got {value!r}")
-        cfg[key] = new
-    cfg["config"] = str(path)
-    return cfg
+def recipe_names() -> list[str]:
+    """The recipes that ship with the package: sail/recipes/NAME.py."""
+    from importlib import resources
 
-
-def _number(value):
-    """YAML 1.1 reads "1e-3" as a string; turn such strings into floats."""
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
+    return sorted(p.name[:-3] for p in resources.files("sail.recipes").iterdir()
+                  if p.name.endswith(".py") and not p.name.startswith("_"))
 
 
 def run_recipe(name: str, argv: list[str] | None = None):
-    """Run recipes/NAME.py's main(argv) (loaded by file path: the library never imports recipes/)."""
-    path = RECIPES_DIR / f"{name}.py"
-    if not path.is_file():
-        found = sorted(p.stem for p in RECIPES_DIR.glob("*.py") if not p.stem.startswith("_"))
-        raise SailError(f"no recipe {name!r} in {RECIPES_DIR}; available: {', '.join(found) or 'none'}")
-    spec = importlib.util.spec_from_file_location(f"sail_recipe_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv)
+    """Run sail.recipes.NAME's main(argv). Imported by name here only: the rest of sail never imports a recipe."""
+    import importlib
+
+    names = recipe_names()
+    if name not in names:
+        raise SailError(f"no recipe {name!r}; available: {', '.join(names) or 'none'}")
+    return importlib.import_module(f"sail.recipes.{name}").main(argv)
 
 
-# ----------------------------------------------------------------------------------------- distributed
+@dataclass
+class Run:
+    """A started recipe run: its config, output folder, process group and precision."""
+
+    cfg: dict
+    name: str
+    out: Path
+    rank: int
+    world: int
+    device: torch.device
+    precision: object  # sail.precision.Precision
 
 
-def setup_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
-    """(rank, world, device). Under torchrun: the process group (sail.distributed) and cuda:LOCAL_RANK."""
-    from sail.distributed import init_distributed, local_device
-    from sail.encoders import pick_device
+def start_run(cfg: dict, name: str) -> Run:
+    """Process group and device (sail.distributed.setup), precision (sail.precision), the same seed on every
+    rank (identical initial weights)."""
+    from sail.precision import resolve_precision
 
-    rank, world = init_distributed()
-    return rank, world, local_device(pick_device(device), rank, world)
-
-
-def train_autocast(device: torch.device):
-    """bf16 autocast on GPUs that have bf16; otherwise full precision (fp16 would need loss scaling)."""
-    use = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return torch.autocast("cuda" if device.type == "cuda" else "cpu", dtype=torch.bfloat16, enabled=use)
-
-
-def cleanup_distributed() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    rank, world, device = distributed.setup(str(cfg["device"]))
+    precision = resolve_precision(str(cfg.get("precision", "auto")), device)
+    if precision.needs_loss_scaling:  # the recipes have no GradScaler: fp16 gradients of B^2-averaged losses underflow
+        if cfg.get("precision", "auto") != "auto":
+            raise SailError("the recipes train in bf16 or fp32; --precision fp16 needs loss scaling they do not do")
+        precision = resolve_precision("fp32", device)
+    torch.manual_seed(cfg["seed"])
+    return Run(cfg, name, Path(cfg["out"]), rank, world, device, precision)
 
 
-def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """DistributedDataParallel around `module` under torch.distributed, else `module` itself."""
-    if current()[1] == 1:
-        return module
-    ids = [device.index] if device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
+# ----------------------------------------------------------------------------------------- the loop
 
 
-# ----------------------------------------------------------------------------------------- data
+def train_towers(run: Run, towers, optimizer, scheduler, ds, columns: list[str], loss_fn,
+                 extra_modules: dict | None = None, before_eval=None) -> dict:
+    """Train `towers` for cfg["steps"] steps (see the module doc); returns a summary with "towers", "out",
+    "first_loss", "last_loss" and the last zero-shot result. `columns`: the text columns per image."""
+    from tqdm.auto import tqdm
+
+    from sail.recipe_data import PairData, iterate_batches, split_indices
+    from sail.runlog import MetricsLog
+
+    cfg, out, device = run.cfg, run.out, run.device
+    extra_modules = extra_modules or {}
+    train_rows, held_rows = split_indices(ds.ids, cfg["holdout"])
+    step, position = _resume(run, towers, optimizer, scheduler, extra_modules)
+    log = MetricsLog(out / "metrics.jsonl", resume_step=step if step else None, enabled=run.rank == 0)
+    model = distributed.wrap_ddp(towers, device)  # towers itself when there is one process
+    data = PairData(ds.images, [ds.captions[c] for c in columns], towers.preprocessing, seed=cfg["seed"])
+    batches = iterate_batches(data, train_rows, cfg["batch_size"], cfg["seed"], position, workers=cfg["workers"],
+                              pin_memory=device.type == "cuda")
+    evaluate = _evaluator(run, towers, ds, held_rows, before_eval)
+    bar = tqdm(total=cfg["steps"], initial=step, desc=run.name, disable=run.rank != 0 or not cfg["progress"],
+               dynamic_ncols=True)
+    summary = {"out": str(out), "towers": towers, "first_loss": None, "last_loss": None}
+    skipped, tick = 0, time.time()
+    towers.train()
+    while step < cfg["steps"]:
+        epoch, next_batch, pixels, texts, n_bad = next(batches)
+        skipped += n_bad
+        if pixels is None:  # too few good images left in this batch
+            continue
+        scalars = _train_step(run, model, towers, optimizer, scheduler, loss_fn, pixels, texts)
+        step, position, now = step + 1, (epoch, next_batch), time.time()
+        record = {"step": step, "epoch": epoch, **scalars, "skipped": skipped, "world": run.world,
+                  "images_per_s": pixels.shape[0] * run.world / max(now - tick, 1e-9)}
+        tick = now
+        summary["first_loss"] = record["loss"] if summary["first_loss"] is None else summary["first_loss"]
+        summary["last_loss"] = record["loss"]
+        log.log(record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", t=f"{record['t']:.2f}")
+        if cfg["eval_every"] and (step % cfg["eval_every"] == 0 or step == cfg["steps"]):
+            summary.update(evaluate(step, log, bar))
+        if step % cfg["checkpoint_every"] == 0 or step == cfg["steps"]:
+            save_checkpoint(out, step, towers, optimizer, scheduler, extra_modules=extra_modules, position=list(position),
+                            keep=cfg["keep_checkpoints"], collective=True)
+    bar.close()
+    _finish(run, towers, ds, before_eval)
+    return summary
 
 
-def split_indices(ids: list[str], holdout: float) -> tuple[list[int], list[int]]:
-    """(train rows, held-out rows): a row is held out when the hash of its id falls below `holdout`."""
-    if not 0.0 <= holdout < 1.0:
-        raise SailError(f"holdout must be a fraction in [0, 1), got {holdout}")
-    train, held = [], []
-    for i, sid in enumerate(ids):
-        u = int.from_bytes(hashlib.blake2b(str(sid).encode(), digest_size=8).digest(), "big") / 2.0**64
-        (held if u < holdout else train).append(i)
-    return train, held
+def _resume(run: Run, towers, optimizer, scheduler, extra_modules: dict) -> tuple[int, tuple[int, int]]:
+    """(step, data position) to start from, restoring a checkpoint under the resume rule; writes the config."""
+    import yaml
+
+    cfg = run.cfg
+    free = tuple(k for k in cfg if k not in RESUME_KEYS)
+    ck = check_resume(run.out, "recipe-config.yaml", cfg, bool(cfg.get("resume")), free)
+    distributed.barrier()  # every rank has read OUT before rank 0 writes the config
+    if run.rank == 0:
+        run.out.mkdir(parents=True, exist_ok=True)
+        (run.out / "recipe-config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    if ck is None:
+        return 0, (0, 0)
+    ck.restore(towers, optimizer, scheduler, extra_modules=extra_modules)
+    return ck.step, tuple(ck.position)
 
 
-def _mix(*values: int) -> int:
-    """A 63-bit seed from several integers (order matters)."""
-    h = hashlib.blake2b(digest_size=8)
-    for v in values:
-        h.update(int(v).to_bytes(8, "big", signed=True))
-    return int.from_bytes(h.digest(), "big") >> 1
+def _train_step(run: Run, model, towers, optimizer, scheduler, loss_fn, pixels, texts) -> dict:
+    """One optimizer step; the logged scalars come back with ONE host sync (stacked, then .tolist())."""
+    from sail.gradcache import contrastive_backward
+
+    cfg, device = run.cfg, run.device
+    tokens = towers.tokenize([t for column in texts for t in column])  # columns stacked: (C*B, L)
+    lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
+    optimizer.zero_grad(set_to_none=True)
+    loss, logs = contrastive_backward(model, pixels.to(device, non_blocking=True), tokens["input_ids"].to(device),
+                                      tokens["attention_mask"].to(device), loss_fn, cfg["accum_steps"],
+                                      autocast=run.precision.autocast)
+    clip = cfg["optim"]["grad_clip"]
+    grad_norm = torch.nn.utils.clip_grad_norm_(towers.parameters(), clip if clip else float("inf"))
+    optimizer.step()
+    scheduler.step()
+    towers.clamp_()
+    names = ["loss", "grad_norm", "t", *logs]
+    values = torch.stack([v.detach().float().reshape(()).to(device) for v in
+                          (loss, grad_norm, towers.scale(), *logs.values())]).tolist()
+    return {"lr": lr, **dict(zip(names, values))}
 
 
-class PairData(torch.utils.data.Dataset):
-    """Item (epoch, row) -> (augmented pixels or None, [text per column], reason). Seeded per item."""
+def _evaluator(run: Run, towers, ds, held_rows: list[int], before_eval):
+    """eval(step, log, bar) -> zero-shot result: before_eval on every rank, the check on rank 0."""
+    templates = zeroshot_templates(run.cfg["zeroshot_templates"])
 
-    def __init__(self, images: list, columns: list[list[str]], preprocessing, seed: int):
-        self.images, self.columns, self.preprocessing, self.seed = images, columns, preprocessing, seed
+    def evaluate(step: int, log, bar) -> dict:
+        if before_eval is not None:
+            before_eval()  # every rank: SyncBatchNorm layers talk to each other
+        zs = zeroshot_check(towers, ds, held_rows, templates) if run.rank == 0 else {}
+        if zs:
+            log.log({"step": step, **zs})
+            bar.write(f"step {step}: zero-shot top-1 {zs['zeroshot_top1']:.1f}% on {len(held_rows)} held-out rows")
+        return zs
 
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, key):
-        from sail.data import ImageError, load_image
-
-        epoch, row = key
-        texts = [col[row] for col in self.columns]
-        try:
-            image = load_image(self.images[row])
-            g = torch.Generator().manual_seed(_mix(self.seed, epoch, row))
-            return self.preprocessing.train(image, g), texts, ""
-        except ImageError as e:
-            return None, texts, str(e)
-        except Exception as e:  # an odd image that breaks preprocessing is a bad image, not a crash
-            return None, texts, f"preprocessing failed: {type(e).__name__}"
+    return evaluate
 
 
-def _collate(items):
-    kept = [(x, t) for x, t, _ in items if x is not None]
-    pixels = torch.stack([x for x, _ in kept]) if kept else None
-    texts = [list(col) for col in zip(*[t for _, t in kept])] if kept else []  # per column
-    return pixels, texts, len(items) - len(kept)
+def _finish(run: Run, towers, ds, before_eval) -> None:
+    from sail.runlog import plot_curves
+
+    if before_eval is not None:
+        before_eval()
+    if run.rank == 0:
+        towers.save_pretrained(run.out, metadata={"steps": run.cfg["steps"], "data": ds.name})
+        plot_curves(run.out / "metrics.jsonl", run.out / "curves.png")
+        print(f"saved {run.out} (load with sail.towers.Towers.from_pretrained); curves in {run.out / 'curves.png'}")
+    distributed.cleanup()
 
 
-def epoch_batches(rows: list[int], batch_size: int, epoch: int, seed: int, rank: int, world: int) -> list:
-    """This rank's part of every full global batch of `epoch`: lists of (epoch, row) keys."""
-    g = torch.Generator().manual_seed(_mix(seed, epoch, -1))
-    order = [rows[i] for i in torch.randperm(len(rows), generator=g).tolist()]
-    local = batch_size // world
-    return [[(epoch, r) for r in order[b + rank * local: b + (rank + 1) * local]]
-            for b in range(0, len(order) - batch_size + 1, batch_size)]
-
-
-def iterate_batches(data: PairData, rows: list[int], batch_size: int, seed: int, start: tuple[int, int] = (0, 0),
-                    workers: int = 0, pin_memory: bool = False):
-    """Endless (epoch, next_batch, pixels, texts, skipped) from position `start` = (epoch, batch)."""
-    import torch.distributed as dist
-
-    rank, world = current()
-    if batch_size % world:
-        raise SailError(f"batch_size {batch_size} must be divisible by the number of processes ({world})")
-    if len(rows) < batch_size:
-        raise SailError(f"only {len(rows)} training rows for a global batch of {batch_size}; lower batch_size")
-    epoch, first = start
-    while True:
-        batches = epoch_batches(rows, batch_size, epoch, seed, rank, world)
-        # Own generator: the loader must not draw from the global RNG (dropout), or a resumed run would differ.
-        loader = torch.utils.data.DataLoader(
-            data, batch_sampler=batches[first:], collate_fn=_collate, num_workers=workers,
-            pin_memory=pin_memory, generator=torch.Generator().manual_seed(_mix(seed, epoch)),
-            prefetch_factor=4 if workers else None)
-        for b, (pixels, texts, skipped) in enumerate(loader, start=first):
-            n = 0 if pixels is None else pixels.shape[0]
-            if world > 1:  # equal local batches on every rank
-                smallest = torch.tensor([n], dtype=torch.int64, device=_comm_device())
-                bad = torch.tensor([skipped], dtype=torch.int64, device=_comm_device())
-                dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
-                dist.all_reduce(bad)
-                n, skipped = int(smallest), int(bad)
-            if n < 2:
-                yield epoch, b + 1, None, None, skipped
-                continue
-            yield epoch, b + 1, pixels[:n], [col[:n] for col in texts], skipped
-        epoch, first = epoch + 1, 0
-
-
-def _comm_device() -> torch.device:
-    import torch.distributed as dist
-
-    backend = str(dist.get_backend())
-    return torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
-
-
-# ----------------------------------------------------------------------------------------- checkpoints
-
-
-def _rng_state() -> tuple[dict, dict]:
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda.{i}"] = s
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, py_state, py_gauss = random.getstate()
-    plain = {"numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
-             "python": [version, list(py_state), py_gauss]}
-    return tensors, plain
-
-
-def _set_rng_state(tensors: dict, plain: dict) -> None:
-    torch.set_rng_state(tensors["torch"])
-    cuda = [tensors[f"cuda.{i}"] for i in range(torch.cuda.device_count()) if f"cuda.{i}" in tensors]
-    if cuda and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
-    kind, keys, pos, has_gauss, gauss = plain["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
-    version, py_state, py_gauss = plain["python"]
-    random.setstate((version, tuple(py_state), py_gauss))
-
-
-def save_checkpoint(out: str | Path, step: int, model, optimizer, scheduler, modules: dict, position: list,
-                    keep: int = 2, config: dict | None = None) -> Path:
-    """Write OUT/checkpoints/step-N on every rank's call (rank 0 writes the shared parts). `config`: the
-    run's config; its RESUME_KEYS are stored so a resume with different settings is refused."""
-    rank, _ = current()
-    root = Path(out) / "checkpoints"
-    final, tmp = root / f"step-{step:08d}", root / f".step-{step:08d}.tmp"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
-    rng_tensors, rng_plain = _rng_state()
-    save_file({k: v.contiguous() for k, v in rng_tensors.items()}, str(tmp / f"rng-rank{rank}.safetensors"))
-    (tmp / f"rng-rank{rank}.json").write_text(json.dumps(rng_plain))
-    if rank == 0:
-        save_file({k: v.detach().contiguous().clone().cpu() for k, v in model.state_dict().items()},
-                  str(tmp / "model.safetensors"))
-        opt = optimizer.state_dict()
-        tensors, plain_opt = flatten_optimizer(opt, prefix="optimizer.")
-        for name, module in modules.items():
-            for key, value in module.state_dict().items():
-                tensors[f"module.{name}.{key}"] = value.detach().contiguous().clone().cpu()
-        save_file(tensors, str(tmp / "state.safetensors"))
-        meta = {"step": step, "position": position, "scheduler": scheduler.state_dict(),
-                "config": {k: (config or {})[k] for k in RESUME_KEYS if k in (config or {})},
-                "optimizer": plain_opt}
-        (tmp / "state.json").write_text(json.dumps(meta, indent=1))
-    barrier()
-    if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in sorted(root.glob("step-*"))[:-max(1, keep)]:
-            shutil.rmtree(old, ignore_errors=True)
-    barrier()
-    return final
-
-
-def latest_checkpoint(out: str | Path) -> Path | None:
-    found = sorted(p for p in (Path(out) / "checkpoints").glob("step-*") if (p / "state.json").is_file())
-    return found[-1] if found else None
-
-
-def load_checkpoint(path: Path, model, optimizer, scheduler, modules: dict, config: dict | None = None) -> dict:
-    """Restore everything save_checkpoint wrote; returns {"step", "position"}."""
-    rank, _ = current()
-    meta = json.loads((path / "state.json").read_text())
-    saved = meta.get("config", {})
-    changed = [k for k in saved if config is not None and k in config and config[k] != saved[k]]
-    if changed:
-        raise SailError(f"{path.parent.parent} holds a run with different {', '.join(changed)}; resume with the "
-                        "same settings or choose another --out")
-    device = next(model.parameters()).device
-    model.load_state_dict(load_file(str(path / "model.safetensors"), device=str(device)), strict=True)
-    tensors = load_file(str(path / "state.safetensors"))
-    optimizer.load_state_dict(unflatten_optimizer(tensors, meta["optimizer"], optimizer.param_groups, prefix="optimizer."))
-    scheduler.load_state_dict(meta["scheduler"])
-    for name, module in modules.items():
-        prefix = f"module.{name}."
-        module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=True)
-    rng = path / f"rng-rank{rank}.safetensors"
-    if rng.is_file():  # absent when resuming with more processes than before: fresh RNG for the new ranks
-        _set_rng_state(load_file(str(rng)), json.loads((path / f"rng-rank{rank}.json").read_text()))
-    return {"step": meta["step"], "position": meta["position"]}
-
-
-# ----------------------------------------------------------------------------------------- logs
-
-RECIPE_PANELS = [(("loss", "loss_ungated"), "training loss"), (("lr",), "learning rate"), (("t",), "temperature t"),
-                 (("zeroshot_top1",), "zero-shot top-1 (%)")]
-
-
-def plot_curves(metrics_path: str | Path, png_path: str | Path) -> Path:
-    """OUT/curves.png: training loss, learning rate, temperature and zero-shot top-1 against step."""
-    return runlog.plot_curves(metrics_path, png_path, RECIPE_PANELS)
+# ----------------------------------------------------------------------------------------- zero-shot check
 
 
 def zeroshot_templates(spec) -> list[str]:

@@ -2,7 +2,10 @@
 
     log = MetricsLog(run / "metrics.jsonl", resume_step=step_or_None, enabled=rank == 0)
     log.log({"step": 1, "loss": 0.5})
-    plot_curves(run / "metrics.jsonl", run / "curves.png", [(("loss",), "loss"), (("t", "b"), "t, b")])
+    plot_curves(run / "metrics.jsonl", run / "curves.png")      # the one panel set, PANELS
+
+PANELS is the one curves definition for align and the recipes; a panel whose keys are not in the log
+is left out, so each run draws what it logged.
 """
 
 from __future__ import annotations
@@ -37,15 +40,24 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
 
 
-def plot_curves(metrics_path: str | Path, png_path: str | Path, panels: list[tuple[tuple[str, ...], str]]) -> Path:
-    """One panel per (metric keys, title), each metric against step; keys absent from the log are skipped."""
+PANELS = [(("loss", "loss_ungated"), "training loss"), (("lr",), "learning rate"), (("t", "b"), "temperature t, bias b"),
+          (("pos_logit", "neg_logit"), "logits"), (("val_i2t_R@1", "val_t2i_R@1"), "val R@1 (%)"),
+          (("zeroshot_top1",), "zero-shot top-1 (%)")]
+
+
+def plot_curves(metrics_path: str | Path, png_path: str | Path,
+                panels: list[tuple[tuple[str, ...], str]] | None = None) -> Path:
+    """One panel per (metric keys, title) that has data (default PANELS), each metric against step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = read_metrics(metrics_path)
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
+    logged = {k for r in records for k in r}
+    panels = [p for p in (PANELS if panels is None else panels) if logged & set(p[0])] or [(("loss",), "loss")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    axes = axes[0]
     for ax, (keys, title) in zip(axes, panels):
         for key in keys:
             pts = [(r["step"], r[key]) for r in records if key in r]

@@ -5,12 +5,16 @@
 
 The index directory holds `index.faiss` (inner product over L2-normalised embeddings = cosine),
 `ids.json` (row -> sample id and image path where the store's source is a manifest/folder) and
-`index.json` (the run and store it came from).
+`index.json` (the run and store it came from). It is built in a temporary folder beside `out` and renamed
+into place, so an interrupted build leaves no half-written index; an existing index is replaced only with
+overwrite=True (`--overwrite`), and a folder that is not an index never.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -34,11 +38,23 @@ def _image_paths(store: FeatureStore) -> dict[str, str]:
     return {i: p for i, p in zip(ds.ids, ds.images) if p}
 
 
-def build_index(run: str, images: str, out: str) -> dict:
+def _check_index_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise SailError(f"--out {out} is a file; an index is a directory: choose another path")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / "index.faiss").exists():
+            raise SailError(f"--out {out} is a folder that is not a sail index and not empty; choose another path")
+        if not overwrite:
+            raise SailError(f"--out {out} already holds an index; pass --overwrite to replace it, or choose another path")
+
+
+def build_index(run: str, images: str, out: str, overwrite: bool = False) -> dict:
     import faiss
 
     from sail.evaluate import check_store_matches_run
 
+    out_dir = Path(out)
+    _check_index_out(out_dir, overwrite)  # before the (long) projection
     heads = AlignmentHeads.from_pretrained(run)
     store = FeatureStore(images)
     check_store_matches_run(run, store, "image")
@@ -48,14 +64,27 @@ def build_index(run: str, images: str, out: str) -> dict:
     emb = project_store(heads, store.read("image", rows), "image").numpy().astype(np.float32)
     index = faiss.IndexFlatIP(emb.shape[1])
     index.add(emb)
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    faiss.write_index(index, str(out_dir / "index.faiss"))
-    paths = _image_paths(store)
-    ids = [str(store.ids[r]) for r in rows]
-    (out_dir / "ids.json").write_text(json.dumps([{"id": i, "path": paths.get(i)} for i in ids]))
-    meta = {"run": str(Path(run).resolve()), "store": str(store.path.resolve()), "size": len(ids), "dim": emb.shape[1]}
-    (out_dir / "index.json").write_text(json.dumps(meta, indent=1))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        faiss.write_index(index, str(tmp / "index.faiss"))
+        paths = _image_paths(store)
+        ids = [str(store.ids[r]) for r in rows]
+        (tmp / "ids.json").write_text(json.dumps([{"id": i, "path": paths.get(i)} for i in ids]))
+        meta = {"run": str(Path(run).resolve()), "store": str(store.path.resolve()), "size": len(ids), "dim": emb.shape[1]}
+        (tmp / "index.json").write_text(json.dumps(meta, indent=1))
+        _check_index_out(out_dir, overwrite)  # still true after the build (another process may have written it)
+        if out_dir.exists():  # an empty folder, or an index replaced with overwrite: swap, then drop the old one
+            old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return meta
 
 
@@ -68,6 +97,8 @@ def search(index_dir: str, query: str | list[str], k: int = 10, model=None, devi
     d = Path(index_dir)
     if not (d / "index.faiss").exists():
         raise SailError(f"{index_dir} is not a sail index; build one with `sail index RUN --images STORE --out DIR`")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise SailError(f"-k must be a positive number of results, not {k!r}")
     if isinstance(query, str):
         query = [query]
     if not query or not all(q.strip() for q in query):

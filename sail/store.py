@@ -10,7 +10,12 @@ Layout (see features/README.md; readable with plain h5py):
     /skipped/{id,field,reason}  one entry per skipped (sample, field) with the reason
     attributes on /         format, model_id, model_revision, modality, pooling, dim, dtype,
                             preprocessing, max_length, source, source_hash, dataset, sail_version,
-                            created, fields, complete
+                            created, fields, complete, checksums (JSON: dataset name -> "sha256:<hex>"
+                            of its raw bytes), nonfinite_rows (JSON: field -> rows with a NaN/inf)
+
+Integrity: opening a store checks that its ids are non-empty and unique (a damaged id column would join
+wrong pairs silently). `verify(path)` (`sail info --verify`) re-reads every dataset and compares it with
+the checksums written at finish; stores from before checksums open fine and say "no checksum".
 
     store = FeatureStore("features/sample/dinov2-s.h5")
     store.ids, store.fields, store.attrs, store.labels
@@ -20,6 +25,7 @@ Layout (see features/README.md; readable with plain h5py):
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -34,16 +40,21 @@ STRING = h5py.string_dtype("utf-8")
 
 
 class FeatureStore:
-    """Read-only view of a finished store. Rows are read lazily; nothing is loaded up front but ids."""
+    """Read-only view of a finished store. Rows are read lazily; nothing is loaded up front but ids.
 
-    def __init__(self, path: str | Path):
+    check_ids=False opens a store whose ids are empty or repeated (only `sail info` wants that, to report them).
+    """
+
+    def __init__(self, path: str | Path, check_ids: bool = True):
         self.path = Path(path)
         if not self.path.exists():
             raise SailError(f"feature store {self.path} not found; create it with `sail extract`")
+        if self.path.is_dir():
+            raise SailError(f"{self.path} is a directory, not a feature store (.h5 file)")
         try:
             self._h5 = h5py.File(self.path, "r")
-        except OSError as e:
-            raise SailError(f"{self.path} is not a readable HDF5 feature store ({e})") from None
+        except OSError as e:  # h5py's message can span lines (errno dumps): keep the gist
+            raise SailError(f"{self.path} is not a readable HDF5 feature store ({_first_line(e)})") from None
         attrs = dict(self._h5.attrs)
         if attrs.get("format") != FORMAT:
             self._h5.close()
@@ -52,9 +63,20 @@ class FeatureStore:
             self._h5.close()
             raise SailError(f"{self.path} is incomplete; rerun the `sail extract` command that made it")
         self.attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in attrs.items()}
-        self.ids = np.array(self._h5["ids"].asstr()[:], dtype=object)
+        try:
+            self.ids = np.array(self._h5["ids"].asstr()[:], dtype=object)
+        except UnicodeDecodeError as e:
+            self._h5.close()
+            raise SailError(f"{self.path} has ids that are not valid UTF-8 ({e.reason} at byte {e.start}); "
+                            "the file is damaged: extract it again") from None
         self.fields = list(self._h5["features"].keys())
         self._row = None
+        if check_ids:
+            problem = id_problems(self.ids)
+            if problem:
+                self._h5.close()
+                raise SailError(f"{self.path} has {problem}; the file is damaged or was written wrongly: "
+                                "extract it again (`sail info` shows what else is wrong)")
 
     # ---------------------------------------------------------------- metadata
     def __len__(self) -> int:
@@ -121,6 +143,32 @@ class FeatureStore:
         return _read_rows(self._dataset(field, "patch_tokens"), rows)
 
 
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:200]
+
+
+def id_problems(ids: np.ndarray) -> str:
+    """'' when ids are non-empty and unique, else what is wrong with examples: '247 empty ids (rows 3, 9, ...)'."""
+    out = []
+    empty = np.flatnonzero(ids == "")
+    if len(empty):
+        out.append(f"{len(empty)} empty id{'s' if len(empty) > 1 else ''} (rows {_examples(empty.tolist())})")
+    if len(set(ids.tolist())) != len(ids):  # a set is O(N); np.unique on objects sorts in Python
+        seen: dict[str, int] = {}
+        for s in ids.tolist():
+            seen[s] = seen.get(s, 0) + 1
+        dups = [(s, n) for s, n in seen.items() if n > 1 and s != ""]
+        if dups:
+            extra = sum(n - 1 for _, n in dups)
+            out.append(f"{extra} duplicate id row{'s' if extra > 1 else ''} "
+                       f"({_examples([f'{s!r} x{n}' for s, n in dups])})")
+    return " and ".join(out)
+
+
+def _examples(items: list, k: int = 5) -> str:
+    return ", ".join(str(x) for x in items[:k]) + (", ..." if len(items) > k else "")
+
+
 def _read_rows(ds: h5py.Dataset, rows) -> np.ndarray:
     if rows is None:
         return ds[:]
@@ -174,16 +222,25 @@ class StoreWriter:
     """Builds a store row block by row block in `<path>.partial`; `finish()` renames it into place.
 
     Nothing at `path` exists until every row is written and fsynced, so an interrupted write never
-    leaves a file that looks complete.
+    leaves a file that looks complete. Blocks written in row order are hashed as they come (sha256 of the
+    raw float16/bool bytes); any dataset written out of order is hashed by re-reading it at finish.
     """
 
     def __init__(self, path: Path, ids: list[str], dims: dict[str, int],
                  patch_shapes: dict[str, tuple[int, int]] | None = None, chunk_rows: int = 1024):
         self.path = Path(path)
+        if self.path.is_dir():
+            raise SailError(f"{self.path} is a directory; give a file path for the store (e.g. {self.path / 'features.h5'})")
         self.tmp = self.path.with_name(self.path.name + ".partial")
-        self.h5 = h5py.File(self.tmp, "w")
+        try:
+            self.h5 = h5py.File(self.tmp, "w")
+        except OSError as e:
+            raise SailError(f"cannot write {self.tmp} ({_first_line(e)}); check the folder exists and is writable") from None
         n = len(ids)
         self.h5.create_dataset("ids", data=np.array(ids, dtype=object), dtype=STRING)
+        self._hash = {"ids": _hash_ids(np.asarray(ids, dtype=object))}
+        self._next: dict[str, int] = {}  # dataset -> next row expected for streaming hashes
+        self._nonfinite: dict[str, int] = {name: 0 for name in dims}
         rows = max(1, min(chunk_rows, n))
         for name, d in dims.items():
             self.h5.create_dataset(f"features/{name}", shape=(n, d), dtype=np.float16, chunks=(rows, d))
@@ -196,10 +253,21 @@ class StoreWriter:
     def write(self, start: int, features: dict[str, np.ndarray], valid: dict[str, np.ndarray],
               patch_tokens: dict[str, np.ndarray] | None = None) -> None:
         for name, x in features.items():
-            self.h5["features"][name][start:start + len(x)] = x.astype(np.float16)
-            self.h5["valid"][name][start:start + len(x)] = valid[name]
+            x = x.astype(np.float16)
+            self._put(f"features/{name}", start, x)
+            self._put(f"valid/{name}", start, np.asarray(valid[name], dtype=bool))
+            self._nonfinite[name] += int((~np.isfinite(x.reshape(len(x), -1))).any(1).sum())
         for name, x in (patch_tokens or {}).items():
-            self.h5["patch_tokens"][name][start:start + len(x)] = x.astype(np.float16)
+            self._put(f"patch_tokens/{name}", start, x.astype(np.float16))
+
+    def _put(self, key: str, start: int, x: np.ndarray) -> None:
+        self.h5[key][start:start + len(x)] = x
+        stream = self._hash.setdefault(key, _Stream())
+        if stream is not None and self._next.get(key, 0) == start:
+            stream.update(x)
+            self._next[key] = start + len(x)
+        else:
+            self._hash[key] = None  # written out of order: hashed by re-reading at finish
 
     def finish(self, attrs: dict, labels: np.ndarray | None, class_names: list[str] | None,
                skipped: list[tuple[str, str, str]]) -> None:
@@ -214,6 +282,18 @@ class StoreWriter:
             h5.create_dataset(f"skipped/{col}", data=np.array([s[k] for s in skipped], dtype=object), dtype=STRING)
         for k, v in attrs.items():
             h5.attrs[k] = v
+        sums = {}
+        for key in _checked(h5):
+            stream = self._hash.get(key)
+            streamed = stream is not None and self._next.get(key) == h5[key].shape[0]
+            if streamed:
+                sums[key] = stream.hexdigest()
+            else:
+                sums[key], bad = _scan(h5[key])
+                if key.startswith("features/"):  # rows may have been rewritten: count them again
+                    self._nonfinite[key[len("features/"):]] = bad
+        h5.attrs["checksums"] = json.dumps(sums)
+        h5.attrs["nonfinite_rows"] = json.dumps(self._nonfinite)
         h5.attrs["format"] = FORMAT
         h5.attrs["format_version"] = FORMAT_VERSION
         h5.attrs["fields"] = json.dumps(self.fields)
@@ -228,26 +308,132 @@ class StoreWriter:
         self.tmp.unlink(missing_ok=True)
 
 
-def describe(path: str | Path) -> str:
-    """Everything `sail info` prints: attributes, fields with shapes, labels, skipped counts."""
-    s = FeatureStore(path)
-    lines = [f"{s.path}", f"  {'samples':<18} {len(s)}"]
-    for k in sorted(s.attrs):
-        v = s.attrs[k]
-        lines.append(f"  {k:<18} {v}")
-    for f in s.fields:
-        ds = s._dataset(f)
-        n_valid = int(s.valid(f).sum())
-        extra = f", patch tokens {s._dataset(f, 'patch_tokens').shape[1:]}" if s.has_patch_tokens(f) else ""
-        lines.append(f"  field {f:<12} {ds.shape[0]} x {ds.shape[1]} {ds.dtype}, {n_valid} valid{extra}")
-    if s.labels is not None:
-        names = s.class_names
-        lines.append(f"  {'labels':<18} {len(set(s.labels.tolist()) - {-1})} classes" + (f" ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})" if names else ""))
-    skipped = s.skipped
-    if skipped:
-        reasons: dict[str, int] = {}
-        for _, _, r in skipped:
-            reasons[r] = reasons.get(r, 0) + 1
-        lines.append(f"  {'skipped':<18} {len(skipped)}: " + "; ".join(f"{r} x{n}" for r, n in sorted(reasons.items())))
-    s.close()
-    return "\n".join(lines)
+# ------------------------------------------------------------------------------------- integrity
+
+
+class _Stream:
+    """sha256 over consecutive row blocks of one dataset, as they are written."""
+
+    def __init__(self):
+        self.h = hashlib.sha256()
+
+    def update(self, x: np.ndarray) -> None:
+        self.h.update(np.ascontiguousarray(x).view(np.uint8).reshape(-1).data)
+
+    def hexdigest(self) -> str:
+        return "sha256:" + self.h.hexdigest()
+
+
+def _hash_ids(ids: np.ndarray) -> str:
+    """sha256 over (length, utf-8 bytes) of every id, so "ab","c" and "a","bc" differ."""
+    h = hashlib.sha256()
+    for s in ids.tolist():
+        b = s.encode("utf-8", "surrogatepass")
+        h.update(len(b).to_bytes(4, "little"))
+        h.update(b)
+    return "sha256:" + h.hexdigest()
+
+
+def _checked(h5: h5py.File) -> list[str]:
+    """The datasets a checksum covers: ids, and per field its features, valid flags and patch tokens."""
+    keys = ["ids"]
+    for group in ("features", "valid", "patch_tokens"):
+        if group in h5:
+            keys += [f"{group}/{name}" for name in h5[group]]
+    return keys
+
+
+def _block_rows(ds: h5py.Dataset) -> int:
+    """Rows per read when scanning a dataset: whole chunks, about 64 MB at a time."""
+    chunk = ds.chunks[0] if ds.chunks else 1024
+    row_bytes = max(1, int(np.prod(ds.shape[1:], dtype=np.int64)) * ds.dtype.itemsize)
+    return chunk * max(1, (64 << 20) // (chunk * row_bytes))
+
+
+def _scan(ds: h5py.Dataset, bar=None) -> tuple[str, int]:
+    """(checksum, rows holding a NaN or inf) of one dataset, read a block at a time."""
+    if ds.name == "/ids":
+        return _hash_ids(np.array(ds.asstr()[:], dtype=object)), 0
+    h, step, bad = _Stream(), _block_rows(ds), 0
+    for lo in range(0, ds.shape[0], step):
+        block = ds[lo:lo + step]
+        h.update(block)
+        if block.dtype.kind == "f":
+            bad += int((~np.isfinite(block.reshape(len(block), -1))).any(1).sum())
+        if bar is not None:
+            bar.update(block.nbytes)
+    return h.hexdigest(), bad
+
+
+def verify(path: str | Path, progress: bool = True) -> dict:
+    """Re-read every dataset, recompute its checksum and non-finite rows, and compare with what finish wrote.
+
+    Returns {"checksums": {key: "ok" | "MISMATCH" | "no checksum"}, "nonfinite_rows": {field: n}}.
+    """
+    from tqdm.auto import tqdm
+
+    s = FeatureStore(path, check_ids=False)
+    try:
+        stored = json.loads(s.attrs.get("checksums", "{}"))
+        keys = _checked(s._h5)
+        total = sum(s._h5[k].size * s._h5[k].dtype.itemsize for k in keys if k != "ids")
+        result: dict = {"checksums": {}, "nonfinite_rows": {}}
+        with tqdm(total=total, unit="B", unit_scale=True, desc="verify", disable=not progress,
+                  dynamic_ncols=True, leave=False) as bar:
+            for key in keys:
+                got, bad = _scan(s._h5[key], bar)
+                want = stored.get(key)
+                result["checksums"][key] = "no checksum" if want is None else "ok" if got == want else "MISMATCH"
+                if key.startswith("features/"):
+                    result["nonfinite_rows"][key[len("features/"):]] = bad
+    finally:
+        s.close()
+    return result
+
+
+def describe(path: str | Path, check: dict | None = None) -> tuple[str, list[str]]:
+    """What `sail info` prints (attributes, fields, labels, skipped, integrity), and the store's problems.
+
+    check: the result of `verify(path)` to include (`sail info --verify`). A problem is a damaged store
+    (empty or repeated ids, a checksum mismatch); non-finite rows are reported but are not a problem here.
+    """
+    with FeatureStore(path, check_ids=False) as s:
+        lines = [f"{s.path}", f"  {'samples':<18} {len(s)}"]
+        lines += [f"  {k:<18} {s.attrs[k]}" for k in sorted(s.attrs) if k not in ("checksums", "nonfinite_rows")]
+        nonfinite = check["nonfinite_rows"] if check else json.loads(s.attrs.get("nonfinite_rows", "{}"))
+        for f in s.fields:
+            ds = s._dataset(f)
+            n_valid = int(s.valid(f).sum())
+            extra = f", patch tokens {s._dataset(f, 'patch_tokens').shape[1:]}" if s.has_patch_tokens(f) else ""
+            bad = nonfinite.get(f)
+            extra += f", {ds.shape[0] - n_valid} invalid, " + (f"{bad} non-finite" if bad is not None
+                                                               else "non-finite not recorded (--verify counts)")
+            lines.append(f"  field {f:<12} {ds.shape[0]} x {ds.shape[1]} {ds.dtype}, {n_valid} valid{extra}")
+        if s.labels is not None:
+            names = s.class_names
+            lines.append(f"  {'labels':<18} {len(set(s.labels.tolist()) - {-1})} classes" + (f" ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})" if names else ""))
+        skipped = s.skipped
+        if skipped:
+            reasons: dict[str, int] = {}
+            for _, _, r in skipped:
+                reasons[r] = reasons.get(r, 0) + 1
+            lines.append(f"  {'skipped':<18} {len(skipped)}: " + "; ".join(f"{r} x{n}" for r, n in sorted(reasons.items())))
+        problems = []
+        ids = id_problems(s.ids)
+        lines.append(f"  {'ids':<18} " + (f"PROBLEM: {ids}" if ids else "non-empty and unique"))
+        if ids:
+            problems.append(ids)
+        if "checksums" not in s.attrs:
+            lines.append(f"  {'checksums':<18} no checksum (written before sail stored them)")
+        elif check is None:
+            lines.append(f"  {'checksums':<18} sha256 of {len(json.loads(s.attrs['checksums']))} datasets; --verify compares them")
+        else:
+            states = check["checksums"]
+            wrong = [k for k, v in states.items() if v == "MISMATCH"]
+            missing = sum(v == "no checksum" for v in states.values())
+            lines.append(f"  {'checksums':<18} " + (f"MISMATCH in {', '.join(wrong)}" if wrong else
+                                                  f"{sum(v == 'ok' for v in states.values())} ok"
+                                                  + (f", {missing} without checksum" if missing else "")))
+            if wrong:
+                problems.append(f"checksum mismatch in {', '.join(wrong)}")
+    return "\n".join(lines), problems

@@ -16,7 +16,9 @@ directory to initialise from):
             efficientnet  EfficientNetModel, global average pooling after the top 1x1 conv
     text    clip          CLIPTextModel, pooled = final-LayerNorm state at the first end-of-text token
             bert          BertModel without its pooler, pooled = [CLS] state      (ALIGN)
-Each pooled output goes through a sail.heads.make_head projection (linear by default) and is L2-normalised.
+Each pooled output goes through a sail.heads.make_projection and is L2-normalised: CLIP's (Linear without
+bias or LayerNorm; ALIP's default), ALIGN's (identity on the image side, a biased Linear "fc" on [CLS]), or a
+sail head (linear | mlp | glu, LayerNorm first). `projection={"image": ..., "text": ...}` picks each side.
 
 Temperature t (logits = t x.y). temperature="log_scale" learns log t (CLIP / ALIP: init 1/0.07, clamp
 t <= 100); temperature="sigma" learns sigma = 1/t directly (ALIGN: logits x.y / sigma, init 1.0), which is
@@ -42,7 +44,7 @@ from torch import nn
 
 from sail.augment import ImagePreprocessing
 from sail.errors import SailError
-from sail.heads import _check_state, make_head, read_saved_config
+from sail.heads import _check_state, make_projection, read_saved_config
 
 FORMAT = "sail-towers"
 FORMAT_VERSION = 1
@@ -130,6 +132,7 @@ class Towers(nn.Module):
     def __init__(self, vision: nn.Module, text: nn.Module, tokenizer, *, recipe: str, vision_type: str,
                  text_type: str, embed_dim: int, preprocessing: ImagePreprocessing, max_length: int = 77,
                  head: str = "linear", head_width: int = 4, head_activation: str = "relu6",
+                 image_projection: str | None = None, text_projection: str | None = None,
                  temperature: str = "log_scale", init_scale: float = 1 / 0.07, max_scale: float = 100.0):
         super().__init__()
         if temperature not in TEMPERATURES:
@@ -145,11 +148,13 @@ class Towers(nn.Module):
         self.vision, self.text, self.tokenizer = vision, text, tokenizer
         self.recipe, self.vision_type, self.text_type = recipe, vision_type, text_type
         self.embed_dim, self.max_length, self.preprocessing = embed_dim, max_length, preprocessing
-        self.head_spec = {"kind": head, "width": head_width, "activation": head_activation}
+        # `head` is both sides' projection unless image_projection / text_projection say otherwise
+        image_kind, text_kind = image_projection or head, text_projection or head
+        self.head_spec = {"image": image_kind, "text": text_kind, "width": head_width, "activation": head_activation}
         self.temperature, self.init_scale, self.max_scale = temperature, float(init_scale), float(max_scale)
         self.image_dim, self.text_dim = tower_dim(vision_type, vision.config), tower_dim(text_type, text.config)
-        self.image_head = make_head(head, self.image_dim, embed_dim, head_width, head_activation)
-        self.text_head = make_head(head, self.text_dim, embed_dim, head_width, head_activation)
+        self.image_head = make_projection(image_kind, self.image_dim, embed_dim, head_width, head_activation)
+        self.text_head = make_projection(text_kind, self.text_dim, embed_dim, head_width, head_activation)
         if temperature == "log_scale":
             self.log_scale = nn.Parameter(torch.tensor(math.log(init_scale)))
         else:
@@ -338,13 +343,14 @@ class Towers(nn.Module):
         vision_type, text_type = config["vision"]["type"], config["text"]["type"]
         vision_cfg = _classes(vision_type, "vision")[0].from_dict(config["vision"]["config"])
         text_cfg = _classes(text_type, "text")[0].from_dict(config["text"]["config"])
-        temp = config["temperature"]
+        temp, heads = config["temperature"], config["heads"]  # heads: {"image", "text"} kinds, or "kind" (older)
         towers = cls(_make_tower(vision_type, "vision", vision_cfg), _make_tower(text_type, "text", text_cfg),
                      load_tokenizer(str(directory / "tokenizer")), recipe=config["recipe"],
                      vision_type=vision_type, text_type=text_type, embed_dim=config["embed_dim"],
                      preprocessing=ImagePreprocessing.from_dict(config["image"]),
-                     max_length=config["text"]["max_length"], head=config["heads"]["kind"],
-                     head_width=config["heads"]["width"], head_activation=config["heads"]["activation"],
+                     max_length=config["text"]["max_length"], head=heads.get("kind", "linear"),
+                     image_projection=heads.get("image"), text_projection=heads.get("text"),
+                     head_width=heads["width"], head_activation=heads["activation"],
                      temperature=temp["param"], init_scale=temp["init_scale"], max_scale=temp["max_scale"])
         try:
             tensors = load_file(str(weights_path), device=str(map_location))
@@ -358,9 +364,12 @@ class Towers(nn.Module):
 
 def build_towers(recipe: str, vision: dict, text: dict, embed_dim: int, image: dict | None = None,
                  head: str = "linear", temperature: str = "log_scale", init_scale: float = 1 / 0.07,
-                 max_scale: float = 100.0) -> Towers:
+                 max_scale: float = 100.0, projection: dict | None = None) -> Towers:
     """Towers from recipe-config sections.
 
+    projection: {"image": kind, "text": kind} (sail.heads.PROJECTIONS; ALIP: clip/clip, ALIGN: identity/fc);
+                a side left out uses `head`. A `clip` side whose tower is `pretrained` from a CLIPModel
+                checkpoint starts from that checkpoint's visual_projection / text_projection.
     vision: {"type", "config": {...transformers config kwargs}, "pretrained": id/dir or null}
     text:   {"type", "config", "pretrained", "tokenizer": "char" | id/dir (default: pretrained),
              "max_length"}. Token ids the tower needs (vocab_size, pad/bos/eos) are filled in from the
@@ -388,7 +397,38 @@ def build_towers(recipe: str, vision: dict, text: dict, embed_dim: int, image: d
     image = dict(image or {})
     size = getattr(vision_tower.config, "image_size", 224)
     image.setdefault("size", int(size if isinstance(size, int) else size[0]))
-    return Towers(vision_tower, text_tower, tokenizer, recipe=recipe, vision_type=vision["type"],
-                  text_type=text["type"], embed_dim=int(embed_dim), preprocessing=ImagePreprocessing.from_dict(image),
-                  max_length=int(text.get("max_length", 77)), head=head, temperature=temperature,
-                  init_scale=init_scale, max_scale=max_scale)
+    towers = Towers(vision_tower, text_tower, tokenizer, recipe=recipe, vision_type=vision["type"],
+                    text_type=text["type"], embed_dim=int(embed_dim), preprocessing=ImagePreprocessing.from_dict(image),
+                    max_length=int(text.get("max_length", 77)), head=head, temperature=temperature,
+                    image_projection=(projection or {}).get("image"), text_projection=(projection or {}).get("text"),
+                    init_scale=init_scale, max_scale=max_scale)
+    for side, section, key in (("image", vision, "visual_projection.weight"), ("text", text, "text_projection.weight")):
+        if towers.head_spec[side] == "clip" and section.get("pretrained"):
+            _load_clip_projection(getattr(towers, f"{side}_head"), str(section["pretrained"]), key)
+    return towers
+
+
+def _load_clip_projection(head: nn.Module, pretrained: str, key: str) -> bool:
+    """Copy a CLIPModel checkpoint's projection (`visual_projection.weight` / `text_projection.weight`,
+    (embed_dim, width), no bias) into a `clip` projection; False when the checkpoint has none (a bare
+    CLIPVisionModel / CLIPTextModel), which keeps CLIP's random init."""
+    from safetensors import safe_open
+
+    path = Path(pretrained) / "model.safetensors"
+    if not path.is_file():
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(pretrained, "model.safetensors"))
+        except Exception:  # no safetensors weights reachable: nothing to copy
+            return False
+    with safe_open(str(path), framework="pt") as f:
+        if key not in f.keys():
+            return False
+        weight = f.get_tensor(key)
+    if weight.shape != head.proj.weight.shape:
+        raise SailError(f"{pretrained}'s {key} is {tuple(weight.shape)} but the projection is "
+                        f"{tuple(head.proj.weight.shape)}; set embed_dim to {weight.shape[0]}")
+    with torch.no_grad():
+        head.proj.weight.copy_(weight)
+    return True

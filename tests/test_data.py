@@ -417,3 +417,157 @@ def test_extract_cli_truncated_shard_and_pixel_limit(tmp_path, tiny_vision, caps
         reasons = [(i, f, r.split(":")[0]) for i, f, r in s.skipped]
         assert sorted(reasons) == sorted([(k, "image", "too large") for k, *_ in expected[:3]]
                                          + [("1.tar", "shard", "truncated shard")])
+
+
+# ----------------------------------------------------------------------------------------- manifests
+
+
+def test_csv_read_as_text_matches_the_csv_module(tmp_path):
+    import csv
+    import random
+
+    rng = random.Random(0)
+    rows = [["id", "image", "caption", "label"]]
+    for i in range(300):
+        caption = rng.choice(["a cat", 'say "hi", then leave', "two\nlines", "comma, inside", "", "café ☕", " 12 "])
+        rows.append([f"{i:05d}", f"img/{i}.png" if i % 7 else "", caption, rng.choice(["cat", "dog"])])
+    path = tmp_path / "m.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows(rows)
+    ds = open_dataset(str(path))
+    want = rows[1:]
+    assert ds.ids == [r[0] for r in want]  # "00042" stays text
+    assert ds.captions == {"caption": [r[2] for r in want]}
+    assert ds.images == [str(tmp_path / r[1]) if r[1] else None for r in want]
+    assert ds.class_names == ["cat", "dog"] and ds.labels.tolist() == [["cat", "dog"].index(r[3]) for r in want]
+    tsv = tmp_path / "m.tsv"
+    with open(tsv, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f, delimiter="\t").writerows(rows)
+    assert open_dataset(str(tsv)).captions == ds.captions
+
+
+def test_encoding_error_names_the_line_and_encoding_flag_reads_it(tmp_path):
+    path = tmp_path / "latin.csv"
+    path.write_bytes("id,caption\na,plain\nb,caf\u00e9 au lait\n".encode("latin-1"))
+    with pytest.raises(SailError, match=r"latin\.csv:3 is not utf-8 text .*--encoding") as e:
+        open_dataset(str(path))
+    assert "\n" not in str(e.value)
+    assert open_dataset(str(path), encoding="latin-1").captions["caption"] == ["plain", "caf\u00e9 au lait"]
+    wide = tmp_path / "wide.tsv"
+    wide.write_bytes("id\tcaption\nx\t\u00fcber\n".encode("utf-16"))
+    assert open_dataset(str(wide), encoding="utf-16").captions["caption"] == ["\u00fcber"]
+    jl = tmp_path / "m.jsonl"
+    jl.write_bytes(b'{"id": "a", "caption": "ok"}\n{"id": "b", "caption": "caf\xe9"}\n')
+    with pytest.raises(SailError, match=r"m\.jsonl:2 is not utf-8 text"):
+        open_dataset(str(jl))
+    assert open_dataset(str(jl), encoding="cp1252").captions["caption"] == ["ok", "caf\u00e9"]
+    with pytest.raises(SailError, match="unknown --encoding 'klingon'"):
+        open_dataset(str(jl), encoding="klingon")
+
+
+def test_encoding_check_names_the_right_line_at_any_block_size(tmp_path, monkeypatch):
+    """Property: over random files, bad-byte positions and block sizes, the line named is the bad one."""
+    import random
+
+    rng = random.Random(1)
+    path = tmp_path / "x.csv"
+    for trial in range(400):
+        lines = ["".join(rng.choice("ab\u00e9,") for _ in range(rng.randint(0, 12))) for _ in range(rng.randint(1, 30))]
+        bad = rng.randrange(len(lines))
+        blob = [ln.encode("utf-8") for ln in lines]
+        at = rng.randint(0, len(blob[bad]))
+        blob[bad] = blob[bad][:at] + rng.choice([b"\xff", b"\xe9", b"\xc3"]) + blob[bad][at:]
+        path.write_bytes(b"\n".join(blob) + (b"\n" if rng.random() < 0.5 else b""))
+        monkeypatch.setattr(data, "_ENCODING_BLOCK", rng.randint(1, 64))
+        with pytest.raises(SailError) as e:
+            data.check_encoding(path)
+        assert f"x.csv:{bad + 1} is not utf-8" in str(e.value), (trial, bad, str(e.value))
+
+
+def _parquet(path, columns):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(columns), path)
+    return str(path)
+
+
+def test_non_text_captions_and_ids_are_refused_naming_the_row(tmp_path):
+    lists = _parquet(tmp_path / "l.parquet", {"id": ["a", "b"], "caption": [None, [1, 2]]})
+    with pytest.raises(SailError, match=r"caption column 'caption' holds list<.*> values \(row 2: \[1, 2\]\)"):
+        open_dataset(lists)
+    floats = _parquet(tmp_path / "f.parquet", {"id": ["a", "b"], "caption": [0.5, 1.5]})
+    with pytest.raises(SailError, match=r"holds double values \(row 1: 0\.5\); captions must be text"):
+        open_dataset(floats)
+    fid = _parquet(tmp_path / "fid.parquet", {"id": [1.5, 2.0], "caption": ["x", "y"]})
+    with pytest.raises(SailError, match=r"id column 'id' holds double values \(row 1: 1\.5\)"):
+        open_dataset(fid)
+    ok = _parquet(tmp_path / "ok.parquet", {"id": [7, 8], "caption": ["x", None], "label": [1, 0]})
+    ds = open_dataset(ok)
+    assert ds.ids == ["7", "8"] and ds.captions["caption"] == ["x", ""] and ds.labels.tolist() == [1, 0]
+    jl = tmp_path / "m.jsonl"
+    jl.write_text('{"id": "a", "caption": "fine"}\n\n{"id": "b", "caption": ["a", "list"]}\n')
+    with pytest.raises(SailError, match=r"m\.jsonl:3: column 'caption' holds a list \(\[\"a\", \"list\"\]\) but a string on line 1"):
+        open_dataset(str(jl))
+    jl.write_text('{"id": "a", "caption": 1.5}\n{"id": "b", "caption": 2}\n')
+    with pytest.raises(SailError, match=r"caption column 'caption' holds double values \(row 1: 1\.5\)"):
+        open_dataset(str(jl))
+    jl.write_text('{"id": "a", "caption": "x"}\n{"id": oops}\n')
+    with pytest.raises(SailError, match=r"m\.jsonl:2 is not valid JSON"):
+        open_dataset(str(jl))
+
+
+@pytest.mark.parametrize("kind", ["csv", "jsonl", "parquet"])
+def test_empty_ids_are_refused_naming_the_row(tmp_path, kind):
+    path = tmp_path / f"m.{kind}"
+    if kind == "csv":
+        path.write_text("id,caption\na,x\n,y\n")
+    elif kind == "jsonl":
+        path.write_text('{"id": "a", "caption": "x"}\n{"caption": "y"}\n')
+    else:
+        _parquet(path, {"id": ["a", None], "caption": ["x", "y"]})
+    with pytest.raises(SailError, match=r"row 2 has an empty id \(column 'id'\)"):
+        open_dataset(str(path))
+
+
+@pytest.mark.parametrize("kind,content", [("csv", ""), ("csv", "\n  \n"), ("tsv", ""), ("jsonl", ""), ("jsonl", "\n\n")])
+def test_an_empty_manifest_says_it_is_empty(tmp_path, kind, content):
+    path = tmp_path / f"m.{kind}"
+    path.write_text(content)
+    with pytest.raises(SailError, match=r"m\.\w+ is empty; a manifest needs a header"):
+        open_dataset(str(path))
+    path.write_text("id,caption\n" if kind == "csv" else ("id\tcaption\n" if kind == "tsv" else content))
+    if kind != "jsonl":
+        with pytest.raises(SailError, match=r"has a header \(id, caption\) but no rows"):
+            open_dataset(str(path))
+
+
+def test_extract_cli_manifest_mistakes_are_one_line(tmp_path, tiny_text, capsys):
+    from sail.cli import main
+
+    path = tmp_path / "latin.csv"
+    path.write_bytes("id,caption\na,caf\u00e9\n".encode("latin-1"))
+    argv = ["extract", "--model", str(tiny_text), "--data", str(path), "--out", str(tmp_path / "t.h5")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "latin.csv:2 is not utf-8 text" in err and len(err.splitlines()) == 1
+    assert main(argv + ["--encoding", "latin-1", "--workers", "0"]) == 0
+    (tmp_path / "empty.csv").write_text("")
+    capsys.readouterr()
+    assert main(["extract", "--model", str(tiny_text), "--data", str(tmp_path / "empty.csv")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "empty.csv is empty" in err and len(err.splitlines()) == 1
+
+
+def test_load_image_lets_no_pil_warning_through(tmp_path, monkeypatch, no_warnings):
+    import warnings
+
+    path = _save(Image.new("RGB", (3, 2), (9, 8, 7)), tmp_path / "w.png")
+    real = data.to_rgb
+
+    def noisy(image, background=data.BACKGROUND):  # as PIL does for odd EXIF / TIFF tags
+        warnings.warn("Corrupt EXIF data", UserWarning)
+        return real(image, background)
+
+    monkeypatch.setattr(data, "to_rgb", noisy)
+    assert np.asarray(load_image(path)).tolist() == [[[9, 8, 7]] * 3] * 2

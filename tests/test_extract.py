@@ -280,3 +280,186 @@ def test_manifest_formats(tmp_path, tiny_text, fmt):
     with FeatureStore(res.path) as s:
         assert list(s.ids) == [r["id"] for r in rows] and s.class_names == ["a", "b"]
         assert s.labels.tolist() == [1, 0, 1, 0, 1, 0] and s.valid("caption").all()
+
+
+# ----------------------------------------------------------------------------------------- GPU-ready extraction
+
+
+def _photos(tmp_path):
+    """Real photographs at real sizes: matplotlib's grace_hopper.jpg (512x600), crops and rescales of it."""
+    import matplotlib.cbook
+
+    src = Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert("RGB")
+    variants = {"orig": src, "500x375": src.crop((0, 100, 512, 484)).resize((500, 375), Image.Resampling.LANCZOS),
+                "375x500": src.resize((375, 500), Image.Resampling.LANCZOS), "small": src.resize((200, 160)),
+                "2000x2344": src.resize((2000, 2344), Image.Resampling.LANCZOS),
+                "3000x1200": src.crop((0, 200, 512, 405)).resize((3000, 1200), Image.Resampling.LANCZOS)}
+    paths = {}
+    for name, im in variants.items():
+        paths[name] = tmp_path / f"{name}.jpg"
+        im.save(paths[name], quality=90)
+    paths["png"] = tmp_path / "png.png"
+    src.save(paths["png"])
+    return paths
+
+
+def _processors():
+    from transformers import BitImageProcessor, CLIPImageProcessor, ViTImageProcessor
+
+    return {"dinov2": BitImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224},
+                                        do_center_crop=True, resample=3, image_mean=[0.485, 0.456, 0.406],
+                                        image_std=[0.229, 0.224, 0.225]),
+            "clip": CLIPImageProcessor(), "vit": ViTImageProcessor()}
+
+
+@pytest.mark.parametrize("kind", ["dinov2", "clip", "vit"])
+def test_fast_preprocess_matches_the_model_processor_on_photos(tmp_path, kind):
+    """Tolerance, in normalised units (one grey level is ~0.017): images decoded whole match the processor to a
+    grey level; JPEGs large enough to be decoded at a reduced DCT scale (short side >= 4x the resize target)
+    stay within 0.03 on average and 0.6 at the worst pixel (sharp edges)."""
+    from sail.data import load_image
+    from sail.encoders import FastPreprocess
+
+    proc = _processors()[kind]
+    fast = FastPreprocess(proc)
+    for name, path in _photos(tmp_path).items():
+        want = proc(images=[load_image(str(path))], return_tensors="pt")["pixel_values"][0]
+        image = load_image(str(path), draft=fast.draft_short_side())
+        got = fast(image)
+        assert got.dtype == torch.uint8 and got.shape == want.shape
+        diff = (fast.normalize(got[None], torch.float32)[0] - want).abs()
+        if image.size == Image.open(path).size:  # decoded whole: the same pixels, up to rounding
+            assert float(diff.max()) < 0.02, (name, float(diff.max()))
+        else:
+            assert name in ("2000x2344", "3000x1200"), f"{name} should not be draft-decoded"
+            assert min(image.size) >= fast.draft_short_side()
+            assert float(diff.mean()) < 0.03 and float(diff.max()) < 0.6, (name, float(diff.mean()), float(diff.max()))
+
+
+def test_fast_preprocess_refuses_what_it_cannot_reproduce():
+    from transformers import BitImageProcessor
+
+    from sail.encoders import FastPreprocess
+
+    proc = BitImageProcessor(size={"longest_edge": 300})
+    assert "resize to" in FastPreprocess.unsupported(proc)
+    with pytest.raises(SailError, match="--preprocess hf"):
+        FastPreprocess(proc)
+
+
+def test_fast_and_hf_paths_store_the_same_features(tmp_path, tiny_vision):
+    paths = _photos(tmp_path)
+    manifest = _manifest(tmp_path, [{"id": k, "image": str(p)} for k, p in paths.items()])
+    fast = _run(tiny_vision, manifest, tmp_path / "fast.h5", preprocess="fast")
+    hf = _run(tiny_vision, manifest, tmp_path / "hf.h5", preprocess="hf")
+    with FeatureStore(fast.path) as a, FeatureStore(hf.path) as b:
+        assert a.valid("image").all()
+        assert json.loads(a.attrs["preprocessing"])["sail_preprocess"] == "fast"
+        assert json.loads(b.attrs["preprocessing"])["sail_preprocess"] == "hf"
+        x, y = a.read("image").astype(np.float32), b.read("image").astype(np.float32)
+        # the tiny model resizes to 64 px: JPEGs with a short side >= 256 are draft-decoded, the rest are not
+        whole = [i for i, k in enumerate(a.ids) if k == "png" or min(Image.open(paths[k]).size) < 256]
+        assert len(whole) == 2
+        np.testing.assert_allclose(x[whole], y[whole], atol=2e-3, rtol=2e-3)
+        # draft-decoded: compare directions about the mean (raw features of a random model all point alike;
+        # centred, two different photos here are at most 0.6 alike)
+        x, y = x - y.mean(0), y - y.mean(0)
+        cos = (x * y).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1)
+        assert cos.min() > 0.99
+
+
+def test_encoders_load_weights_in_the_asked_dtype(tiny_vision, tiny_text):
+    """bf16 weights from the start (no fp32 copy, no autocast re-cast); outputs stay close to fp32."""
+    from sail.encoders import ImageEncoder, TextEncoder, resolve_model
+
+    spec = resolve_model(str(tiny_vision))
+    ref = ImageEncoder(spec, torch.device("cpu"), preprocess="fast")
+    low = ImageEncoder(spec, torch.device("cpu"), dtype=torch.bfloat16, preprocess="fast")
+    assert {p.dtype for p in low.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in ref.model.parameters()} == {torch.float32}
+    pixels = torch.stack([ref.preprocess(Image.new("RGB", (90, 70), (30 * i, 200 - 20 * i, 90))) for i in range(4)])
+    a, _ = ref.encode_pixels(pixels)
+    b, _ = low.encode_pixels(pixels)
+    assert a.dtype == b.dtype == torch.float32
+    cos = torch.nn.functional.cosine_similarity(a, b)
+    assert float(cos.min()) > 0.99
+    text = TextEncoder(resolve_model(str(tiny_text)), torch.device("cpu"), dtype=torch.bfloat16)
+    assert {p.dtype for p in text.model.parameters()} == {torch.bfloat16}
+    assert text.encode_texts(["a red square"]).dtype == np.float32
+
+
+def test_default_workers_and_batch(monkeypatch):
+    from sail.encoders import default_batch_size
+    from sail.extract import default_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert default_workers() == 63  # not capped at 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert default_workers(8) == 7
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert default_workers(8) == 1
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    assert [default_batch_size(n, gpu) for n in (22e6, 86e6, 304e6, 1.1e9, 7.8e9)] == [1024, 1024, 512, 128, 32]
+    assert default_batch_size(304e6, cpu) == 32
+
+
+def test_dist_timeout_reaches_the_process_group(monkeypatch):
+    import datetime
+
+    import torch.distributed as dist
+
+    from sail.distributed import init_distributed
+
+    seen = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: seen.update(kw, backend=backend))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    assert init_distributed(datetime.timedelta(minutes=720)) == (1, 2)
+    assert seen == {"timeout": datetime.timedelta(hours=12), "backend": "gloo"}
+
+
+def test_other_ranks_do_not_wait_for_the_merge(tmp_path, tiny_vision, monkeypatch):
+    """Two ranks as threads with a real barrier: rank 1 returns while rank 0 is still merging, and the store
+    equals a one-process run. A second barrier after the merge would break the (timed) barrier."""
+    import threading
+
+    import sail.extract as ex
+
+    single = _run(tiny_vision, "sample", tmp_path / "one.h5", chunk_size=64, batch_size=32)
+    gate = threading.Barrier(2, timeout=120)
+    monkeypatch.setattr(ex, "init_distributed", lambda timeout=None: (threading.current_thread().rank, 2))
+    monkeypatch.setattr(ex, "barrier", lambda world=None: gate.wait())
+    times, merge = {}, ex._merge
+
+    def slow_merge(*a, **k):
+        time.sleep(1.0)  # a merge that takes a while
+        result = merge(*a, **k)
+        times["merged"] = time.monotonic()
+        return result
+
+    monkeypatch.setattr(ex, "_merge", slow_merge)
+    results, errors = {}, []
+
+    def rank(r):
+        threading.current_thread().rank = r
+        try:
+            results[r] = _run(tiny_vision, "sample", tmp_path / "two.h5", chunk_size=64, batch_size=32)
+            times[r] = time.monotonic()
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+    assert times[1] < times["merged"] <= times[0]
+    assert results[0].skipped == {} and results[0].seconds > 0
+    with FeatureStore(single.path) as a, FeatureStore(tmp_path / "two.h5") as b:
+        assert list(a.ids) == list(b.ids)
+        assert np.array_equal(a.read("image"), b.read("image"))
+    assert not (tmp_path / "two.h5.parts").exists()

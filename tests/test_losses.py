@@ -218,6 +218,90 @@ def test_float32_and_bfloat16_inputs():
     assert xb.grad.dtype == torch.bfloat16 and torch.isfinite(xb.grad.float()).all()
 
 
+# dtype policy: the inputs' dtype picks the matmul dtype, autocast does not
+
+
+LOSSES = {
+    "sigmoid": lambda x, ys, t, b: sigmoid_loss(x, ys[0], t, b, block_size=7),
+    "multi-positive": lambda x, ys, t, b: multi_positive_loss(x, ys, t, b, block_size=7),
+    "info-nce": lambda x, ys, t, b: info_nce_loss(x, ys[0], t, label_smoothing=0.1, block_size=7),
+}
+REFS = {
+    "sigmoid": lambda x, ys, t, b: ref_sigmoid(x, ys[:1], t, b, "pairs"),
+    "multi-positive": lambda x, ys, t, b: ref_sigmoid(x, ys, t, b, "pairs"),
+    "info-nce": lambda x, ys, t, b: ref_info_nce(x, ys[0], t, 0.1, None),
+}
+
+
+def record_mm(monkeypatch):
+    """Dtypes of every torch.mm's operands and result (autocast would show as a bf16 result)."""
+    seen, mm = set(), torch.mm
+
+    def recorder(a, b, **kw):
+        out = mm(a, b, **kw)
+        seen.update((a.dtype, b.dtype, out.dtype))
+        return out
+
+    monkeypatch.setattr(torch, "mm", recorder)
+    return seen
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("dtype, matmul", [(torch.float64, torch.float64), (torch.float32, torch.float32),
+                                           (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)])
+def test_matmul_dtype_follows_the_inputs_even_under_autocast(monkeypatch, loss, dtype, matmul):
+    x, ys = leaf(unit(20, 8, 0).to(dtype)), [leaf(unit(20, 8, s).to(dtype)) for s in (1, 2)]
+    seen = record_mm(monkeypatch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a caller's autocast must not turn fp32 into bf16
+        value = LOSSES[loss](x, ys, torch.tensor(5.0), torch.tensor(-2.0))
+    value.backward()
+    assert seen == {matmul}
+    assert value.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert x.grad.dtype == dtype and ys[0].grad.dtype == dtype
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_bfloat16_inputs_match_float64_of_the_same_values(loss):
+    # bf16 matmuls with fp32 element-wise work: within bf16 rounding of the exact (float64) loss of the
+    # same bf16 values; gradients point the same way (cosine) and t, b gradients agree to ~1e-2
+    x = unit(300, 64, 0).bfloat16()
+    ys = [F.normalize(x.double() + 0.7 * unit(300, 64, s), dim=-1).bfloat16() for s in (1, 2)]
+    log_t, b = scalars(t=20.0, b=-10.0)
+
+    def go(dt, fn):
+        leaves = [leaf(v.to(dt)) for v in (x, *ys)]
+        lt, bb = leaf(log_t.detach()), leaf(b.detach())
+        value = fn(leaves[0], leaves[1:], lt.exp(), bb)
+        value.backward()
+        return value.detach().double(), [v.grad if v.grad is None else v.grad.double() for v in leaves] + [lt.grad, bb.grad]
+
+    v16, g16 = go(torch.bfloat16, LOSSES[loss])
+    v64, g64 = go(torch.float64, REFS[loss])
+    assert abs(v16 - v64) <= 1e-3 * abs(v64)
+    for a, b_ in zip(g16, g64):
+        if b_ is None:  # info-nce has no bias
+            continue
+        if a.numel() == 1:
+            assert abs(a - b_) <= 1e-2 * abs(b_) + 1e-9
+        else:
+            assert F.cosine_similarity(a.flatten(), b_.flatten(), dim=0) >= 0.999
+
+
+def test_float16_gradients_survive_loss_scaling():
+    # "pairs" at B = 2048: the embedding gradients (~1e-6) are fp16 subnormals (spacing 6e-8); kept in
+    # fp32 until grad_output (a GradScaler's scale) multiplies them, they come back exact to fp16 rounding
+    x, y = unit(2048, 16, 0), unit(2048, 16, 1)
+    t, b = torch.tensor(1.0), torch.tensor(0.0)
+    x16, y16 = leaf(x.half()), leaf(y.half())
+    (sigmoid_loss(x16, y16, t, b) * 65536.0).backward()
+    x64, y64 = leaf(x.half().double()), leaf(y.half().double())
+    (ref_sigmoid(x64, [y64], t.double(), b.double(), "pairs") * 65536.0).backward()
+    assert x16.grad.dtype == torch.float16
+    assert x64.grad.abs().max() < 1e-4 * 65536  # unscaled they would be subnormal in fp16
+    assert_close(x16.grad.double(), x64.grad, rtol=2e-3)
+    assert_close(y16.grad.double(), y64.grad, rtol=2e-3)
+
+
 def test_python_float_scalars():
     x, y = unit(B, D, 0), unit(B, D, 1)
     got = sigmoid_loss(x, y, 4.0, -2.0).item()

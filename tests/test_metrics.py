@@ -240,7 +240,7 @@ def test_knn_matches_reference():
     want = reference_knn(train, y_train, test, y_test, 10, 0.1)
     assert got == pytest.approx(want, abs=1e-9)
     assert 0 < got["top1"] < got["top5"] <= 100
-    per_k = metrics.knn_classify(train.numpy(), np.array(y_train), test, y_test, k=[1, 5, 20])
+    per_k = metrics.knn_sweep(train.numpy(), np.array(y_train), test, y_test, ks=[1, 5, 20])
     assert set(per_k) == {1, 5, 20}
     for k in (1, 5, 20):
         assert per_k[k] == pytest.approx(reference_knn(train, y_train, test, y_test, k, 0.07), abs=1e-9)

@@ -152,7 +152,7 @@ def test_build_optimizer_kinds_and_param_groups():
     assert opt.param_groups[0]["betas"] == (0.9, 0.98) and opt.param_groups[0]["eps"] == 1e-6
     assert opt.param_groups[0]["weight_decay"] == 0.2
     opt = build_optimizer("lamb", heads.parameters(), lr=1e-3, weight_decay=1e-5)
-    assert isinstance(opt, LAMB) and opt.defaults["eps"] == 1e-6
+    assert isinstance(opt, LAMB) and opt.defaults["eps"] == 1e-12  # sail.optim.DEFAULT_EPS, for B^2-sized gradients
     with pytest.raises(SailError, match="lion, adamw, lamb"):
         build_optimizer("sgd", heads.parameters(), lr=1.0, weight_decay=0.0)
     with pytest.raises(SailError, match="betas"):
@@ -205,3 +205,98 @@ def test_schedule_argument_errors():
         linear_warmup_decay(opt, total_steps=0, warmup_steps=0)
     with pytest.raises(SailError, match="min_ratio"):
         cosine_with_warmup(opt, total_steps=5, warmup_steps=1, min_ratio=2.0)
+
+
+# ------------------------------------------------------------------ foreach paths vs the per-tensor loops
+class LionPerTensor(torch.optim.Optimizer):
+    """sail 0.1's Lion: a Python loop over tensors (the plain reference for the foreach path)."""
+
+    def __init__(self, params, lr, betas, weight_decay):
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, wd, (beta1, beta2) = group["lr"], group["weight_decay"], group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(p)
+                m = state["exp_avg"]
+                update = (m * beta1 + p.grad * (1 - beta1)).sign_()
+                p.mul_(1 - lr * wd)
+                p.add_(update, alpha=-lr)
+                m.mul_(beta2).add_(p.grad, alpha=1 - beta2)
+
+
+class LAMBPerTensor(torch.optim.Optimizer):
+    """sail 0.1's LAMB: a Python loop over tensors."""
+
+    def __init__(self, params, lr, betas, eps, weight_decay):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, wd, eps, (beta1, beta2) = group["lr"], group["weight_decay"], group["eps"], group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                state["step"] += 1
+                t, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
+                m.mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                r = (m / (1 - beta1 ** t)) / ((v / (1 - beta2 ** t)).sqrt() + eps)
+                if wd != 0:
+                    r.add_(p, alpha=wd)
+                p_norm, r_norm = p.norm(), r.norm()
+                trust = torch.where((p_norm > 0) & (r_norm > 0), p_norm / r_norm, torch.ones_like(p_norm))
+                p.sub_(r * (lr * trust))
+
+
+@pytest.mark.parametrize("name", ["lion", "lamb"])
+def test_foreach_step_matches_the_per_tensor_loop(name):
+    # mixed shapes and dtypes (two foreach buckets), two groups with their own decay, a zero tensor, and a
+    # tensor without a gradient on some steps (it must keep its state and not move)
+    g = torch.Generator().manual_seed(11)
+    shapes = [(7, 5), (5,), (3, 2, 4), (1,), (16, 3), (2, 2)]
+    dtypes = [torch.float32, torch.float32, torch.float64, torch.float32, torch.float64, torch.float32]
+    init = [torch.randn(s, generator=g, dtype=d) for s, d in zip(shapes, dtypes)]
+    init[3].zero_()
+    grads = [[torch.randn(s, generator=g, dtype=d) for s, d in zip(shapes, dtypes)] for _ in range(9)]
+    skip = {(2, 1), (5, 1), (6, 4)}  # (step, tensor) pairs without a gradient
+
+    def train(cls, **kw):
+        params = [torch.nn.Parameter(p.clone()) for p in init]
+        opt = cls([{"params": params[:3], "weight_decay": 0.3}, {"params": params[3:], "weight_decay": 0.0}], **kw)
+        for step, gs in enumerate(grads):
+            for i, (p, grad) in enumerate(zip(params, gs)):
+                p.grad = None if (step, i) in skip else grad.clone()
+            opt.step()
+        return params, opt
+
+    kw = dict(lr=0.03, betas=(0.85, 0.97), weight_decay=0.3)
+    if name == "lamb":
+        got, opt = train(LAMB, eps=1e-6, **kw)
+        want, ref = train(LAMBPerTensor, eps=1e-6, **kw)
+    else:
+        got, opt = train(Lion, **kw)
+        want, ref = train(LionPerTensor, **kw)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert a.dtype == b.dtype
+        tol = 1e-12 if a.dtype == torch.float64 else 2e-6
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=f"tensor {i}")
+        assert not torch.equal(a, init[i])  # every tensor moved, the zero one included
+    for p_got, p_want in zip(got, want):  # same state layout: checkpoints written by 0.1 load unchanged
+        sa, sb = opt.state[p_got], ref.state[p_want]
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            if torch.is_tensor(sa[k]):
+                torch.testing.assert_close(sa[k], sb[k], rtol=2e-6, atol=2e-6)
+            else:
+                assert sa[k] == sb[k]

@@ -1,5 +1,7 @@
 """FeatureStore: reads in any row order, joins by id, refuses incomplete or foreign files."""
 
+import json
+
 import h5py
 import numpy as np
 import pytest
@@ -48,3 +50,144 @@ def test_incomplete_and_foreign_files_are_refused(tmp_path):
     path = write_store(tmp_path / "z.h5", ["a"], {"image": np.zeros((1, 2), np.float16)}, "image", "m")
     with FeatureStore(path) as s, pytest.raises(SailError, match="no features field 'caption'"):
         s.read("caption")
+
+
+# ------------------------------------------------------------------------------------- integrity
+
+
+def _damage_ids(path, rows, value=b""):
+    with h5py.File(path, "r+") as f:
+        ids = f["ids"][:]
+        ids[rows] = value
+        f["ids"][:] = ids
+
+
+def test_store_with_empty_or_repeated_ids_does_not_open(tmp_path, capsys):
+    from sail.cli import main
+
+    path = write_store(tmp_path / "s.h5", [f"i{k}" for k in range(1000)],
+                       {"image": np.ones((1000, 4), np.float16)}, "image", "m")
+    _damage_ids(path, slice(3, 250))  # the reported corruption: 247 ids became ""
+    with pytest.raises(SailError, match=r"247 empty ids \(rows 3, 4, 5, 6, 7, \.\.\.\)"):
+        FeatureStore(path)
+    assert main(["info", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert "PROBLEM: 247 empty ids" in out
+    assert err.startswith("error:") and len(err.strip().splitlines()) == 1 and "247 empty ids" in err
+
+    dup = write_store(tmp_path / "d.h5", ["a", "b", "c", "d"], {"image": np.ones((4, 2), np.float16)}, "image", "m")
+    _damage_ids(dup, [2, 3], b"a")
+    with pytest.raises(SailError, match=r"2 duplicate id rows \('a' x3\)"):
+        FeatureStore(dup)
+    with FeatureStore(dup, check_ids=False) as s:  # `sail info` still reads it to say what is wrong
+        assert list(s.ids) == ["a", "b", "a", "a"]
+
+
+def test_id_problems_against_a_plain_count():
+    from sail.store import id_problems
+
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        n = int(rng.integers(1, 12))
+        ids = np.array([str(x) if x else "" for x in rng.integers(0, 8, n)], dtype=object)
+        empty = int((ids == "").sum())
+        extra = sum(c - 1 for s, c in zip(*np.unique(ids[ids != ""], return_counts=True)) if c > 1)
+        got = id_problems(ids)
+        assert (got == "") == (empty == 0 and extra == 0)
+        assert (f"{empty} empty id" in got) == (empty > 0)
+        assert (f"{extra} duplicate id row" in got) == (extra > 0)
+
+
+def test_checksums_are_sha256_of_raw_bytes_and_catch_changes(tmp_path, capsys):
+    import hashlib
+
+    from sail.cli import main
+    from sail.store import verify
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((300, 6)).astype(np.float16)
+    valid = rng.random(300) > 0.1
+    path = write_store(tmp_path / "s.h5", [f"i{k}" for k in range(300)], {"image": x}, "image", "m",
+                       valid={"image": valid})
+    with FeatureStore(path) as s:
+        sums = json.loads(s.attrs["checksums"])
+    assert sums["features/image"] == "sha256:" + hashlib.sha256(x.tobytes()).hexdigest()
+    assert sums["valid/image"] == "sha256:" + hashlib.sha256(valid.tobytes()).hexdigest()
+    assert set(sums) == {"ids", "features/image", "valid/image"}
+    assert verify(path, progress=False)["checksums"] == {k: "ok" for k in sums}
+    assert main(["info", str(path), "--verify"]) == 0
+    assert "3 ok" in capsys.readouterr().out
+
+    with h5py.File(path, "r+") as f:  # one flipped value the id checks cannot see
+        f["features/image"][123, 4] = -f["features/image"][123, 4]
+    assert verify(path, progress=False)["checksums"]["features/image"] == "MISMATCH"
+    assert main(["info", str(path)]) == 0  # without --verify nothing is re-read
+    capsys.readouterr()
+    assert main(["info", str(path), "--verify"]) == 2
+    out, err = capsys.readouterr()
+    assert "MISMATCH in features/image" in out
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        f"error: {path} is damaged: checksum mismatch in features/image; extract it again"]
+
+
+def test_checksum_does_not_depend_on_write_order(tmp_path):
+    """Blocks written in any order (re-read at finish) give the checksum of rows written in order."""
+    rng = np.random.default_rng(2)
+    for trial in range(20):
+        n = int(rng.integers(1, 60))
+        x = rng.standard_normal((n, 3)).astype(np.float16)
+        x[rng.random(n) < 0.1, 1] = np.inf
+        cuts = np.unique(np.r_[0, np.sort(rng.integers(0, n, int(rng.integers(0, 5)))), n])
+        blocks = list(zip(cuts[:-1], cuts[1:]))
+        if trial % 2:
+            rng.shuffle(blocks)
+        w = StoreWriter(tmp_path / f"s{trial}.h5", [f"i{k}" for k in range(n)], {"f": 3}, chunk_rows=7)
+        for lo, hi in blocks:
+            w.write(int(lo), {"f": x[lo:hi]}, {"f": np.ones(hi - lo, bool)})
+        w.finish({}, None, None, [])
+        ref = write_store(tmp_path / f"r{trial}.h5", [f"i{k}" for k in range(n)], {"f": x}, "image", "m")
+        with FeatureStore(w.path) as a, FeatureStore(ref) as b:
+            assert a.attrs["checksums"] == b.attrs["checksums"]
+            assert json.loads(a.attrs["nonfinite_rows"]) == {"f": int(np.isinf(x).any(1).sum())}
+
+
+def test_non_finite_rows_are_counted_and_reported(tmp_path, capsys):
+    from sail.cli import main
+
+    x = np.ones((50, 4), np.float16)
+    x[[3, 9], 0] = np.nan
+    x[9, 2] = np.inf
+    x[40, 1] = -np.inf
+    path = write_store(tmp_path / "s.h5", [f"i{k}" for k in range(50)], {"image": x}, "image", "m",
+                       valid={"image": np.arange(50) % 10 != 0})
+    assert main(["info", str(path)]) == 0
+    assert "field image        50 x 4 float16, 45 valid, 5 invalid, 3 non-finite" in capsys.readouterr().out
+
+
+def test_store_written_before_checksums_still_opens(tmp_path, capsys):
+    from sail.cli import main
+    from sail.store import verify
+
+    path = write_store(tmp_path / "old.h5", ["a", "b"], {"image": np.ones((2, 2), np.float16)}, "image", "m")
+    with h5py.File(path, "r+") as f:
+        del f.attrs["checksums"], f.attrs["nonfinite_rows"]
+    with FeatureStore(path) as s:
+        assert len(s) == 2
+    assert set(verify(path, progress=False)["checksums"].values()) == {"no checksum"}
+    assert main(["info", str(path), "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "no checksum" in out and "0 non-finite" in out
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "no checksum" in out and "non-finite not recorded" in out
+
+
+def test_directory_or_garbage_path_is_one_line(tmp_path):
+    with pytest.raises(SailError, match="is a directory") as e:
+        FeatureStore(tmp_path)
+    (tmp_path / "g.h5").write_bytes(b"not hdf5")
+    with pytest.raises(SailError, match="not a readable HDF5") as e:
+        FeatureStore(tmp_path / "g.h5")
+    assert "\n" not in str(e.value)
+    with pytest.raises(SailError, match="is a directory"):
+        StoreWriter(tmp_path, ["a"], {"image": 2})

@@ -218,3 +218,84 @@ def test_recalibrate_batchnorm_is_a_plain_average(align, alip):
     assert torch.allclose(first.running_mean, means.mean(0), atol=1e-5)
     assert torch.allclose(first.running_var, variances.mean(0), atol=1e-5)
     assert alip.recalibrate_batchnorm(images) == 0  # a ViT has none
+
+
+# ---------------------------------------------------------------------------------------------- projections
+
+
+def test_paper_projections_clip_and_identity_and_fc(tmp_path):
+    torch.manual_seed(0)
+    alip = build_towers("alip", CLIP_VISION, CLIP_TEXT, embed_dim=12, projection={"image": "clip", "text": "clip"})
+    names = {k for k in alip.state_dict() if "_head." in k}
+    assert names == {"image_head.proj.weight", "text_head.proj.weight"}  # no bias, no LayerNorm: CLIP's layout
+    pixels = torch.randn(2, 3, 32, 32)
+    pooled = alip.vision(pixel_values=pixels).pooler_output
+    torch.testing.assert_close(alip.embed_images(pixels), F.normalize(pooled @ alip.image_head.proj.weight.T, dim=-1))
+    # CLIP's init N(0, in_dim^-0.5): the sample std over 32 x 12 weights is near 32^-0.5 = 0.177
+    assert abs(alip.image_head.proj.weight.std().item() - 32 ** -0.5) < 0.03
+
+    align = build_towers("align", ALIGN_VISION, BERT_TEXT, embed_dim=tower_dim("align", _align_config()),
+                         temperature="sigma", init_scale=1.0, projection={"image": "identity", "text": "fc"})
+    assert not [k for k in align.state_dict() if k.startswith("image_head.")]  # the pooled feature is the embedding
+    assert {k for k in align.state_dict() if k.startswith("text_head.")} == {"text_head.proj.weight",
+                                                                              "text_head.proj.bias"}
+    align.eval()
+    pooled = align.vision(pixel_values=pixels).pooler_output
+    torch.testing.assert_close(align.embed_images(pixels), F.normalize(pooled, dim=-1))
+    tokens = align.tokenize(TEXTS)
+    cls = align.text(**tokens).last_hidden_state[:, 0]
+    torch.testing.assert_close(align.embed_tokens(tokens["input_ids"], tokens["attention_mask"]),
+                               F.normalize(cls @ align.text_head.proj.weight.T + align.text_head.proj.bias, dim=-1))
+
+    # mixed projections survive save / load
+    align.save_pretrained(tmp_path / "m")
+    heads = json.loads((tmp_path / "m" / "config.json").read_text())["heads"]
+    assert heads["image"] == "identity" and heads["text"] == "fc"
+    loaded = Towers.from_pretrained(tmp_path / "m")
+    assert torch.equal(loaded.encode_image(_images()), align.encode_image(_images()))
+    assert torch.equal(loaded.encode_text(TEXTS), align.encode_text(TEXTS))
+
+    with pytest.raises(SailError, match="identity projection keeps the tower's width 80; set embed_dim to 80"):
+        build_towers("align", ALIGN_VISION, BERT_TEXT, embed_dim=10, projection={"image": "identity"})
+    with pytest.raises(SailError, match="unknown projection 'conv'"):
+        build_towers("align", ALIGN_VISION, BERT_TEXT, embed_dim=10, projection={"text": "conv"})
+
+
+def test_towers_saved_before_per_side_projections_still_load(alip, tmp_path):
+    alip.save_pretrained(tmp_path / "m")
+    path = tmp_path / "m" / "config.json"
+    config = json.loads(path.read_text())
+    config["heads"] = {"kind": "linear", "width": 4, "activation": "relu6"}  # the 0.1 layout
+    path.write_text(json.dumps(config))
+    loaded = Towers.from_pretrained(tmp_path / "m")
+    assert loaded.head_spec["image"] == loaded.head_spec["text"] == "linear"
+    assert torch.equal(loaded.encode_text(TEXTS), alip.eval().encode_text(TEXTS))
+
+
+def _align_config():
+    from transformers import AlignVisionConfig
+
+    return AlignVisionConfig(**ALIGN_VISION["config"])
+
+
+def test_clip_projections_load_from_a_pretrained_clip_checkpoint(tmp_path):
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(3)
+    tok = char_tokenizer()
+    clip = CLIPModel(CLIPConfig(projection_dim=12, vision_config=CLIP_VISION["config"],
+                                text_config={**CLIP_TEXT["config"], "vocab_size": len(tok),
+                                             "eos_token_id": tok.sep_token_id}))
+    clip.save_pretrained(tmp_path / "clip")
+    vision = {"type": "clip", "pretrained": str(tmp_path / "clip")}
+    text = {"type": "clip", "pretrained": str(tmp_path / "clip"), "tokenizer": "char", "max_length": 40}
+    towers = build_towers("alip", vision, text, embed_dim=12, projection={"image": "clip", "text": "clip"})
+    assert torch.equal(towers.image_head.proj.weight, clip.visual_projection.weight)
+    assert torch.equal(towers.text_head.proj.weight, clip.text_projection.weight)
+    # the towers then embed exactly as CLIPModel does (before normalisation)
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = clip.visual_projection(clip.vision_model(pixel_values=pixels).pooler_output)
+        torch.testing.assert_close(towers.embed_images(pixels), F.normalize(expected, dim=-1))
+    with pytest.raises(SailError, match=r"visual_projection.weight is \(12, 32\).*set embed_dim to 12"):
+        build_towers("alip", vision, text, embed_dim=8, projection={"image": "clip", "text": "clip"})

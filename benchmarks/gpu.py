@@ -1,0 +1,441 @@
+"""Benchmark: everything that needs a GPU, in one run of at most ~5 minutes.
+
+    python benchmarks/gpu.py                     # all sections on cuda
+    python benchmarks/gpu.py --only loss,step    # some sections
+    python benchmarks/gpu.py --smoke             # every section at tiny sizes on CPU (checks the script)
+    python benchmarks/gpu.py --section loss-kernel --sizes 36864 --repeats 5
+
+Sections (one function each, registered in SECTIONS; add yours with `@section("name")`; each gets the
+shared context and returns a dict of figures, printed as a table and put in the final JSON line):
+- matmul: the bf16 (8192^3) and TF32 / fp32 matmul peaks measured in this run; other sections report
+  their share of the bf16 peak.
+- loss: sail.losses.sigmoid_loss forward + backward at B = 65536, D = 1024 with bf16 and fp32
+  embeddings (bf16 / fp32 time), and the bf16 loss's relative error and gradient cosine against float64.
+- step: a full training step (sail.step.train_step, glu 2048/1024 -> 1024 width 4, bf16 autocast, Lion)
+  at B = 36864: seconds, pairs/s, peak CUDA memory, share of the bf16 peak; then doubling B up to
+  1,048,576 until a step does not fit or --step-budget seconds are spent: the largest B that fits.
+- loss-kernel: the fused Triton sigmoid loss against the blockwise torch bf16 loss and the bf16 matmul
+  peak at B = 36864, 262144, 1048576 (benchmarks/gpu_kernel.py; CUDA only).
+- extraction: `sail extract` images/s for a dinov2-large-shaped random model, the forward per weights
+  dtype and the whole pipeline (benchmarks/gpu_extract.py, which also runs alone and on CPU with --quick).
+- loader: StreamingBatches pairs/s from synthetic stores in the page cache (2048 + 1024 fp16 per pair)
+  against the step's pairs/s at B = 36864 (> 1: the GPU never waits for data).
+- loss-kernel: the fused Triton sigmoid loss (sail.triton_sigmoid, impl="triton") against the blockwise
+  torch loss (impl="torch") on the same bf16 inputs, forward + backward, and against the bf16 matmul peak
+  measured in the same run (the best of a few large torch.mm shapes). Reported: seconds per forward +
+  backward, TFLOP/s counting the three matmuls (6 B^2 D flops), share of the measured peak (goal >= 70 %),
+  peak memory; first a correctness check of triton against torch at B = 4096. Goal at B = 1,048,576:
+  <= 10 s on an H100-class GPU. The first triton call autotunes the tile configs; the timed calls follow.
+  `--sizes` sets its batch sizes (default 36864,262144,1048576), `--repeats` its timed calls.
+Without a CUDA device it prints why and exits with status 0 (nothing to measure), unless --smoke.
+Prints the figures, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the sail next to this script
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_kernel.py, gpu_extract.py
+
+SECTIONS: dict = {}
+
+
+def section(name):
+    def register(fn):
+        SECTIONS[name] = fn
+        return fn
+
+    return register
+
+
+class Context:
+    """What every section may use: the device, the sizes (scaled down by --smoke), earlier results."""
+
+    def __init__(self, device: torch.device, smoke: bool, step_budget: float):
+        self.device, self.smoke, self.step_budget = device, smoke, step_budget
+        self.results: dict = {}
+        self.dims = (64, 32, 32) if smoke else (2048, 1024, 1024)  # image, text, out
+        self.kernel_sizes: tuple | None = None  # loss-kernel: --sizes
+        self.repeats = 3  # loss-kernel: --repeats
+
+    def size(self, full: int, tiny: int) -> int:
+        return tiny if self.smoke else full
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def timed(self, fn, repeats=2):
+        """Best wall time of fn() over `repeats` runs after one warm-up, synchronised."""
+        fn()
+        best = float("inf")
+        for _ in range(repeats):
+            self.sync()
+            t0 = time.perf_counter()
+            fn()
+            self.sync()
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    def bf16_peak(self) -> float:
+        return self.results.get("matmul", {}).get("bf16_tflops", float("nan"))
+
+
+# ------------------------------------------------------------------------------------------ sections
+
+
+@section("matmul")
+def matmul_peak(ctx: Context) -> dict:
+    n = ctx.size(8192, 256)
+    out = {}
+    for name, dtype, tf32 in (("bf16", torch.bfloat16, False), ("tf32", torch.float32, True),
+                              ("fp32", torch.float32, False)):
+        if ctx.device.type == "cpu" and name == "tf32":
+            continue
+        saved = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        a = torch.randn(n, n, device=ctx.device, dtype=dtype)
+        b = torch.randn(n, n, device=ctx.device, dtype=dtype)
+        sec = ctx.timed(lambda: torch.mm(a, b), repeats=5)
+        torch.backends.cuda.matmul.allow_tf32 = saved
+        out[f"{name}_tflops"] = 2 * n**3 / sec / 1e12
+        del a, b
+    return out
+
+
+@section("loss")
+def loss_bf16_vs_fp32(ctx: Context) -> dict:
+    import torch.nn.functional as F
+
+    from sail.losses import sigmoid_loss
+
+    n, d = ctx.size(65536, 512), ctx.dims[2]
+    g = torch.Generator(device=ctx.device).manual_seed(0)
+    x = F.normalize(torch.randn(n, d, device=ctx.device, generator=g), dim=1)
+    y = F.normalize(0.6 * x + 0.8 * F.normalize(torch.randn(n, d, device=ctx.device, generator=g), dim=1), dim=1)
+    t, b = torch.tensor(20.0, device=ctx.device), torch.tensor(-10.0, device=ctx.device)
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 here (TF32 is what auto would give)
+    out, grads = {}, {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp64", torch.float64)):
+        xi, yi = x.detach().to(dtype).requires_grad_(), y.detach().to(dtype).requires_grad_()
+
+        def run():
+            xi.grad = yi.grad = None
+            value = sigmoid_loss(xi, yi, t, b)
+            value.backward()
+            return value
+
+        if name == "fp64":
+            value = run()
+        else:
+            out[f"{name}_s"] = ctx.timed(run)
+            value = run()
+        grads[name] = (value.item(), xi.grad.double(), yi.grad.double())
+        del xi, yi
+    torch.backends.cuda.matmul.allow_tf32 = saved
+    ref = grads["fp64"]
+    for name in ("fp32", "bf16"):
+        out[f"{name}_loss_rel_err"] = abs(grads[name][0] - ref[0]) / abs(ref[0])
+        out[f"{name}_grad_cos"] = min(F.cosine_similarity(grads[name][i].flatten(), ref[i].flatten(), dim=0).item()
+                                      for i in (1, 2))
+    out["bf16_over_fp32_time"] = out["bf16_s"] / out["fp32_s"]
+    out["bf16_share_of_peak"] = 3 * 2 * n * n * d / out["bf16_s"] / 1e12 / ctx.bf16_peak()
+    out["B"] = n
+    return out
+
+
+def _heads_and_step(ctx: Context):
+    from sail.heads import AlignmentHeads
+    from sail.losses import sigmoid_loss
+    from sail.optim import build_optimizer
+    from sail.precision import resolve_precision
+    from sail.step import train_step
+
+    image_dim, text_dim, out_dim = ctx.dims
+    heads = AlignmentHeads(image_dim, text_dim, out_dim, "glu", 4).to(ctx.device)
+    opt = build_optimizer("lion", heads.param_groups(1e-7), lr=1e-5, weight_decay=1e-7)
+    prec = resolve_precision("auto", ctx.device)
+
+    def step(image, text):
+        opt.zero_grad(set_to_none=True)
+        stats = train_step(heads, image, [text], lambda x, ys, t, b: sigmoid_loss(x, ys[0], t, b), precision=prec)
+        opt.step()
+        heads.clamp_()
+        return stats
+
+    flops_per_pair = 4 * 2 * sum(m.weight.numel() for m in heads.modules() if isinstance(m, torch.nn.Linear))
+    return heads, step, prec, flops_per_pair
+
+
+def _inputs(ctx, n):
+    image = torch.randn(n, ctx.dims[0], device=ctx.device, dtype=torch.float16)
+    text = torch.randn(n, ctx.dims[1], device=ctx.device, dtype=torch.float16)
+    return image, text
+
+
+@section("step")
+def full_step(ctx: Context) -> dict:
+    heads, step, prec, per_pair = _heads_and_step(ctx)
+    step(*_inputs(ctx, 512))  # optimizer state
+    out = {"precision": str(prec)}
+
+    def one(n):
+        image, text = _inputs(ctx, n)
+        if ctx.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(ctx.device)
+        ctx.sync()
+        t0 = time.perf_counter()
+        step(image, text)[0].item()
+        sec = time.perf_counter() - t0
+        peak = torch.cuda.max_memory_allocated(ctx.device) / 2**30 if ctx.device.type == "cuda" else float("nan")
+        tflop = (per_pair * n + 3 * 2 * n * n * ctx.dims[2]) / 1e12
+        return {"B": n, "step_s": sec, "pairs_s": n / sec, "peak_gib": peak, "share_of_bf16_peak": tflop / sec / ctx.bf16_peak()}
+
+    base = ctx.size(36864, 256)
+    one(base)  # warm-up at the size (allocator, cuBLAS heuristics)
+    out["at_36864"] = one(base)
+    largest, spent, n = out["at_36864"], 0.0, base
+    while n < ctx.size(1 << 20, 4096) and spent < ctx.step_budget:
+        n = min(2 * n, ctx.size(1 << 20, 4096))
+        try:
+            r = one(n)
+        except torch.OutOfMemoryError:
+            out["first_not_fitting"] = n
+            break
+        spent += r["step_s"]
+        largest = r
+    out["largest"] = largest
+    del heads
+    if ctx.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+@section("loader")
+def loader_vs_step(ctx: Context) -> dict:
+    import numpy as np
+
+    from sail.loader import PairedFeatures, StreamingBatches
+    from sail.store import FeatureStore, StoreWriter
+
+    batch = ctx.size(36864, 256)
+    n = 4 * batch
+    tmp = Path(tempfile.mkdtemp(prefix="sail-gpu-bench-"))
+    try:
+        rng = np.random.default_rng(0)
+        for name, field, dim in (("image.h5", "image", ctx.dims[0]), ("text.h5", "caption", ctx.dims[1])):
+            w = StoreWriter(tmp / name, [f"p{i:07d}" for i in range(n)], {field: dim})
+            block = rng.standard_normal((min(n, 16384), dim), dtype=np.float32).astype(np.float16)
+            for lo in range(0, n, len(block)):
+                rows = block[: min(len(block), n - lo)]
+                w.write(lo, {field: rows}, {field: np.ones(len(rows), bool)})
+            w.finish({"model_id": f"synthetic-{field}", "modality": "image" if field == "image" else "text"},
+                     None, None, [])
+        pairs = PairedFeatures.from_stores(FeatureStore(tmp / "image.h5"), FeatureStore(tmp / "text.h5"), ["caption"])
+        batches = StreamingBatches(pairs, batch, seed=0, device=ctx.device)
+        for _ in batches.epoch(0):  # first pass: warms the page cache
+            pass
+        ctx.sync()
+        t0, seen = time.perf_counter(), 0
+        for image, texts in batches.epoch(1):
+            seen += image.shape[0]
+        ctx.sync()
+        pairs_s = seen / (time.perf_counter() - t0)
+    finally:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    step = ctx.results.get("step", {}).get("at_36864", {})
+    out = {"pairs_s": pairs_s, "batch": batch}
+    if step:
+        out["step_pairs_s"] = step["pairs_s"]
+        out["loader_over_step"] = pairs_s / step["pairs_s"]
+    return out
+
+
+# ---- loss-kernel (helper `kernel`): fused Triton sigmoid loss vs blockwise torch vs the bf16 matmul peak
+
+
+def _sync_time(fn, repeats):
+    """Median wall seconds of fn() over repeats, synchronising the GPU around each call."""
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def bf16_matmul_peak(repeats=10):
+    """Best bf16 torch.mm throughput (TFLOP/s) over a few large shapes: the 'peak' the loss is compared with."""
+    best = {}
+    for m, n, k in [(8192, 8192, 8192), (16384, 16384, 1024), (16384, 1024, 16384), (4096, 16384, 16384)]:
+        a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(k, n, device="cuda", dtype=torch.bfloat16)
+        torch.mm(a, b)  # warm-up (cuBLAS heuristics, clocks)
+        sec = _sync_time(lambda: torch.mm(a, b), repeats)
+        best[f"{m}x{n}x{k}"] = 2 * m * n * k / sec / 1e12
+        del a, b
+    return max(best.values()), best
+
+
+def loss_kernel(sizes=(36864, 262144, 1048576), dim=1024, repeats=3, torch_max=1048576):
+    """Section loss-kernel: fused Triton sigmoid loss vs blockwise torch loss vs bf16 matmul peak."""
+    from sail.losses import sigmoid_loss
+
+    peak, shapes = bf16_matmul_peak()
+    print(f"bf16 matmul peak {peak:.0f} TFLOP/s ({', '.join(f'{k}: {v:.0f}' for k, v in shapes.items())})")
+    torch.manual_seed(0)
+
+    def inputs(n):
+        x = F.normalize(torch.randn(n, dim, device="cuda"), dim=-1).to(torch.bfloat16).requires_grad_()
+        y = F.normalize(torch.randn(n, dim, device="cuda"), dim=-1).to(torch.bfloat16).requires_grad_()
+        log_t = torch.tensor(2.996, device="cuda", requires_grad=True)  # ln 20, SAIL's init
+        b = torch.tensor(-10.0, device="cuda", requires_grad=True)
+        return x, y, log_t, b
+
+    def step(impl, x, y, log_t, b, block_size):
+        for v in (x, y, log_t, b):
+            v.grad = None
+        loss = sigmoid_loss(x, y, log_t.exp(), b, impl=impl, block_size=block_size)
+        loss.backward()
+        return loss
+
+    # correctness first: triton vs torch on the same bf16 inputs (fp32 logits in both)
+    x, y, log_t, b = inputs(4096)
+    got = [step("triton", x, y, log_t, b, None).item(), x.grad.float(), y.grad.float(), log_t.grad.item()]
+    want = [step("torch", x, y, log_t, b, None).item(), x.grad.float(), y.grad.float(), log_t.grad.item()]
+    check = {
+        "loss_rel": abs(got[0] - want[0]) / abs(want[0]),
+        "dx_rel": ((got[1] - want[1]).norm() / want[1].norm()).item(),
+        "dy_rel": ((got[2] - want[2]).norm() / want[2].norm()).item(),
+        "dlogt_rel": abs(got[3] - want[3]) / max(abs(want[3]), 1e-30),
+    }
+    ok = check["loss_rel"] < 1e-4 and check["dx_rel"] < 2e-2 and check["dy_rel"] < 2e-2 and check["dlogt_rel"] < 1e-3
+    print("check at B=4096 (triton vs torch): " + ", ".join(f"{k} {v:.2e}" for k, v in check.items())
+          + ("  OK" if ok else "  MISMATCH"))
+    del x, y, got, want
+
+    rows = []
+    for n in sizes:
+        flops = 6 * n * n * dim
+        for impl in ("triton", "torch"):
+            if impl == "torch" and n > torch_max:
+                continue
+            x, y, log_t, b = inputs(n)
+            # torch: blocks of ~2 GiB of fp32 logits (its 32 MiB default means 8-row blocks at B = 1M)
+            block = None if impl == "triton" else max(1, min(n, 2**31 // (4 * n)))
+            torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            step(impl, x, y, log_t, b, block)  # warm-up; for triton this includes autotuning
+            torch.cuda.synchronize()
+            first = time.perf_counter() - t0
+            sec = _sync_time(lambda: step(impl, x, y, log_t, b, block), repeats if n < 10**6 or impl == "triton" else 1)
+            tflops = flops / sec / 1e12
+            rows.append({"B": n, "D": dim, "impl": impl, "seconds": sec, "first_call_s": first, "tflops": tflops,
+                         "share_of_peak": tflops / peak,
+                         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30})
+            r = rows[-1]
+            print(f"B={n:>8} {impl:>6}: {sec:8.3f} s  {tflops:6.0f} TFLOP/s  {100 * r['share_of_peak']:5.1f} % of peak"
+                  f"  peak mem {r['peak_mem_gib']:.1f} GiB  (first call {first:.1f} s)")
+            del x, y, log_t, b
+            torch.cuda.empty_cache()
+    result = {"section": "loss-kernel", "device": torch.cuda.get_device_name(), "peak_tflops": peak,
+              "peak_shapes": shapes, "check": check, "check_ok": ok, "runs": rows}
+    print(json.dumps(result))
+    return result
+
+
+@section("loss-kernel")
+def loss_kernel_section(ctx: Context) -> dict:
+    if ctx.smoke:
+        return {"skipped": "needs CUDA and Triton"}
+    sizes = ctx.kernel_sizes or (36864, 262144, 1048576)
+    return loss_kernel(sizes=sizes, repeats=ctx.repeats)
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+@section("loss-kernel")
+def loss_kernel_section(ctx: Context) -> dict:
+    if ctx.device.type != "cuda":
+        return {"skipped": "the Triton kernel's timing needs CUDA (its CPU tests use TRITON_INTERPRET=1)"}
+    from gpu_kernel import loss_kernel
+
+    return loss_kernel(sizes=(36864, 262144, 1048576))
+
+
+@section("extraction")
+def extraction_section(ctx: Context) -> dict:
+    from gpu_extract import bench_extract
+
+    return bench_extract(str(ctx.device), images=4096, quick=ctx.smoke)
+
+
+def _flat(d, prefix=""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _flat(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", default=None, help=f"comma-separated sections (default: all of {', '.join(SECTIONS)})")
+    p.add_argument("--section", action="append", help="run only this section (repeatable; same as --only)")
+    p.add_argument("--sizes", help="loss-kernel: comma-separated batch sizes (default 36864,262144,1048576)")
+    p.add_argument("--repeats", type=int, default=3, help="loss-kernel: timed calls per configuration (median)")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes on CPU: checks that every section runs")
+    p.add_argument("--step-budget", type=float, default=90.0, help="seconds of steps when searching the largest B")
+    args = p.parse_args(argv)
+    if not args.smoke and not torch.cuda.is_available():
+        print("benchmarks/gpu.py: no CUDA device here, nothing to measure (run it on a GPU machine; "
+              "--smoke checks the script on CPU)")
+        print(json.dumps({"benchmark": "gpu", "skipped": "no CUDA device"}))
+        return 0
+    device = torch.device("cpu" if args.smoke else "cuda")
+    names = [n.strip() for n in args.only.split(",")] if args.only else list(SECTIONS)
+    if args.section:
+        names = args.section
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown:
+        print(f"error: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}", file=sys.stderr)
+        return 2
+    ctx = Context(device, args.smoke, 2.0 if args.smoke else args.step_budget)
+    ctx.kernel_sizes = tuple(int(s) for s in args.sizes.split(",")) if args.sizes else None
+    ctx.repeats = args.repeats
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke)"
+    print(f"device: {name}, torch {torch.__version__}")
+    start = time.perf_counter()
+    for n in names:
+        t0 = time.perf_counter()
+        try:
+            ctx.results[n] = SECTIONS[n](ctx)
+        except Exception as e:  # one failing section must not hide the others' figures
+            ctx.results[n] = {"error": f"{type(e).__name__}: {e}"[:300]}
+        print(f"[{n}] ({time.perf_counter() - t0:.0f} s)")
+        for k, v in _flat(ctx.results[n]):
+            print(f"  {k:<32} {v:.4g}" if isinstance(v, float) and math.isfinite(v) else f"  {k:<32} {v}")
+    print(f"total {time.perf_counter() - start:.0f} s")
+    clean = json.loads(json.dumps(ctx.results, default=str).replace("NaN", "null"))
+    print(json.dumps({"benchmark": "gpu", "device": name, **clean}))
+    return 1 if any("error" in r for r in ctx.results.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

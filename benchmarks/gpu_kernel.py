@@ -1,0 +1,110 @@
+"""The fused Triton loss against the blockwise torch loss and the bf16 matmul peak (a section of gpu.py).
+
+    python benchmarks/gpu.py --only loss-kernel          # through gpu.py (B = 36864, 262144, 1048576)
+
+loss_kernel(): the fused Triton sigmoid loss (sail.triton_sigmoid, impl="triton") against the blockwise
+torch loss (impl="torch") on the same bf16 inputs, forward + backward, and against the bf16 matmul peak
+measured in the same run (the best of a few large torch.mm shapes). Reported: seconds per forward +
+backward, TFLOP/s counting the three matmuls (logits, G @ Y, G^T @ X: 6 B^2 D flops), share of the
+measured peak (goal >= 70 %), peak memory; first a correctness check of triton against torch at B = 4096.
+Goal at B = 1,048,576: <= 10 s on an H100-class GPU. The first triton call autotunes the tile configs
+(sail.triton_sigmoid.GPU_CONFIGS); the timed calls come after it. Needs CUDA.
+"""
+
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def _sync_time(fn, repeats):
+    """Median wall seconds of fn() over repeats, synchronising the GPU around each call."""
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def bf16_matmul_peak(repeats=10):
+    """Best bf16 torch.mm throughput (TFLOP/s) over a few large shapes: the 'peak' the loss is compared with."""
+    best = {}
+    for m, n, k in [(8192, 8192, 8192), (16384, 16384, 1024), (16384, 1024, 16384), (4096, 16384, 16384)]:
+        a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(k, n, device="cuda", dtype=torch.bfloat16)
+        torch.mm(a, b)  # warm-up (cuBLAS heuristics, clocks)
+        sec = _sync_time(lambda: torch.mm(a, b), repeats)
+        best[f"{m}x{n}x{k}"] = 2 * m * n * k / sec / 1e12
+        del a, b
+    return max(best.values()), best
+
+
+def loss_kernel(sizes=(36864, 262144, 1048576), dim=1024, repeats=3, torch_max=1048576):
+    """Section loss-kernel: fused Triton sigmoid loss vs blockwise torch loss vs bf16 matmul peak."""
+    from sail.losses import sigmoid_loss
+
+    peak, shapes = bf16_matmul_peak()
+    print(f"bf16 matmul peak {peak:.0f} TFLOP/s ({', '.join(f'{k}: {v:.0f}' for k, v in shapes.items())})")
+    torch.manual_seed(0)
+
+    def inputs(n):
+        x = F.normalize(torch.randn(n, dim, device="cuda"), dim=-1).to(torch.bfloat16).requires_grad_()
+        y = F.normalize(torch.randn(n, dim, device="cuda"), dim=-1).to(torch.bfloat16).requires_grad_()
+        log_t = torch.tensor(2.996, device="cuda", requires_grad=True)  # ln 20, SAIL's init
+        b = torch.tensor(-10.0, device="cuda", requires_grad=True)
+        return x, y, log_t, b
+
+    def step(impl, x, y, log_t, b, block_size):
+        for v in (x, y, log_t, b):
+            v.grad = None
+        loss = sigmoid_loss(x, y, log_t.exp(), b, impl=impl, block_size=block_size)
+        loss.backward()
+        return loss
+
+    # correctness first: triton vs torch on the same bf16 inputs (fp32 logits in both)
+    x, y, log_t, b = inputs(4096)
+    got = [step("triton", x, y, log_t, b, None).item(), x.grad.float(), y.grad.float(), log_t.grad.item()]
+    want = [step("torch", x, y, log_t, b, None).item(), x.grad.float(), y.grad.float(), log_t.grad.item()]
+    check = {
+        "loss_rel": abs(got[0] - want[0]) / abs(want[0]),
+        "dx_rel": ((got[1] - want[1]).norm() / want[1].norm()).item(),
+        "dy_rel": ((got[2] - want[2]).norm() / want[2].norm()).item(),
+        "dlogt_rel": abs(got[3] - want[3]) / max(abs(want[3]), 1e-30),
+    }
+    ok = check["loss_rel"] < 1e-4 and check["dx_rel"] < 2e-2 and check["dy_rel"] < 2e-2 and check["dlogt_rel"] < 1e-3
+    print("check at B=4096 (triton vs torch): " + ", ".join(f"{k} {v:.2e}" for k, v in check.items())
+          + ("  OK" if ok else "  MISMATCH"))
+    del x, y, got, want
+
+    rows = []
+    for n in sizes:
+        flops = 6 * n * n * dim
+        for impl in ("triton", "torch"):
+            if impl == "torch" and n > torch_max:
+                continue
+            x, y, log_t, b = inputs(n)
+            # torch: blocks of ~2 GiB of fp32 logits (its 32 MiB default means 8-row blocks at B = 1M)
+            block = None if impl == "triton" else max(1, min(n, 2**31 // (4 * n)))
+            torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            step(impl, x, y, log_t, b, block)  # warm-up; for triton this includes autotuning
+            torch.cuda.synchronize()
+            first = time.perf_counter() - t0
+            sec = _sync_time(lambda: step(impl, x, y, log_t, b, block), repeats if n < 10**6 or impl == "triton" else 1)
+            tflops = flops / sec / 1e12
+            rows.append({"B": n, "D": dim, "impl": impl, "seconds": sec, "first_call_s": first, "tflops": tflops,
+                         "share_of_peak": tflops / peak,
+                         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30})
+            r = rows[-1]
+            print(f"B={n:>8} {impl:>6}: {sec:8.3f} s  {tflops:6.0f} TFLOP/s  {100 * r['share_of_peak']:5.1f} % of peak"
+                  f"  peak mem {r['peak_mem_gib']:.1f} GiB  (first call {first:.1f} s)")
+            del x, y, log_t, b
+            torch.cuda.empty_cache()
+    result = {"section": "loss-kernel", "device": torch.cuda.get_device_name(), "peak_tflops": peak,
+              "peak_shapes": shapes, "check": check, "check_ok": ok, "runs": rows}
+    print(json.dumps(result))
+    return result

@@ -1,1 +1,0 @@
-"""Full-model recipes (ALIP, ALIGN): scripts run as `python recipes/NAME.py --config ...` or `sail recipe NAME`."""

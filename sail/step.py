@@ -1,0 +1,223 @@
+"""One training step of the alignment heads, with memory that does not grow with the heads (GradCache).
+
+    from sail.step import train_step
+    opt.zero_grad(set_to_none=True)
+    stats = train_step(heads, image, texts, loss_fn, precision=prec, chunk_size=None, scaler=scaler)
+    scaler.step(opt); scaler.update(); heads.clamp_()      # or opt.step() when no loss scaling
+    # stats: (5,) device tensor [loss, t, b, mean positive cosine, mean negative cosine]; no host sync
+
+Why. Autograd through the heads keeps every activation of the whole batch: a GLU head at width 4 keeps
+~(B x 4 x 8192) floats, ~10 GB at B = 36864 (fp32) and ~190 GB at B = 1M (bf16), while the loss itself
+needs O(B*D).
+The step runs in three passes (Gao et al. 2021, "GradCache"):
+1. the heads forward over chunks of rows without autograd -> embeddings x, y_k: (B, D) each;
+2. the loss once on the whole batch, on detached copies that require grad; sail.losses computes the
+   embeddings' gradients blockwise in its forward, backward fills x.grad, y_k.grad (B, D) and the t, b grads;
+3. each chunk again WITH autograd (LayerNorm, head, L2-normalise), then backward with its rows of the
+   embedding gradients: torch.autograd.backward([x_c, y_c...], [gx_c, gy_c...]). Parameter gradients
+   accumulate over chunks. The chunk forward is the same code as pass 1, so the result equals the
+   unchunked step up to float rounding (tests/test_step.py checks it in float64 for every head x loss).
+Peak memory: parameters + features + the larger of the loss phase (embeddings and the loss's O(B*D)
+buffers) and the chunk phase (the embeddings' gradients and one chunk's activations): the embeddings
+are freed once the loss has their gradients. See `memory_model` (printed by benchmarks/align_step.py).
+
+Under torch.distributed each rank passes its LOCAL rows; the losses gather the other ranks' embeddings as
+negatives and follow the convention in sail.losses (local embedding gradients are world x the
+single-process ones), so after the chunks the parameter gradients are averaged over ranks with one
+all-reduce per parameter. This replaces DDP: DDP's reducer cannot see gradients accumulated over several
+backward calls outside its forward, and it raises on parameters that get no gradient (the bias b under
+info-nce). Here a parameter without a gradient has none on every rank and is simply skipped. The ranks
+start from the same weights (same seed or the same checkpoint; `broadcast_parameters` makes sure).
+
+Precision (sail.precision): the heads run under `precision.autocast()`; the embeddings reach the loss in
+the dtype the heads produce (bf16 under bf16 autocast, float64 for float64 heads), except fp16, which is
+upcast to float32 (fp16 cannot hold the B^2-normalised gradients; see sail.losses). With fp16 the loss
+is multiplied by the GradScaler's scale before backward, so the chunk backward sees scaled gradients.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from sail.errors import SailError
+from sail.precision import Precision
+
+CHUNK_CAP = {"cuda": 32768, "cpu": 4096}  # rows past which a bigger chunk no longer speeds the matmuls up
+MEMORY_FRACTION = 0.25  # share of the free memory one chunk's activations may take
+
+
+# ------------------------------------------------------------------------------------------ chunk size
+
+
+def activation_bytes_per_row(heads: nn.Module, elem_bytes: int = 4) -> int:
+    """Bytes autograd keeps per row for both heads: every Linear's input and output (LayerNorm, activation,
+    gating and normalisation add about as much again, hence the factor 2)."""
+    dims = sum(m.in_features + m.out_features for m in heads.modules() if isinstance(m, nn.Linear))
+    return 2 * dims * elem_bytes
+
+
+def free_memory(device: torch.device) -> int:
+    """Free bytes on the device: cudaMemGetInfo on CUDA, MemAvailable from /proc/meminfo on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def auto_chunk_size(heads: nn.Module, rows: int, device: torch.device, free: int | None = None) -> int:
+    """Rows per chunk: what fits in MEMORY_FRACTION of the free memory, at most CHUNK_CAP, at most `rows`."""
+    free = free_memory(device) if free is None else free
+    fit = int(MEMORY_FRACTION * free) // activation_bytes_per_row(heads)
+    return max(1, min(rows, CHUNK_CAP.get(device.type, 4096), max(64, fit)))
+
+
+def chunks(n: int, size: int) -> list[slice]:
+    """Consecutive row slices of at most `size` rows covering range(n)."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise SailError(f"--chunk-size must be a positive number of rows, got {size!r}")
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+# ------------------------------------------------------------------------------------------ the step
+
+
+def _embed(heads, image: torch.Tensor, texts: Sequence[torch.Tensor], prec: Precision) -> list[torch.Tensor]:
+    """[x, y_1, .., y_K] for one chunk of rows: LayerNorm, head, L2-normalise (as AlignmentHeads does)."""
+    with prec.autocast():
+        out = [heads.encode_image(image)] + [heads.encode_text(t) for t in texts]
+    # fp16 embeddings go to the loss as float32: its gradients (~1e-10 at B^2 normalisation) underflow fp16
+    return [e.float() if e.dtype == torch.float16 else e for e in out]
+
+
+def train_step(heads, image: torch.Tensor, texts: Sequence[torch.Tensor], loss_fn: Callable, *,
+               precision: Precision, chunk_size: int | None = None, scaler: torch.amp.GradScaler | None = None,
+               group=None, probe: Callable | None = None) -> torch.Tensor:
+    """Forward + backward of one batch, gradients accumulated into the heads' .grad (zero them before).
+
+    heads: AlignmentHeads (not DDP-wrapped). image: (n, image_dim), texts: K tensors (n, text_dim), this
+    rank's rows. loss_fn(x, [y_1..y_K], t, b) -> scalar, e.g. sail.losses.sigmoid_loss over the ys.
+    chunk_size: rows per chunk of the head passes (None: auto_chunk_size). Returns the (5,) device tensor
+    [loss, t, b, mean positive cosine, mean negative cosine] (detached; reading it is the only host sync).
+    probe(x, y, t, b): optional, called once with the whole batch's embeddings (x and the first caption set,
+    no autograd) and t, b, e.g. sail.stability.GradientBalance at log points; it may sync.
+    """
+    n = image.shape[0]
+    if any(t.shape[0] != n for t in texts):
+        raise SailError(f"image and text batches differ in rows: {n} vs {[t.shape[0] for t in texts]}")
+    size = chunk_size if chunk_size is not None else auto_chunk_size(heads, n, image.device)
+    parts = chunks(n, size)
+
+    # pass 1: embeddings without autograd, written into (n, D) buffers (no torch.cat copy)
+    emb = None
+    with torch.no_grad():
+        for sl in parts:
+            out = _embed(heads, image[sl], [f[sl] for f in texts], precision)
+            if emb is None:
+                emb = [torch.empty((n, e.shape[1]), dtype=e.dtype, device=e.device) for e in out]
+            for buf, e in zip(emb, out):
+                buf[sl] = e
+
+    # pass 2: the loss once on the whole batch; backward leaves dL/d(embeddings) in .grad and fills t, b
+    leaves = [e.requires_grad_(True) for e in emb]  # emb were made under no_grad: they are leaves already
+    t, b = heads.scale(), heads.logit_bias
+    loss = loss_fn(leaves[0], leaves[1:], t, b)
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    loss = loss.detach()  # frees the graph and with it the loss's stored gradients (K+1 x (n, D))
+    grads = [e.grad for e in leaves]
+    stats = _stats(loss, t, b, emb[0], emb[1])
+    if probe is not None:
+        probe(emb[0].detach(), emb[1].detach(), t.detach(), b.detach())
+    del leaves, emb  # the embeddings themselves are not needed by pass 3: only their gradients
+
+    # pass 3: each chunk again with autograd, backward with its rows of the embedding gradients
+    for sl in parts:
+        out = _embed(heads, image[sl], [f[sl] for f in texts], precision)
+        used = [(o, g[sl]) for o, g in zip(out, grads) if g is not None]  # a caption set the loss ignored has none
+        torch.autograd.backward([o for o, _ in used], [g for _, g in used])
+        del out, used
+
+    all_reduce_gradients(heads, group)
+    return stats
+
+
+@torch.no_grad()
+def _stats(loss, t, b, x, y) -> torch.Tensor:
+    """(5,) [loss, t, b, mean positive cosine, mean negative cosine] on the device, O(n*D)."""
+    n = x.shape[0]
+    dt = torch.promote_types(loss.dtype, torch.float32)  # float32, float64 for float64 heads
+    pos = (x * y).sum(1, dtype=dt)  # (n,) cosine of each positive pair
+    total = x.sum(0, dtype=dt) @ y.sum(0, dtype=dt)  # sum of all n^2 cosines, from the column sums
+    neg = (total - pos.sum()) / max(1, n * n - n)
+    return torch.stack([loss.to(dt), t.detach().to(dt), b.detach().to(dt), pos.mean(), neg])
+
+
+# ------------------------------------------------------------------------------------------ distributed
+
+
+def _world(group) -> int:
+    if group is None and not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
+def all_reduce_gradients(module: nn.Module, group=None) -> None:
+    """Average every parameter's .grad over the ranks (a no-op in one process). Parameters without a
+    gradient (b under info-nce) are skipped: they have none on every rank, the losses being global."""
+    world = _world(group)
+    if world == 1:
+        return
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad, group=group)
+            p.grad.div_(world)
+
+
+def broadcast_parameters(module: nn.Module, group=None) -> None:
+    """Make every rank start from rank 0's parameters (as DDP does at construction)."""
+    if _world(group) == 1:
+        return
+    with torch.no_grad():
+        for p in module.parameters():
+            dist.broadcast(p.data, src=0, group=group)
+
+
+# ------------------------------------------------------------------------------------------ memory model
+
+
+def memory_model(heads: nn.Module, batch: int, *, captions: int = 1, chunk: int = 32768, feature_bytes: int = 2,
+                 emb_bytes: int = 2, act_bytes: int = 2, block_bytes: int = 2**30, optimizer_states: int = 2) -> dict:
+    """Estimated bytes of one step, per term, and the peak (defaults: a GPU run, fp16 features, bf16).
+
+    features      the batch's frozen features, B (image_dim + K text_dim)
+    embeddings    x, y_k: (K+1) B D in the embeddings' dtype (held through the loss, freed before pass 3)
+    loss          the kernels' float32 gradient accumulators (K+1) B D, one bf16 (B, D) product buffer and
+                  one (rows, B) block: similarities (bf16) + logits and softplus (fp32) = 2.5 x block_bytes;
+                  then the stored gradients and .grad while backward hands them over: 2 (K+1) B D
+    grads         the embeddings' gradients held through pass 3: (K+1) B D
+    chunk         one chunk's activations in the heads (activation_bytes_per_row x chunk)
+    parameters    weights + gradients + optimizer states, float32
+    peak = parameters + features + max(embeddings + loss, grads + chunk): the two phases do not overlap.
+    """
+    d, k1 = heads.out_dim, captions + 1
+    terms = {
+        "features": batch * (heads.image_dim + captions * heads.text_dim) * feature_bytes,
+        "embeddings": k1 * batch * d * emb_bytes,
+        "loss": k1 * batch * d * 4 + batch * d * 2 + int(2.5 * block_bytes) + 2 * k1 * batch * d * emb_bytes,
+        "grads": k1 * batch * d * emb_bytes,
+        "chunk": activation_bytes_per_row(heads, act_bytes) * min(chunk, batch),
+        "parameters": (2 + optimizer_states) * heads.num_parameters() * 4,
+    }
+    terms["peak"] = terms["parameters"] + terms["features"] + max(terms["embeddings"] + terms["loss"],
+                                                                  terms["grads"] + terms["chunk"])
+    return terms
