@@ -282,7 +282,16 @@ def test_align_two_gloo_processes_train_like_one_with_two_micro_batches(tmp_path
         assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-4)
     a, b = load_file(str(single / "model.safetensors")), load_file(str(two / "model.safetensors"))
     assert a.keys() == b.keys()
-    assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) < 1e-3  # BatchNorm stats included
+    # Compare what the models compute, not each weight: LAMB turns a near-zero gradient into a step of +-lr
+    # (m / sqrt(v) ~ sign), so an element whose gradient differs in the last bit between the two reductions can
+    # move 2 lr apart without changing the embeddings measurably.
+    from sail.data import open_dataset
+
+    images, texts = open_dataset("sample").images[:8], ["a red circle", "a small blue square", "a green cross"]
+    m1, m2 = Towers.from_pretrained(single), Towers.from_pretrained(two)  # BatchNorm recalibrated in both
+    torch.testing.assert_close(m2.encode_image(images), m1.encode_image(images), rtol=0, atol=2e-3)
+    torch.testing.assert_close(m2.encode_text(texts), m1.encode_text(texts), rtol=0, atol=2e-3)
+    assert m2.scale().item() == pytest.approx(m1.scale().item(), rel=1e-4)
 
 
 def test_recipe_output_evaluates_through_sail_eval(tmp_path):
