@@ -48,7 +48,7 @@ def test_sailmodel_matches_heads_on_stored_features(trained):
     manual = torch.sigmoid(t * x[:1] @ y[:2].T + b)
     assert p.shape == (1, 2) and torch.allclose(p, manual, atol=1e-4)
     # logit_scale is log t everywhere (CLIP's convention); t is scale()
-    assert float(model.logit_scale) == pytest.approx(float(model.heads.logit_scale))
+    assert model.logit_scale.item() == pytest.approx(model.heads.logit_scale.item())
     assert float(model.scale()) == pytest.approx(t) and float(model.logit_scale.exp()) == pytest.approx(t)
     # an info-nce run never trained b: CLIP's softmax over the texts, b unused
     nce = SAILModel(model.heads, model.image_model, model.text_model, model.pooling, model.max_length, "cpu", loss="info-nce")
