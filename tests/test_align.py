@@ -183,7 +183,7 @@ def test_streamed_epochs_never_run_short(tmp_path):
     r = _cli("--image", img, "--text", txt, "--out", tmp_path / "run", "--head", "linear", "--out-dim", "8",
              "--batch", "96", "--epochs", "2", "--seed", "1", "--val-fraction", "0", "--in-memory", "no",
              "--stream-block-rows", "256", "--stream-buffer-blocks", "2", "--optimizer", "adamw", "--lr", "1e-3",
-             timeout=300)
+             "--log-every", "1", timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 13))
