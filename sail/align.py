@@ -374,9 +374,6 @@ def _joined(image_store: FeatureStore, text_store: FeatureStore, captions: list[
     return pairs
 
 
-PANELS = [(("loss",), "loss"), (("t", "b"), "t, b"), (("pos_logit", "neg_logit"), "logits"),
-          (("val_i2t_R@1", "val_t2i_R@1"), "val R@1 (%)")]
-
 
 # ------------------------------------------------------------------------------------------ training
 
@@ -569,7 +566,7 @@ def align(cfg: AlignConfig, resume: bool = False) -> AlignResult:
             "image_model": str(extra["image_encoder"]["model_id"]), "text_model": str(extra["text_encoder"]["model_id"]),
             "loss": cfg.loss})
         save_checkpoint(run, step, heads, opt, sched, {"epoch": step // max(1, steps_per_epoch)})
-        plot_curves(run / "metrics.jsonl", run / "curves.png", PANELS)
+        plot_curves(run / "metrics.jsonl", run / "curves.png")
         metrics = {k: v for k, v in last.items() if k not in ("step",)}
         (run / "summary.json").write_text(json.dumps({"steps": step, **metrics}, indent=1))
         return AlignResult(run, step, metrics)

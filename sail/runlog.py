@@ -42,7 +42,7 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 PANELS = [(("loss", "loss_ungated"), "training loss"), (("lr",), "learning rate"), (("t", "b"), "temperature t, bias b"),
           (("pos_logit", "neg_logit"), "logits"), (("val_i2t_R@1", "val_t2i_R@1"), "val R@1 (%)"),
-          (("zeroshot_top1",), "zero-shot top-1 (%)")]
+          (("zeroshot_top1",), "zero-shot top-1 (%)"), (("pos_grad_share",), "positives' share of the gradient")]
 
 
 def plot_curves(metrics_path: str | Path, png_path: str | Path,
