@@ -374,7 +374,6 @@ def _joined(image_store: FeatureStore, text_store: FeatureStore, captions: list[
     return pairs
 
 
-
 # ------------------------------------------------------------------------------------------ training
 
 
