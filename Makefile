@@ -13,6 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps 'clip_benchmark>=1.6'  # its metric modules, for the tests (see pyproject's dev)
 	touch $@
 
 demo: setup
