@@ -295,13 +295,6 @@ class FastPreprocess:
         return {**self.__dict__, "_stats": {}}
 
 
-def autocast(device: torch.device):
-    """Inference autocast under sail.precision's "auto" policy (kept for callers not yet on sail.precision)."""
-    from sail.precision import resolve_precision
-
-    return resolve_precision("auto", device).autocast()
-
-
 class ImageEncoder:
     """A frozen vision transformer with pooling over its last hidden state."""
 

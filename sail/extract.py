@@ -28,7 +28,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -432,6 +432,3 @@ def _merge(out: Path, parts: Path, ds: Dataset, fields: list[str], n_chunks: int
         counts[key] = counts.get(key, 0) + 1
     return counts
 
-
-def config_dict(cfg: ExtractConfig) -> dict:
-    return asdict(cfg)

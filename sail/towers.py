@@ -45,6 +45,7 @@ from torch import nn
 from sail.augment import ImagePreprocessing
 from sail.errors import SailError
 from sail.heads import _check_state, make_projection, read_saved_config
+from sail.precision import resolve_precision
 
 FORMAT = "sail-towers"
 FORMAT_VERSION = 1
@@ -211,7 +212,6 @@ class Towers(nn.Module):
     def encode_image(self, images, batch_size: int = 64) -> torch.Tensor:
         """Images (PIL or paths/refs for sail.data.load_image) -> (N, D) unit-norm float32 on CPU."""
         from sail.data import ImageError, load_image
-        from sail.encoders import autocast
 
         was_training, device = self.training, self._device()
         self.eval()  # BatchNorm (EfficientNet) must use its running statistics here
@@ -225,7 +225,7 @@ class Towers(nn.Module):
                     except ImageError as e:
                         raise SailError(f"cannot encode image {item!r}: {e}") from None
                     batch.append(self.preprocessing.eval(image))
-                with autocast(device):
+                with resolve_precision("auto", device).autocast():
                     out.append(self.embed_images(torch.stack(batch).to(device)).cpu())
         finally:
             self.train(was_training)
@@ -234,7 +234,6 @@ class Towers(nn.Module):
     @torch.no_grad()
     def encode_text(self, texts, batch_size: int = 256) -> torch.Tensor:
         """Strings -> (N, D) unit-norm float32 on CPU."""
-        from sail.encoders import autocast
 
         if isinstance(texts, str):
             raise SailError("encode_text takes a list of strings, not one string")
@@ -244,7 +243,7 @@ class Towers(nn.Module):
         try:
             for a in range(0, len(texts), batch_size):
                 enc = self.tokenize(texts[a:a + batch_size])
-                with autocast(device):
+                with resolve_precision("auto", device).autocast():
                     out.append(self.embed_tokens(enc["input_ids"].to(device), enc["attention_mask"].to(device)).cpu())
         finally:
             self.train(was_training)
@@ -260,7 +259,6 @@ class Towers(nn.Module):
         Running statistics never change training-mode outputs, so this does not alter training itself.
         """
         from sail.data import ImageError, load_image
-        from sail.encoders import autocast
 
         def decoded(refs):
             for x in refs:
@@ -283,7 +281,7 @@ class Towers(nn.Module):
             for a in range(0, len(images), batch_size):
                 pixels = [self.preprocessing.eval(x) for x in decoded(images[a:a + batch_size])]
                 if len(pixels) > 1:  # BatchNorm needs two values per channel
-                    with autocast(device):
+                    with resolve_precision("auto", device).autocast():
                         self.vision(pixel_values=torch.stack(pixels).to(device))
         finally:
             for m, momentum in zip(norms, momenta):

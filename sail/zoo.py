@@ -152,9 +152,9 @@ class CustomImageEncoder:
     pooling = "model"  # the function pools; sail's --pooling does not apply
 
     def __init__(self, spec, device: torch.device):
-        from sail.encoders import autocast
+        from sail.precision import resolve_precision
 
-        self._autocast = autocast
+        self._precision = resolve_precision("auto", device)  # the one inference policy (fp32 on CPU)
         fn, kwargs = _function(spec.source)
         self.spec, self.device = spec, device
         model, self._preprocess = _unpack(fn(**kwargs), spec.source)
@@ -183,7 +183,7 @@ class CustomImageEncoder:
         """(B, 3, H, W) -> pooled (B, D) float32; custom encoders give no patch tokens."""
         if patch_tokens:
             raise SailError(f"{self.spec.source} is a custom encoder: --patch-tokens needs a Hugging Face ViT")
-        with self._autocast(self.device):
+        with self._precision.autocast():
             out = self.model(pixels.to(self.device))
         return _as_features(out, self.spec.source, len(pixels)), None
 
@@ -193,9 +193,9 @@ class CustomTextEncoder:
     pooling = "model"
 
     def __init__(self, spec, device: torch.device, max_length: int | None = None):
-        from sail.encoders import autocast
+        from sail.precision import resolve_precision
 
-        self._autocast = autocast
+        self._precision = resolve_precision("auto", device)  # the one inference policy (fp32 on CPU)
         fn, kwargs = _function(spec.source)
         self.spec, self.device, self.max_length = spec, device, max_length
         model, self._tokenize = _unpack(fn(**kwargs), spec.source)
@@ -211,7 +211,7 @@ class CustomTextEncoder:
         out = []
         for i in range(0, len(texts), batch_size):
             tokens = self._tokenize(list(texts[i:i + batch_size]))
-            with self._autocast(self.device):
+            with self._precision.autocast():
                 if isinstance(tokens, dict):
                     feats = self.model(**{k: v.to(self.device) for k, v in tokens.items()})
                 else:
