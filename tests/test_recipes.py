@@ -237,16 +237,21 @@ def test_bad_images_are_skipped(tmp_path):
     assert all(r["loss"] == r["loss"] for r in records)  # finite, not NaN
 
 
+def _torchrun_two(recipe, out, args):
+    """Run `recipe` with 2 gloo processes under torchrun into `out`; returns `out`."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", f"sail.recipes.{recipe}", *_argv(recipe, out, **args)]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
 def test_two_gloo_processes_train_like_one(tmp_path):
     args = dict(steps=3, batch_size=16)
     single = tmp_path / "single"
     _main("alip")(_argv("alip", single, **args))
-    two = tmp_path / "two"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "sail.recipes.alip", *_argv("alip", two, **args)]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    two = _torchrun_two("alip", tmp_path / "two", args)
     assert (two / "model.safetensors").is_file()
     # global negatives + the same global batches: the two-process losses are the one-process losses
     one, both = _train_records(single), _train_records(two)
@@ -270,12 +275,7 @@ def test_align_two_gloo_processes_train_like_one_with_two_micro_batches(tmp_path
             "optim.warmup_steps": 1}
     single = tmp_path / "single"
     _main("align")(_argv("align", single, accum_steps=2, **args))
-    two = tmp_path / "two"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "sail.recipes.align", *_argv("align", two, **args)]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    two = _torchrun_two("align", tmp_path / "two", args)
     one, both = _train_records(single), _train_records(two)
     assert [r["world"] for r in both] == [2, 2, 2] and [r["world"] for r in one] == [1, 1, 1]
     for r1, r2 in zip(one, both):
