@@ -18,6 +18,8 @@ shared context and returns a dict of figures, printed as a table and put in the 
   dtype and the whole pipeline (benchmarks/gpu_extract.py, which also runs alone and on CPU with --quick).
 - loader: StreamingBatches pairs/s from synthetic stores in the page cache (2048 + 1024 fp16 per pair)
   against the step's pairs/s at B = 36864 (> 1: the GPU never waits for data).
+- cli: `sail align` run as a user runs it (a subprocess per run) on synthetic stores: each loss, in memory
+  and streamed, bf16 (auto), fp16 and fp32; then Ctrl-C after the first checkpoint and --resume to the end.
 - loss-kernel (benchmarks/gpu_kernel.py; CUDA only): the fused Triton sigmoid loss (sail.triton_sigmoid,
   impl="triton") against the blockwise torch loss (impl="torch") on the same bf16 inputs, forward +
   backward, and against the bf16 matmul peak measured in the same run (the best of a few large torch.mm shapes). Reported: seconds per forward +
@@ -35,6 +37,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -220,26 +223,39 @@ def full_step(ctx: Context) -> dict:
     return out
 
 
-@section("loader")
-def loader_vs_step(ctx: Context) -> dict:
+def _synthetic_stores(tmp: Path, n: int, dims, captions=("caption",)):
+    """image.h5 and text.h5 under tmp: n random fp16 rows (ids p0000000...), image dim dims[0], text
+    dims[1] per caption field; text rows are a noisy copy of the image's first dims[1] columns, so heads can
+    learn something."""
     import numpy as np
 
+    from sail.store import StoreWriter
+
+    rng = np.random.default_rng(0)
+    ids = [f"p{i:07d}" for i in range(n)]
+    image_w = StoreWriter(tmp / "image.h5", ids, {"image": dims[0]})
+    text_w = StoreWriter(tmp / "text.h5", ids, {c: dims[1] for c in captions})
+    for lo in range(0, n, 16384):
+        m = min(16384, n - lo)
+        image = rng.standard_normal((m, dims[0]), dtype=np.float32)
+        image_w.write(lo, {"image": image.astype(np.float16)}, {"image": np.ones(m, bool)})
+        texts = {c: (image[:, : dims[1]] + rng.standard_normal((m, dims[1]), dtype=np.float32)).astype(np.float16)
+                 for c in captions}
+        text_w.write(lo, texts, {c: np.ones(m, bool) for c in captions})
+    image_w.finish({"model_id": "synthetic-image", "modality": "image"}, None, None, [])
+    text_w.finish({"model_id": "synthetic-text", "modality": "text"}, None, None, [])
+
+
+@section("loader")
+def loader_vs_step(ctx: Context) -> dict:
     from sail.loader import PairedFeatures, StreamingBatches
-    from sail.store import FeatureStore, StoreWriter
+    from sail.store import FeatureStore
 
     batch = ctx.size(36864, 256)
     n = 4 * batch
     tmp = Path(tempfile.mkdtemp(prefix="sail-gpu-bench-"))
     try:
-        rng = np.random.default_rng(0)
-        for name, field, dim in (("image.h5", "image", ctx.dims[0]), ("text.h5", "caption", ctx.dims[1])):
-            w = StoreWriter(tmp / name, [f"p{i:07d}" for i in range(n)], {field: dim})
-            block = rng.standard_normal((min(n, 16384), dim), dtype=np.float32).astype(np.float16)
-            for lo in range(0, n, len(block)):
-                rows = block[: min(len(block), n - lo)]
-                w.write(lo, {field: rows}, {field: np.ones(len(rows), bool)})
-            w.finish({"model_id": f"synthetic-{field}", "modality": "image" if field == "image" else "text"},
-                     None, None, [])
+        _synthetic_stores(tmp, n, ctx.dims)
         pairs = PairedFeatures.from_stores(FeatureStore(tmp / "image.h5"), FeatureStore(tmp / "text.h5"), ["caption"])
         batches = StreamingBatches(pairs, batch, seed=0, device=ctx.device)
         for _ in batches.epoch(0):  # first pass: warms the page cache
@@ -263,6 +279,73 @@ def loader_vs_step(ctx: Context) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ main
+
+
+@section("cli")
+def cli_runs(ctx: Context) -> dict:
+    """`sail align` as a user runs it on this device: each loss, in memory and streamed, bf16 (auto), fp16
+    (GradScaler, CUDA only) and fp32; then a streamed run stopped with Ctrl-C after its first checkpoint and
+    resumed with --resume to its last step. Each must exit 0 (130 for the interrupt) with finite losses."""
+    import subprocess
+
+    n, batch, steps = ctx.size(65536, 512), ctx.size(8192, 128), 30
+    tmp = Path(tempfile.mkdtemp(prefix="sail-gpu-cli-"))
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    runs = [("sigmoid", "yes", "auto"), ("sigmoid", "no", "auto"), ("multi-positive", "no", "auto"),
+            ("info-nce", "yes", "auto"), ("sigmoid", "yes", "fp32")]
+    if ctx.device.type == "cuda":  # fp16 (with GradScaler) is CUDA-only by the precision policy
+        runs.append(("sigmoid", "yes", "fp16"))
+    out: dict = {}
+    try:
+        _synthetic_stores(tmp, n, ctx.dims[:2], captions=("caption", "long_caption"))
+        cli = [sys.executable, "-c", "import sys; from sail.cli import main; sys.argv[0] = 'sail'; sys.exit(main())",
+               "align", "--image", str(tmp / "image.h5"), "--text", str(tmp / "text.h5"), "--batch", str(batch),
+               "--device", str(ctx.device), "--out-dim", str(ctx.dims[2]), "--val-fraction", "0.02",
+               "--log-every", "10", "--checkpoint-every", "20", "--eval-every", "20"]
+
+        def record(run_dir, procs, t0):
+            lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+                     if line.strip()] if (run_dir / "metrics.jsonl").exists() else []
+            losses = [r["loss"] for r in lines if "loss" in r]
+            r = {"rc": [p.returncode for p in procs], "seconds": round(time.perf_counter() - t0, 1),
+                 "last_step": max((r.get("step", 0) for r in lines), default=0),
+                 "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+                 "weights": (run_dir / "model.safetensors").exists()}
+            if any(p.returncode not in (0, 130) for p in procs) or not losses or not all(map(math.isfinite, losses)):
+                stderr = procs[-1].stderr if isinstance(procs[-1].stderr, str) else ""
+                r["error"] = (stderr.strip().splitlines() or ["(no stderr)"])[-1][:300]
+            return r
+
+        for i, (loss, in_memory, precision) in enumerate(runs):
+            run_dir, t0 = tmp / f"run{i}", time.perf_counter()
+            proc = subprocess.run(cli + ["--out", str(run_dir), "--loss", loss, "--in-memory", in_memory,
+                                         "--precision", precision, "--steps", str(steps)],
+                                  env=env, capture_output=True, text=True)
+            out[f"{loss}_{'mem' if in_memory == 'yes' else 'stream'}_{precision}"] = record(run_dir, [proc], t0)
+        # Ctrl-C once the first checkpoint exists, then --resume with the same command: must reach the end
+        run_dir, t0, long = tmp / "interrupted", time.perf_counter(), 10 * steps
+        args = cli + ["--out", str(run_dir), "--in-memory", "no", "--steps", str(long)]
+        first = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        while first.poll() is None and not (run_dir / "LATEST").exists():
+            time.sleep(0.05)
+        first.send_signal(signal.SIGINT)
+        _, said = first.communicate()
+        second = subprocess.run(args + ["--resume"], env=env, capture_output=True, text=True)
+        r = record(run_dir, [first, second], t0)
+        r["resumed_to_end"] = r["last_step"] == long and r["weights"]
+        r["interrupt_said"] = (said.strip().splitlines() or [""])[-1][:200]
+        if not r["resumed_to_end"]:
+            r.setdefault("error", f"stopped at step {r['last_step']} of {long}")
+        out["interrupt_resume_stream"] = r
+    finally:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    failed = [k for k, v in out.items() if "error" in v]
+    if failed:
+        out["error"] = f"failed: {', '.join(failed)}"
+    return out
 
 
 @section("loss-kernel")
