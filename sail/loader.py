@@ -16,15 +16,19 @@ visits the blocks in a seeded order, `buffer_blocks` at a time (a buffer: a few 
 store), shuffles the rows of each buffer, and concatenates the buffers into the epoch's stream of all n
 pairs. Batch s is stream[s*B:(s+1)*B]: a batch may straddle two buffers (the rows a buffer leaves over are
 carried into the next), and only the last n % B rows of the stream are dropped, so every epoch has the same
-length. A background thread reads buffers and gathers batches ahead of the trainer, across epochs.
+length. A background thread gathers batches ahead of the trainer, across epochs, straight from the store
+files mapped into memory (see StreamingBatches).
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import mmap
+import os
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import h5py
@@ -212,10 +216,12 @@ class StreamPlan:
 
 
 class _Scratch:
-    """A reusable float16 array per field, grown on demand, so reading a buffer allocates nothing."""
+    """A reusable float16 array per field, grown on demand, so reading a buffer allocates nothing; and the
+    fields mapped from their files (`_mapped_field`), kept for the reader thread's life."""
 
     def __init__(self):
         self.arrays: dict[str, np.ndarray] = {}
+        self.maps: dict[str, _Mapped | None] = {}  # by the key of _read_source
 
     def get(self, key: str, rows: int, dim: int) -> np.ndarray:
         a = self.arrays.get(key)
@@ -224,6 +230,7 @@ class _Scratch:
         return a
 
 
+_AHEAD = None  # one thread that asks the kernel to read the next buffer's pages (see _Mapped.read_ahead)
 _CHUNKS: dict[tuple, tuple[np.ndarray, int] | None] = {}  # (path, dataset, inode, size, mtime) -> layout
 _POOL = None
 
@@ -302,8 +309,92 @@ def _read_span(store: FeatureStore, ds, lo: int, hi: int, dest: np.ndarray) -> N
     _pread(store.path, dest, offsets[starts // cr] + (a - starts) * ds.shape[1] * 2, a - lo, b - a)
 
 
+@dataclass
+class _Mapped:
+    """A field mapped from its store file. The field's row-chunks lie anywhere in the mapping (HDF5 puts
+    metadata between them), so `rows` is a (L - D + 1, D) view with strides (1, 1) elements: row e of it is
+    the D values starting at element e, and store row r is row `starts(r)` of it."""
+
+    rows: np.ndarray
+    mm: mmap.mmap
+    skip: int                   # bytes from the start of the mapping to element 0
+    start: int                  # file offset of the mapping
+    file: object                # the open store file (for read_ahead's fadvise)
+    chunk_elem: np.ndarray      # element offset of each row-chunk
+    chunk_rows: int
+
+    def starts(self, rows: np.ndarray) -> np.ndarray:
+        return self.chunk_elem[rows // self.chunk_rows] + rows % self.chunk_rows * self.rows.shape[1]
+
+    def _spans(self, rows: np.ndarray):
+        """Byte ranges (from, to) of the file under store rows `rows`, one per run of nearby rows (gaps
+        under 1 MiB), from page boundaries."""
+        at = self.skip + 2 * np.sort(self.starts(np.asarray(rows)))  # byte offsets (np.unique: 50x slower)
+        cut = np.flatnonzero(np.diff(at) > 2**20) + 1
+        lo = at[np.concatenate([[0], cut])]
+        hi = at[np.concatenate([cut - 1, [len(at) - 1]])] + 2 * self.rows.shape[1]
+        return [(a - a % mmap.PAGESIZE, b) for a, b in zip(lo.tolist(), hi.tolist())]
+
+    def read_ahead(self, rows: np.ndarray) -> None:
+        """Start reading the pages under `rows` into the page cache (POSIX_FADV_WILLNEED) in a background
+        thread: a store not in the page cache is then read in large requests while the previous buffer is
+        gathered, not one page fault at a time. Costs some CPU even when the pages are cached."""
+        global _AHEAD
+        if len(rows) == 0 or not hasattr(os, "posix_fadvise"):
+            return
+        if _AHEAD is None:
+            _AHEAD = ThreadPoolExecutor(1, thread_name_prefix="sail-readahead")
+        fd, spans = self.file.fileno(), self._spans(rows)
+
+        def work():
+            with contextlib.suppress(OSError, ValueError):  # only a hint; a closed file is fine
+                for a, b in spans:
+                    os.posix_fadvise(fd, self.start + a, b - a, os.POSIX_FADV_WILLNEED)
+
+        _AHEAD.submit(work)
+
+    def release(self, rows: np.ndarray) -> None:
+        """Unmap the pages under `rows` once gathered (MADV_DONTNEED; the page cache keeps them): the
+        process's RSS stays near one buffer, not the whole store."""
+        if len(rows) and hasattr(mmap, "MADV_DONTNEED"):
+            for a, b in self._spans(rows):
+                self.mm.madvise(mmap.MADV_DONTNEED, a, b - a)
+
+
+def _mapped_field(store: FeatureStore, ds) -> _Mapped | None:
+    """The field mapped from the store file (uncompressed float16 row-chunks, see _chunk_offsets), or None
+    (then it is read with preads or h5py).
+
+    Gathering a batch straight from the mapping copies each byte once (page cache -> batch tensor) instead of
+    twice (pread into a buffer, then the gather). The mapping is private (copy-on-write, never written) so
+    the array is writable for torch.from_numpy; its pages are the page cache's own, nothing is copied.
+    """
+    layout = _chunk_offsets(store, ds)
+    if layout is None or not hasattr(mmap.mmap, "madvise"):
+        return None
+    offsets, cr = layout
+    n, d = ds.shape
+    base = int(offsets.min())
+    in_chunk = np.minimum(cr, n - np.arange(len(offsets)) * cr)  # rows held by each chunk
+    end = int((offsets + in_chunk * d * 2).max())
+    start = base - base % mmap.ALLOCATIONGRANULARITY
+    if n == 0 or base % 2 or ((offsets - base) % 2).any():  # float16 elements must be aligned
+        return None
+    f = open(store.path, "rb")
+    if f.seek(0, 2) < end:
+        f.close()
+        return None
+    mm = mmap.mmap(f.fileno(), end - start, access=mmap.ACCESS_COPY, offset=start)
+    flat = np.frombuffer(mm, dtype=np.float16, offset=base - start)
+    rows = np.lib.stride_tricks.as_strided(flat, (len(flat) - d + 1, d), (2, 2))
+    return _Mapped(rows, mm, base - start, start, f, (offsets - base) // 2, cr)
+
+
 def _read_source(store: FeatureStore, field: str, rows: np.ndarray, scratch: _Scratch, key: str) -> tuple[np.ndarray, np.ndarray]:
     """Read store rows `rows` (any order) into a reused array; returns (src, pos), src[pos[i]] = row rows[i].
+
+    A field mapped from its file (`_mapped_field`) is not read at all: src is the mapping and pos the rows
+    (after asking the kernel to read them ahead).
 
     Runs of nearby rows (gaps under one HDF5 chunk, at least half of the span wanted) are read straight
     into the scratch array (HDF5 copies the page-cache pages once, no intermediate array); what is left
@@ -311,6 +402,11 @@ def _read_source(store: FeatureStore, field: str, rows: np.ndarray, scratch: _Sc
     read. src holds at most 2 * len(unique rows) rows.
     """
     ds = store._dataset(field)
+    if key not in scratch.maps:
+        scratch.maps[key] = _mapped_field(store, ds)
+    mapped = scratch.maps[key]
+    if mapped is not None:
+        return mapped.rows, mapped.starts(np.asarray(rows, dtype=np.int64))
     uniq, inverse = np.unique(rows, return_inverse=True)
     gap = ds.chunks[0] if ds.chunks else 1024
     segments = np.split(np.arange(len(uniq)), np.flatnonzero(np.diff(uniq) > gap) + 1)
@@ -343,8 +439,11 @@ def _read_source(store: FeatureStore, field: str, rows: np.ndarray, scratch: _Sc
 class StreamingBatches:
     """Batches streamed from the stores by a `StreamPlan`, prefetched by one thread that runs across epochs.
 
-    Per buffer the reader copies each store's rows once into a reused scratch array; per batch it gathers
-    the rank's B/W rows once into a (pinned, on CUDA) batch tensor that goes to the device as is.
+    Stores in StoreWriter's layout (uncompressed float16 row-chunks) are mapped from their files: per batch
+    the reader gathers the rank's B/W rows straight from the page cache into a (pinned, on CUDA) batch
+    tensor that goes to the device as is, one copy per byte; a background thread asks the kernel to read
+    the next buffer ahead, and a gathered buffer's pages are unmapped. Other layouts are read per buffer
+    into a reused scratch array (preads, or h5py), then gathered.
 
     reuse: recycle prefetch + 2 batch tensors instead of allocating each batch (fresh 100+ MB tensors cost
     page faults that take longer than the gather). On CUDA this is always safe (the trainer gets device
@@ -376,11 +475,20 @@ class StreamingBatches:
             [(f"text:{c}", self.pairs.text_store, c) for c in self.pairs.captions]
         store_rows = {"image": p.image_rows, **{f"text:{c}": p.text_rows for c in p.captions}}
         out, fill = None, 0
-        for _, take, _ in self.plan.pieces(epoch, start_step, self.rank, self.world):
+        pieces = self.plan.pieces(epoch, start_step, self.rank, self.world)
+        piece, first = next(pieces, None), True
+        while piece is not None:
+            take = piece[1]
             srcs = []
             for key, store, field in fields:
                 src, pos = _read_source(store, field, store_rows[key][take], scratch, key)
                 srcs.append((torch.from_numpy(src), torch.from_numpy(pos)))
+            piece = next(pieces, None)
+            for key, _, _ in fields:  # mapped stores: the kernel reads this (first) and the next buffer ahead
+                if scratch.maps.get(key) is not None:
+                    for ahead in ([take] if first else []) + ([] if piece is None else [piece[1]]):
+                        scratch.maps[key].read_ahead(store_rows[key][ahead])
+            first = False
             i = 0
             while i < len(take):
                 if out is None:
@@ -393,6 +501,9 @@ class StreamingBatches:
                 if fill == self.local:
                     yield slot, (out[0], out[1:])
                     out = None
+            for key, _, _ in fields:  # the piece is gathered: unmap its pages
+                if scratch.maps.get(key) is not None:
+                    scratch.maps[key].release(store_rows[key][take])
 
     def _produce(self, q: queue.Queue, stop: threading.Event, epoch: int, start_step: int) -> None:
         def put(item) -> bool:

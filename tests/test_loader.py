@@ -164,22 +164,55 @@ def test_reused_batch_tensors_hold_the_same_batches(pairs):
     stream.close()
 
 
-@pytest.mark.parametrize("direct", [True, False])
-def test_store_reads_match_h5py(tmp_path, monkeypatch, direct):
-    # direct: plain preads at the chunk offsets HDF5 reports; else h5py (compressed or odd layouts)
+@pytest.mark.parametrize("mode", ["mapped", "pread", "h5py"])
+def test_store_reads_match_h5py(tmp_path, monkeypatch, mode):
+    # mapped: rows gathered from the file mapping; pread: plain preads at the chunk offsets HDF5 reports;
+    # h5py: compressed or odd layouts
     import sail.loader as loader
     from synthetic import write_store
 
     rng = np.random.default_rng(1)
     x = rng.standard_normal((2500, 8)).astype(np.float16)
     store = FeatureStore(write_store(tmp_path / "s.h5", [f"i{k}" for k in range(2500)], {"image": x}, "image", "m"))
-    if not direct:
+    if mode == "h5py":
         monkeypatch.setattr(loader, "_chunk_offsets", lambda store, ds: None)
     else:
         assert loader._chunk_offsets(store, store._dataset("image"))[1] == 1024
+        mapped = loader._mapped_field(store, store._dataset("image"))
+        assert mapped is not None  # StoreWriter's layout takes the mapped path
+        if mode == "pread":
+            monkeypatch.setattr(loader, "_mapped_field", lambda store, ds: None)
     for k in range(60):
         n = int(rng.integers(1, 2500))
         rows = [rng.choice(2500, n, replace=False), rng.integers(0, 2500, n),   # scattered, repeated
                 rng.permutation(np.arange(k * 30, min(2500, k * 30 + n)))][k % 3]  # one dense span
         src, pos = loader._read_source(store, "image", rows, loader._Scratch(), "image")
         assert np.array_equal(src[pos], x[rows])
+
+
+@pytest.mark.parametrize("captions", [("caption",), ("a", "b")])
+def test_mapped_and_read_streams_agree(tmp_path, monkeypatch, captions):
+    # the same batches, every epoch, whether the rows are gathered from the file mappings or read with
+    # preads into a buffer first; the mapped pages are released after each buffer and re-mapped later
+    import sail.loader as loader
+
+    img, txt = paired_stores(tmp_path, n=2300, image_dim=40, text_dim=24, captions=captions)
+    pairs = PairedFeatures.from_stores(FeatureStore(img), FeatureStore(txt), list(captions))
+    stream = StreamingBatches(pairs, batch=128, seed=4, block_rows=300, buffer_blocks=2)
+    mapped = [list(stream.epoch(e)) for e in range(3)]
+    maps = []
+    original = loader._mapped_field
+    monkeypatch.setattr(loader, "_mapped_field", lambda s, ds: maps.append(original(s, ds)) or None)
+    read = [list(StreamingBatches(pairs, batch=128, seed=4, block_rows=300, buffer_blocks=2).epoch(e))
+            for e in range(3)]
+    assert len(maps) == 3 * (1 + len(captions)) and all(m is not None for m in maps)  # a reader per object
+    image_all, texts_all = pairs.load()
+    for e in range(3):
+        order = stream.plan.order(e)
+        assert len(mapped[e]) == len(read[e]) == 17
+        for s, ((x, ys), (x2, ys2)) in enumerate(zip(mapped[e], read[e])):
+            idx = torch.from_numpy(order[s * 128:(s + 1) * 128])
+            assert torch.equal(x, image_all[idx]) and torch.equal(x, x2)
+            for y, y2, t in zip(ys, ys2, texts_all):
+                assert torch.equal(y, t[idx]) and torch.equal(y, y2)
+    stream.close()
