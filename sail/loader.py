@@ -230,7 +230,6 @@ class _Scratch:
         return a
 
 
-_AHEAD = None  # one thread that asks the kernel to read the next buffer's pages (see _Mapped.read_ahead)
 _CHUNKS: dict[tuple, tuple[np.ndarray, int] | None] = {}  # (path, dataset, inode, size, mtime) -> layout
 _POOL = None
 
@@ -309,6 +308,55 @@ def _read_span(store: FeatureStore, ds, lo: int, hi: int, dest: np.ndarray) -> N
     _pread(store.path, dest, offsets[starts // cr] + (a - starts) * ds.shape[1] * 2, a - lo, b - a)
 
 
+def _read_source(store: FeatureStore, field: str, rows: np.ndarray, scratch: _Scratch, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read store rows `rows` (any order) into a reused array; returns (src, pos), src[pos[i]] = row rows[i].
+
+    A field mapped from its file (`_mapped_field`) is not read at all: src is the mapping and pos the rows
+    (after asking the kernel to read them ahead).
+
+    Runs of nearby rows (gaps under one HDF5 chunk, at least half of the span wanted) are read straight
+    into the scratch array (HDF5 copies the page-cache pages once, no intermediate array); what is left
+    (rows scattered over the store, e.g. a text store in another order) goes through the store's chunked
+    read. src holds at most 2 * len(unique rows) rows.
+    """
+    ds = store._dataset(field)
+    if key not in scratch.maps:
+        scratch.maps[key] = _mapped_field(store, ds)
+    mapped = scratch.maps[key]
+    if mapped is not None:
+        return mapped.rows, mapped.starts(np.asarray(rows, dtype=np.int64))
+    uniq, inverse = np.unique(rows, return_inverse=True)
+    gap = ds.chunks[0] if ds.chunks else 1024
+    segments = np.split(np.arange(len(uniq)), np.flatnonzero(np.diff(uniq) > gap) + 1)
+    dense = [len(seg) >= 64 and uniq[seg[-1]] + 1 - uniq[seg[0]] <= 2 * len(seg) for seg in segments]
+    size = sum(int(uniq[seg[-1]] + 1 - uniq[seg[0]]) if d else len(seg) for seg, d in zip(segments, dense))
+    src = scratch.get(key, size, ds.shape[1])
+    pos_u = np.empty(len(uniq), dtype=np.int64)
+    o, rest = 0, []
+    for seg, d in zip(segments, dense):
+        if d:
+            lo, hi = int(uniq[seg[0]]), int(uniq[seg[-1]]) + 1
+            _read_span(store, ds, lo, hi, src[o:o + hi - lo])
+            pos_u[seg] = o + uniq[seg] - lo
+            o += hi - lo
+        else:
+            rest.append(seg)
+    if rest:
+        rest = np.concatenate(rest)
+        layout = _chunk_offsets(store, ds)
+        if layout is None:
+            src[o:o + len(rest)] = _read_rows(ds, uniq[rest])
+        else:  # scattered rows: read just them, one pread per run of consecutive rows (no whole chunks)
+            offsets, cr = layout
+            first, at, length = _runs(uniq[rest], cr)
+            _pread(store.path, src[o:o + len(rest)], offsets[first // cr] + (first % cr) * ds.shape[1] * 2, at, length)
+        pos_u[rest] = o + np.arange(len(rest))
+    return src, pos_u[inverse]
+
+
+_AHEAD = None  # one thread that asks the kernel to read the next buffer's pages (see _Mapped.read_ahead)
+
+
 @dataclass
 class _Mapped:
     """A field mapped from its store file. The field's row-chunks lie anywhere in the mapping (HDF5 puts
@@ -369,7 +417,10 @@ def _mapped_field(store: FeatureStore, ds) -> _Mapped | None:
     twice (pread into a buffer, then the gather). The mapping is private (copy-on-write, never written) so
     the array is writable for torch.from_numpy; its pages are the page cache's own, nothing is copied.
     """
-    layout = _chunk_offsets(store, ds)
+    import sail.store  # the chunk layout's home once the pread path lives in sail.store (helper structure)
+
+    chunk_offsets = getattr(sail.store, "_chunk_offsets", None) or globals()["_chunk_offsets"]
+    layout = chunk_offsets(store, ds)
     if layout is None or not hasattr(mmap.mmap, "madvise"):
         return None
     offsets, cr = layout
@@ -388,52 +439,6 @@ def _mapped_field(store: FeatureStore, ds) -> _Mapped | None:
     flat = np.frombuffer(mm, dtype=np.float16, offset=base - start)
     rows = np.lib.stride_tricks.as_strided(flat, (len(flat) - d + 1, d), (2, 2))
     return _Mapped(rows, mm, base - start, start, f, (offsets - base) // 2, cr)
-
-
-def _read_source(store: FeatureStore, field: str, rows: np.ndarray, scratch: _Scratch, key: str) -> tuple[np.ndarray, np.ndarray]:
-    """Read store rows `rows` (any order) into a reused array; returns (src, pos), src[pos[i]] = row rows[i].
-
-    A field mapped from its file (`_mapped_field`) is not read at all: src is the mapping and pos the rows
-    (after asking the kernel to read them ahead).
-
-    Runs of nearby rows (gaps under one HDF5 chunk, at least half of the span wanted) are read straight
-    into the scratch array (HDF5 copies the page-cache pages once, no intermediate array); what is left
-    (rows scattered over the store, e.g. a text store in another order) goes through the store's chunked
-    read. src holds at most 2 * len(unique rows) rows.
-    """
-    ds = store._dataset(field)
-    if key not in scratch.maps:
-        scratch.maps[key] = _mapped_field(store, ds)
-    mapped = scratch.maps[key]
-    if mapped is not None:
-        return mapped.rows, mapped.starts(np.asarray(rows, dtype=np.int64))
-    uniq, inverse = np.unique(rows, return_inverse=True)
-    gap = ds.chunks[0] if ds.chunks else 1024
-    segments = np.split(np.arange(len(uniq)), np.flatnonzero(np.diff(uniq) > gap) + 1)
-    dense = [len(seg) >= 64 and uniq[seg[-1]] + 1 - uniq[seg[0]] <= 2 * len(seg) for seg in segments]
-    size = sum(int(uniq[seg[-1]] + 1 - uniq[seg[0]]) if d else len(seg) for seg, d in zip(segments, dense))
-    src = scratch.get(key, size, ds.shape[1])
-    pos_u = np.empty(len(uniq), dtype=np.int64)
-    o, rest = 0, []
-    for seg, d in zip(segments, dense):
-        if d:
-            lo, hi = int(uniq[seg[0]]), int(uniq[seg[-1]]) + 1
-            _read_span(store, ds, lo, hi, src[o:o + hi - lo])
-            pos_u[seg] = o + uniq[seg] - lo
-            o += hi - lo
-        else:
-            rest.append(seg)
-    if rest:
-        rest = np.concatenate(rest)
-        layout = _chunk_offsets(store, ds)
-        if layout is None:
-            src[o:o + len(rest)] = _read_rows(ds, uniq[rest])
-        else:  # scattered rows: read just them, one pread per run of consecutive rows (no whole chunks)
-            offsets, cr = layout
-            first, at, length = _runs(uniq[rest], cr)
-            _pread(store.path, src[o:o + len(rest)], offsets[first // cr] + (first % cr) * ds.shape[1] * 2, at, length)
-        pos_u[rest] = o + np.arange(len(rest))
-    return src, pos_u[inverse]
 
 
 class StreamingBatches:
