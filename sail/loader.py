@@ -89,8 +89,8 @@ class PairedFeatures:
                self.image_rows.tobytes(), self.text_rows.tobytes())
         if _SHARED is not None and key in _SHARED:
             return _SHARED[key]
-        image = torch.from_numpy(_read_all(self.image_store, "image", self.image_rows)).to(device)
-        texts = [torch.from_numpy(_read_all(self.text_store, c, self.text_rows)).to(device) for c in self.captions]
+        image = _read_all(self.image_store, "image", self.image_rows, device)
+        texts = [_read_all(self.text_store, c, self.text_rows, device) for c in self.captions]
         if _SHARED is not None:
             _SHARED[key] = (image, texts)
         return image, texts
@@ -110,14 +110,18 @@ def shared_loads():
         _SHARED = outer
 
 
-def _read_all(store: FeatureStore, field: str, rows: np.ndarray) -> np.ndarray:
-    """Rows of a field, reading in 64k-row slabs so the peak is the result, not the whole field."""
-    out = np.empty((len(rows), store.dim(field)), dtype=np.float16)
-    order = np.argsort(rows, kind="stable")
+def _read_all(store: FeatureStore, field: str, rows: np.ndarray, device: torch.device | str = "cpu",
+              step: int = 65536) -> torch.Tensor:
+    """Rows of a field as a (len(rows), D) float16 tensor on `device`, read in `step`-row slabs straight into
+    it: the host holds the result (CPU) or one slab (a GPU; W ranks of one host loading at once would
+    otherwise hold W whole copies in host RAM), never the whole field twice."""
+    device = torch.device(device)
+    out = torch.empty((len(rows), store.dim(field)), dtype=torch.float16, device=device)
+    order = np.argsort(rows, kind="stable")  # sorted reads are contiguous
     sorted_rows = rows[order]
-    step = 65536
     for i in range(0, len(rows), step):
-        out[order[i:i + step]] = store.read(field, sorted_rows[i:i + step])
+        slab = torch.from_numpy(store.read(field, sorted_rows[i:i + step]))
+        out[torch.from_numpy(order[i:i + step]).to(device)] = slab.to(device)
     return out
 
 
@@ -136,8 +140,12 @@ def _check_batch(n: int, batch: int, world: int, rank: int) -> None:
 class MemoryBatches:
     """Batches gathered from features already on the device; a seeded permutation per epoch.
 
-    Every rank holds all rows (any row can fall into its share of a later batch) but gathers only its
-    B/W rows of each global batch.
+    Every rank holds all rows but gathers only its B/W rows of each global batch. Why all: the global
+    batch sequence is the single process's (a seeded permutation of ALL rows per epoch), so any row can fall
+    into a rank's share of a later batch; holding only a fixed 1/W shard would need either the features of
+    every batch exchanged between ranks each step, or a batch order that depends on W (a DDP run no longer
+    equal to one process, nor resumable at another W). Streaming (StreamingBatches) is the DDP path that
+    reads only the rank's rows; `sail align --in-memory auto` picks it when W copies do not fit.
     """
 
     def __init__(self, image: torch.Tensor, texts: list[torch.Tensor], batch: int, seed: int = 0,

@@ -236,3 +236,28 @@ def test_mapped_store_rows_match_h5py(tmp_path, monkeypatch, mapped):
         m.read_ahead(rows)  # hints only: the rows read the same afterwards
         m.release(rows)
         assert np.array_equal(m.rows[m.starts(rows)], x[rows])
+
+
+def test_load_reads_slabs_straight_into_the_result(pairs):
+    # any slab size gives the rows in the asked order (slabs are read sorted, scattered into place)
+    import sail.loader as loader
+
+    ref = pairs.image_store.read("image")
+    rows = np.random.default_rng(3).permutation(pairs.image_rows)[:500]
+    for step in (1, 7, 64, 499, 500, 65536):
+        got = loader._read_all(pairs.image_store, "image", rows, "cpu", step=step)
+        assert got.dtype == torch.float16 and torch.equal(got, torch.from_numpy(ref[rows]))
+
+
+def test_auto_counts_one_copy_per_rank_on_a_shared_host(monkeypatch):
+    # in memory every rank holds all rows: on CPU the W ranks of one host share its RAM, so auto streams
+    # once W copies exceed the bound; each GPU has its own memory, so there one copy is what counts
+    import sail.align as A
+
+    cfg = A.AlignConfig(image="i.h5", text="t.h5", out="o")
+    seen = []
+    monkeypatch.setattr(A, "_fits", lambda nbytes, device: seen.append(nbytes) or nbytes < 1000)
+    assert A._batching_mode(cfg, None, 600, torch.device("cpu"), 1) == "memory"
+    assert A._batching_mode(cfg, None, 600, torch.device("cpu"), 2) == "stream"
+    assert A._batching_mode(cfg, None, 600, torch.device("cuda", 0), 4) == "memory"
+    assert seen == [600, 1200, 600]
