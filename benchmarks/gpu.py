@@ -24,7 +24,7 @@ shared context and returns a dict of figures, printed as a table and put in the 
   impl="triton") against the blockwise torch loss (impl="torch") on the same bf16 inputs, forward +
   backward, and against the bf16 matmul peak measured in the same run (the best of a few large torch.mm shapes). Reported: seconds per forward +
   backward, TFLOP/s counting the three matmuls (6 B^2 D flops), share of the measured peak (goal >= 70 %),
-  peak memory; first a correctness check of triton against torch at B = 4096. Goal at B = 1,048,576:
+  peak memory; first triton and torch each against float64 at B = 4096. Goal at B = 1,048,576:
   <= 10 s on an H100-class GPU. The first triton call autotunes the tile configs; the timed calls follow.
   `--sizes` sets its batch sizes (default 36864,262144,1048576), `--repeats` its timed calls.
 Without a CUDA device it prints why and exits with status 0 (nothing to measure), unless --smoke.

@@ -6,7 +6,7 @@ loss_kernel(): the fused Triton sigmoid loss (sail.triton_sigmoid, impl="triton"
 torch loss (impl="torch") on the same bf16 inputs, forward + backward, and against the bf16 matmul peak
 measured in the same run (the best of a few large torch.mm shapes). Reported: seconds per forward +
 backward, TFLOP/s counting the three matmuls (logits, G @ Y, G^T @ X: 6 B^2 D flops), share of the
-measured peak (goal >= 70 %), peak memory; first a correctness check of triton against torch at B = 4096.
+measured peak (goal >= 70 %), peak memory; first triton and torch each against float64 at B = 4096.
 Goal at B = 1,048,576: <= 10 s on an H100-class GPU. The first triton call autotunes the tile configs
 (sail.triton_sigmoid.GPU_CONFIGS); the timed calls come after it. Needs CUDA.
 """
@@ -65,20 +65,28 @@ def loss_kernel(sizes=(36864, 262144, 1048576), dim=1024, repeats=3, torch_max=1
         loss.backward()
         return loss
 
-    # correctness first: triton vs torch on the same bf16 inputs (fp32 logits in both)
+    # correctness first: triton and torch on the same bf16 inputs, each against float64 on those inputs
+    # (the gradient of log t is a sum with much cancellation: compare each impl's error, not the two)
     x, y, log_t, b = inputs(4096)
-    got = [step("triton", x, y, log_t, b, None).item(), x.grad.float(), y.grad.float(), log_t.grad.item()]
-    want = [step("torch", x, y, log_t, b, None).item(), x.grad.float(), y.grad.float(), log_t.grad.item()]
-    check = {
-        "loss_rel": abs(got[0] - want[0]) / abs(want[0]),
-        "dx_rel": ((got[1] - want[1]).norm() / want[1].norm()).item(),
-        "dy_rel": ((got[2] - want[2]).norm() / want[2].norm()).item(),
-        "dlogt_rel": abs(got[3] - want[3]) / max(abs(want[3]), 1e-30),
-    }
-    ok = check["loss_rel"] < 1e-4 and check["dx_rel"] < 2e-2 and check["dy_rel"] < 2e-2 and check["dlogt_rel"] < 1e-3
-    print("check at B=4096 (triton vs torch): " + ", ".join(f"{k} {v:.2e}" for k, v in check.items())
+    res = {}
+    for impl in ("triton", "torch", "float64"):
+        args = [v.detach().double().requires_grad_() for v in (x, y, log_t, b)] if impl == "float64" else (x, y, log_t, b)
+        value = step("torch" if impl == "float64" else impl, *args, None).item()
+        res[impl] = [value, args[0].grad.double(), args[1].grad.double(), args[2].grad.item()]
+    ref = res["float64"]
+    check = {}
+    for impl in ("triton", "torch"):
+        got = res[impl]
+        check[f"{impl}_loss_rel"] = abs(got[0] - ref[0]) / abs(ref[0])
+        check[f"{impl}_dx_rel"] = ((got[1] - ref[1]).norm() / ref[1].norm()).item()
+        check[f"{impl}_dy_rel"] = ((got[2] - ref[2]).norm() / ref[2].norm()).item()
+        check[f"{impl}_dlogt_rel"] = abs(got[3] - ref[3]) / max(abs(ref[3]), 1e-30)
+    # triton may be no worse than twice torch's error on each quantity (or below a floor of 1e-5 / 1e-3)
+    ok = all(check[f"triton_{q}"] <= max(2 * check[f"torch_{q}"], 1e-5 if q == "loss_rel" else 1e-3)
+             for q in ("loss_rel", "dx_rel", "dy_rel", "dlogt_rel"))
+    print("check at B=4096 against float64: " + ", ".join(f"{k} {v:.2e}" for k, v in check.items())
           + ("  OK" if ok else "  MISMATCH"))
-    del x, y, got, want
+    del x, y, res
 
     rows = []
     for n in sizes:
