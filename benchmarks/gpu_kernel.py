@@ -43,6 +43,42 @@ def bf16_matmul_peak(repeats=10):
     return max(best.values()), best
 
 
+def kernel_breakdown(n, dim, repeats):
+    """Where the fused loss's time goes at batch n (bf16): the tile kernel over all stripes writing G, the same
+    without writing G (loss only), and the two cuBLAS GEMMs per stripe that turn G into gradients."""
+    from sail import triton_sigmoid as ts
+
+    x = F.normalize(torch.randn(n, dim, device="cuda"), dim=-1).to(torch.bfloat16)
+    y = F.normalize(torch.randn(n, dim, device="cuda"), dim=-1).to(torch.bfloat16)
+    t, b = torch.tensor([20.0], device="cuda"), torch.tensor([-10.0], device="cuda")
+    rows = ts.STRIPE_ROWS
+    g = x.new_empty((rows, n))
+    stripes = [(r0, min(r0 + rows, n)) for r0 in range(0, n, rows)]
+
+    def kernel(store):
+        for r0, r1 in stripes:
+            ts.stripe_sums(x[r0:r1], y, t, b, diag=r0, g=g[: r1 - r0] if store else None)
+
+    def gemms():
+        for r0, r1 in stripes:
+            torch.mm(g[: r1 - r0], y)
+            torch.mm(g[: r1 - r0].T, x[r0:r1])
+
+    out = {"B": n}
+    for name, fn, flops in (("kernel_with_G", lambda: kernel(True), 2), ("kernel_loss_only", lambda: kernel(False), 2),
+                            ("two_gemms", gemms, 4)):
+        fn()  # warm-up (autotuning for this shape)
+        sec = _sync_time(fn, repeats)
+        out[f"{name}_s"] = sec
+        out[f"{name}_tflops"] = flops * n * n * dim / sec / 1e12
+    print("breakdown at B={B}: kernel with G {kernel_with_G_s:.3f} s ({kernel_with_G_tflops:.0f} TFLOP/s), loss only "
+          "{kernel_loss_only_s:.3f} s ({kernel_loss_only_tflops:.0f}), two GEMMs {two_gemms_s:.3f} s "
+          "({two_gemms_tflops:.0f})".format(**out))
+    del x, y, g
+    torch.cuda.empty_cache()
+    return out
+
+
 def loss_kernel(sizes=(36864, 262144, 1048576), dim=1024, repeats=3, torch_max=1048576):
     """Section loss-kernel: fused Triton sigmoid loss vs blockwise torch loss vs bf16 matmul peak."""
     from sail.losses import sigmoid_loss
@@ -112,7 +148,9 @@ def loss_kernel(sizes=(36864, 262144, 1048576), dim=1024, repeats=3, torch_max=1
                   f"  peak mem {r['peak_mem_gib']:.1f} GiB  (first call {first:.1f} s)")
             del x, y, log_t, b
             torch.cuda.empty_cache()
+    breakdown = kernel_breakdown(max(n for n in sizes if n <= 262144), dim, repeats) if sizes else {}
     result = {"section": "loss-kernel", "device": torch.cuda.get_device_name(), "peak_tflops": peak,
-              "peak_shapes": shapes, "check": check, "check_ok": ok, "runs": rows}
+              "peak_shapes": shapes, "check": check, "check_ok": ok, "runs": rows,
+              "breakdown": breakdown}
     print(json.dumps(result))
     return result
