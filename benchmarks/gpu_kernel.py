@@ -71,6 +71,8 @@ def kernel_breakdown(n, dim, repeats):
         sec = _sync_time(fn, repeats)
         out[f"{name}_s"] = sec
         out[f"{name}_tflops"] = flops * n * n * dim / sec / 1e12
+        if name.startswith("kernel"):  # the tile config autotune chose for this shape
+            out[f"{name}_config"] = str(getattr(ts._tuned_kernel, "best_config", None))
     print("breakdown at B={B}: kernel with G {kernel_with_G_s:.3f} s ({kernel_with_G_tflops:.0f} TFLOP/s), loss only "
           "{kernel_loss_only_s:.3f} s ({kernel_loss_only_tflops:.0f}), two GEMMs {two_gemms_s:.3f} s "
           "({two_gemms_tflops:.0f})".format(**out))
