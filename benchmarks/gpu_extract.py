@@ -12,7 +12,9 @@ What is measured (sail.tiny's "dinov2-l" shape: hidden 1024, 24 layers, 16 heads
   B = the default batch for the model's size (sail.encoders.default_batch_size) unless --batch.
 - pipeline: sail.extract.extract end to end (default workers, --preprocess fast, the policy's dtype) on
   --images JPEG photos of 500x375 (crops of grace_hopper.jpg), model load excluded; img/s and the ratio to
-  the forward in the same dtype. Below 1 the decoding workers, not the GPU, set the pace.
+  the forward in the same dtype. Below 1 the decoding workers, not the GPU, set the pace. Up to 1024
+  distinct photos are listed again under new ids up to --images rows (each row is decoded): with 4096 rows
+  and 15 workers on an H200, each worker decoded about one 512-image batch, so the ramp-up set the figure.
 Prints a table, then one JSON line.
 """
 
@@ -49,7 +51,7 @@ def forward_img_s(encoder, batch: int, steps: int) -> float:
     return batch * steps / (time.perf_counter() - t)
 
 
-def bench_extract(device: str = "cuda", images: int = 4096, batch: int | None = None, steps: int = 10,
+def bench_extract(device: str = "cuda", images: int = 16384, batch: int | None = None, steps: int = 10,
                   quick: bool = False) -> dict:
     """The extraction figures as a dict; prints its table as it goes."""
     from extract import make_photos
@@ -87,8 +89,10 @@ def bench_extract(device: str = "cuda", images: int = 4096, batch: int | None = 
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
         n = 64 if quick else images
-        files = make_photos(tmp / "photos", n)
-        (tmp / "m.csv").write_text("id,image\n" + "".join(f"{f.stem},{f}\n" for f in files))
+        # up to 1024 distinct photos, listed again under new ids up to n rows: every row is still decoded,
+        # and n can be large enough for the workers' ramp-up (a batch each) not to set the figure
+        files = make_photos(tmp / "photos", min(n, 1024))
+        (tmp / "m.csv").write_text("id,image\n" + "".join(f"r{i:07d},{files[i % len(files)]}\n" for i in range(n)))
         timed = {"load": 0.0}
         load = ex.load_encoder
 
@@ -124,7 +128,7 @@ def bench_extract(device: str = "cuda", images: int = 4096, batch: int | None = 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
-    p.add_argument("--images", type=int, default=4096, help="JPEG photos for the pipeline run")
+    p.add_argument("--images", type=int, default=16384, help="JPEG photos for the pipeline run")
     p.add_argument("--batch", type=int, default=None, help="default: from the model's size")
     p.add_argument("--steps", type=int, default=10, help="timed forward batches per dtype")
     p.add_argument("--quick", action="store_true", help="tiny model, few images: a smoke run")

@@ -6,7 +6,7 @@ loss_kernel(): the fused Triton sigmoid loss (sail.triton_sigmoid, impl="triton"
 torch loss (impl="torch") on the same bf16 inputs, forward + backward, and against the bf16 matmul peak
 measured in the same run (the best of a few large torch.mm shapes). Reported: seconds per forward +
 backward, TFLOP/s counting the three matmuls (logits, G @ Y, G^T @ X: 6 B^2 D flops), share of the
-measured peak (goal >= 70 %), peak memory; first a correctness check of triton against torch at B = 4096.
+measured peak (goal >= 70 %), peak memory; first triton and torch each against float64 at B = 4096.
 Goal at B = 1,048,576: <= 10 s on an H100-class GPU. The first triton call autotunes the tile configs
 (sail.triton_sigmoid.GPU_CONFIGS); the timed calls come after it. Needs CUDA.
 """
@@ -43,7 +43,45 @@ def bf16_matmul_peak(repeats=10):
     return max(best.values()), best
 
 
-def loss_kernel(sizes=(36864, 262144, 1048576), dim=1024, repeats=3, torch_max=1048576):
+def kernel_breakdown(n, dim, repeats):
+    """Where the fused loss's time goes at batch n (bf16): the tile kernel over all stripes writing G, the same
+    without writing G (loss only), and the two cuBLAS GEMMs per stripe that turn G into gradients."""
+    from sail import triton_sigmoid as ts
+
+    x = F.normalize(torch.randn(n, dim, device="cuda"), dim=-1).to(torch.bfloat16)
+    y = F.normalize(torch.randn(n, dim, device="cuda"), dim=-1).to(torch.bfloat16)
+    t, b = torch.tensor([20.0], device="cuda"), torch.tensor([-10.0], device="cuda")
+    rows = ts.STRIPE_ROWS
+    g = x.new_empty((rows, n))
+    stripes = [(r0, min(r0 + rows, n)) for r0 in range(0, n, rows)]
+
+    def kernel(store):
+        for r0, r1 in stripes:
+            ts.stripe_sums(x[r0:r1], y, t, b, diag=r0, g=g[: r1 - r0] if store else None)
+
+    def gemms():
+        for r0, r1 in stripes:
+            torch.mm(g[: r1 - r0], y)
+            torch.mm(g[: r1 - r0].T, x[r0:r1])
+
+    out = {"B": n}
+    for name, fn, flops in (("kernel_with_G", lambda: kernel(True), 2), ("kernel_loss_only", lambda: kernel(False), 2),
+                            ("two_gemms", gemms, 4)):
+        fn()  # warm-up (autotuning for this shape)
+        sec = _sync_time(fn, repeats)
+        out[f"{name}_s"] = sec
+        out[f"{name}_tflops"] = flops * n * n * dim / sec / 1e12
+        if name.startswith("kernel"):  # the tile config autotune chose for this shape
+            out[f"{name}_config"] = str(getattr(ts._tuned_kernel, "best_config", None))
+    print("breakdown at B={B}: kernel with G {kernel_with_G_s:.3f} s ({kernel_with_G_tflops:.0f} TFLOP/s), loss only "
+          "{kernel_loss_only_s:.3f} s ({kernel_loss_only_tflops:.0f}), two GEMMs {two_gemms_s:.3f} s "
+          "({two_gemms_tflops:.0f})".format(**out))
+    del x, y, g
+    torch.cuda.empty_cache()
+    return out
+
+
+def loss_kernel(sizes=(36864, 262144, 1048576), dim=1024, repeats=3, torch_max=262144):
     """Section loss-kernel: fused Triton sigmoid loss vs blockwise torch loss vs bf16 matmul peak."""
     from sail.losses import sigmoid_loss
 
@@ -65,20 +103,28 @@ def loss_kernel(sizes=(36864, 262144, 1048576), dim=1024, repeats=3, torch_max=1
         loss.backward()
         return loss
 
-    # correctness first: triton vs torch on the same bf16 inputs (fp32 logits in both)
+    # correctness first: triton and torch on the same bf16 inputs, each against float64 on those inputs
+    # (the gradient of log t is a sum with much cancellation: compare each impl's error, not the two)
     x, y, log_t, b = inputs(4096)
-    got = [step("triton", x, y, log_t, b, None).item(), x.grad.float(), y.grad.float(), log_t.grad.item()]
-    want = [step("torch", x, y, log_t, b, None).item(), x.grad.float(), y.grad.float(), log_t.grad.item()]
-    check = {
-        "loss_rel": abs(got[0] - want[0]) / abs(want[0]),
-        "dx_rel": ((got[1] - want[1]).norm() / want[1].norm()).item(),
-        "dy_rel": ((got[2] - want[2]).norm() / want[2].norm()).item(),
-        "dlogt_rel": abs(got[3] - want[3]) / max(abs(want[3]), 1e-30),
-    }
-    ok = check["loss_rel"] < 1e-4 and check["dx_rel"] < 2e-2 and check["dy_rel"] < 2e-2 and check["dlogt_rel"] < 1e-3
-    print("check at B=4096 (triton vs torch): " + ", ".join(f"{k} {v:.2e}" for k, v in check.items())
+    res = {}
+    for impl in ("triton", "torch", "float64"):
+        args = [v.detach().double().requires_grad_() for v in (x, y, log_t, b)] if impl == "float64" else (x, y, log_t, b)
+        value = step("torch" if impl == "float64" else impl, *args, None).item()
+        res[impl] = [value, args[0].grad.double(), args[1].grad.double(), args[2].grad.item()]
+    ref = res["float64"]
+    check = {}
+    for impl in ("triton", "torch"):
+        got = res[impl]
+        check[f"{impl}_loss_rel"] = abs(got[0] - ref[0]) / abs(ref[0])
+        check[f"{impl}_dx_rel"] = ((got[1] - ref[1]).norm() / ref[1].norm()).item()
+        check[f"{impl}_dy_rel"] = ((got[2] - ref[2]).norm() / ref[2].norm()).item()
+        check[f"{impl}_dlogt_rel"] = abs(got[3] - ref[3]) / max(abs(ref[3]), 1e-30)
+    # triton may be no worse than twice torch's error on each quantity (or below a floor of 1e-5 / 1e-3)
+    ok = all(check[f"triton_{q}"] <= max(2 * check[f"torch_{q}"], 1e-5 if q == "loss_rel" else 1e-3)
+             for q in ("loss_rel", "dx_rel", "dy_rel", "dlogt_rel"))
+    print("check at B=4096 against float64: " + ", ".join(f"{k} {v:.2e}" for k, v in check.items())
           + ("  OK" if ok else "  MISMATCH"))
-    del x, y, got, want
+    del x, y, res
 
     rows = []
     for n in sizes:
@@ -94,7 +140,7 @@ def loss_kernel(sizes=(36864, 262144, 1048576), dim=1024, repeats=3, torch_max=1
             step(impl, x, y, log_t, b, block)  # warm-up; for triton this includes autotuning
             torch.cuda.synchronize()
             first = time.perf_counter() - t0
-            sec = _sync_time(lambda: step(impl, x, y, log_t, b, block), repeats if n < 10**6 or impl == "triton" else 1)
+            sec = _sync_time(lambda: step(impl, x, y, log_t, b, block), repeats if n < 10**6 else 1)  # 1M: ~15 s a call
             tflops = flops / sec / 1e12
             rows.append({"B": n, "D": dim, "impl": impl, "seconds": sec, "first_call_s": first, "tflops": tflops,
                          "share_of_peak": tflops / peak,
@@ -104,7 +150,9 @@ def loss_kernel(sizes=(36864, 262144, 1048576), dim=1024, repeats=3, torch_max=1
                   f"  peak mem {r['peak_mem_gib']:.1f} GiB  (first call {first:.1f} s)")
             del x, y, log_t, b
             torch.cuda.empty_cache()
+    breakdown = kernel_breakdown(max(n for n in sizes if n <= 262144), dim, repeats) if sizes else {}
     result = {"section": "loss-kernel", "device": torch.cuda.get_device_name(), "peak_tflops": peak,
-              "peak_shapes": shapes, "check": check, "check_ok": ok, "runs": rows}
+              "peak_shapes": shapes, "check": check, "check_ok": ok, "runs": rows,
+              "breakdown": breakdown}
     print(json.dumps(result))
     return result

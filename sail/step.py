@@ -96,6 +96,10 @@ def _embed(heads, image: torch.Tensor, texts: Sequence[torch.Tensor], prec: Prec
     """[x, y_1, .., y_K] for one chunk of rows: LayerNorm, head, L2-normalise (as AlignmentHeads does)."""
     with prec.autocast():
         out = [heads.encode_image(image)] + [heads.encode_text(t) for t in texts]
+    if prec.name == "bf16":
+        # CUDA autocast runs F.normalize's norm in float32, so the embeddings come out float32 there (bf16 on
+        # CPU): cast them, so the loss's three B^2 D matmuls run in bf16 (2x faster, half the memory for G)
+        return [e.to(torch.bfloat16) for e in out]
     # fp16 embeddings go to the loss as float32: its gradients (~1e-10 at B^2 normalisation) underflow fp16
     return [e.float() if e.dtype == torch.float16 else e for e in out]
 

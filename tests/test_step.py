@@ -208,6 +208,30 @@ def test_bf16_step_runs_bf16_heads_and_bf16_loss(monkeypatch):
         assert F.cosine_similarity(got[name].flatten(), want[name].flatten(), dim=0) > 0.99
 
 
+def test_bf16_loss_gets_bf16_even_where_autocast_normalises_in_float32(monkeypatch):
+    # CUDA autocast runs F.normalize's norm in float32, so the heads' embeddings come out float32 there (on
+    # CPU they stay bf16); the loss must still get bf16 (measured on an H200: a 1M step took 33 s, 2x the
+    # bf16 loss, before this cast). Mimic CUDA by normalising in float32 inside the heads.
+    from sail import precision
+
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    heads, image, texts = make("glu", n=32, k=1)
+    heads.float()
+    for name in ("encode_image", "encode_text"):
+        real = getattr(heads, name)
+        monkeypatch.setattr(heads, name, lambda f, real=real: F.normalize(real(f).float(), dim=-1))
+    seen = []
+    fn = loss_fn("sigmoid")
+
+    def spy(x, ys, t, b):
+        seen.append((x.dtype, ys[0].dtype))
+        return fn(x, ys, t, b)
+
+    train_step(heads, image.float(), [t.float() for t in texts], spy, precision=resolve_precision("bf16", "cpu"),
+               chunk_size=8)
+    assert seen == [(torch.bfloat16, torch.bfloat16)]
+
+
 # ------------------------------------------------------------------------------------------ distributed
 
 
