@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sail.checkpoint import load_checkpoint, save_checkpoint
+from sail.checkpoint import check_resume, load_checkpoint, save_checkpoint
 from sail.distributed import init_distributed, local_device
 from sail.encoders import pick_device
 from sail.errors import SailError
@@ -280,36 +280,6 @@ def _check_same_stores(run: Path, saved: dict, stores: dict[str, FeatureStore]) 
                             f"({now['rows']} rows now, {before['rows']} then); restore it or use another --out")
 
 
-def _is_failed_start(run: Path) -> bool:
-    """A run directory with settings but no checkpoint and no final model: nothing in it to resume."""
-    return not (run / "LATEST").exists() and not (run / "model.safetensors").exists()
-
-
-def _prepare_run_dir(cfg: AlignConfig, resume: bool) -> tuple[Path, dict | None]:
-    """The run directory and, when resuming, its saved settings. A directory left by a failed start (no
-    checkpoint) is reused as new, with or without --resume."""
-    run = Path(cfg.out)
-    if run.exists() and not run.is_dir():
-        raise SailError(f"--out {run} is a file; a run is a directory: choose another --out")
-    saved = run / "train_config.json"
-    if saved.exists():
-        if _is_failed_start(run):
-            return run, None
-        if not resume:
-            raise SailError(f"{run} already holds a run; pass --resume to continue it or choose another --out")
-        old = json.loads(saved.read_text())
-        new = cfg.resolved()
-        defaults = {f.name: f.default for f in dataclasses.fields(AlignConfig)}  # settings added since the run began
-        diff = [k for k in new if k not in _RESUME_FREE and old.get(k, defaults.get(k)) != new[k]]
-        if diff:
-            raise SailError(f"cannot resume {run}: settings differ from the saved run "
-                            f"({', '.join('--' + k.replace('_', '-') for k in diff)}); use the same settings or another --out")
-        return run, old
-    if resume and run.exists() and any(run.iterdir()):
-        raise SailError(f"{run} has no train_config.json to resume from")
-    return run, None
-
-
 def _batching_mode(cfg: AlignConfig, saved: dict | None, nbytes: int, device: torch.device, world: int) -> str:
     """"memory" or "stream": a resumed run keeps the mode it started with (the two differ in batch order)."""
     before = (saved or {}).get("batching", {}).get("mode")
@@ -386,8 +356,12 @@ def align(cfg: AlignConfig, resume: bool = False) -> AlignResult:
     if cfg.batch % world:
         raise SailError(f"--batch {cfg.batch} must divide evenly over {world} processes")
     torch.manual_seed(cfg.seed)
-    run, saved = _prepare_run_dir(cfg, resume)
-    resume = saved is not None  # a directory left by a failed start begins afresh
+    run = Path(cfg.out)
+    # the resume rule of sail.checkpoint, as the recipes; settings added since a run began compare as defaults
+    ck = check_resume(run, "train_config.json", cfg.resolved(), resume, _RESUME_FREE,
+                      {f.name: f.default for f in dataclasses.fields(AlignConfig) if f.default is not dataclasses.MISSING})
+    saved = ck.settings if ck is not None else None
+    resume = ck is not None  # a directory left by a failed start begins afresh
 
     def say(msg: str) -> None:
         if rank == 0:
@@ -452,7 +426,6 @@ def align(cfg: AlignConfig, resume: bool = False) -> AlignResult:
     scaler = prec.grad_scaler()  # dynamic loss scaling for fp16, a pass-through otherwise
 
     start = 0
-    ck = load_checkpoint(run) if resume else None
     if ck is not None:
         ck.restore(heads, opt, sched)
         start = ck.step
