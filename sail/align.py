@@ -105,7 +105,7 @@ class AlignConfig:
         need(self.batch >= 2, "batch", self.batch, "a batch needs at least 2 pairs (SAIL uses 32768+)")
         need(self.steps is None or self.steps >= 1, "steps", self.steps, "give at least 1 step, or leave it out to use --epochs")
         need(self.epochs >= 1, "epochs", self.epochs, "give at least 1 epoch")
-        need(self.width >= 1, "width", self.width, "the hidden width factor must be at least 1")
+        need(self.width >= 1, "width", self.width, "--width-factor (hidden width = factor x input dim) must be at least 1")
         need(self.out_dim >= 1, "out-dim", self.out_dim, "the embedding dimension must be at least 1")
         need(self.lr > 0, "lr", self.lr, "the learning rate must be positive")
         need(self.weight_decay >= 0, "weight-decay", self.weight_decay, "must be 0 or more")
@@ -198,16 +198,17 @@ def _check_same_encoder(a: FeatureStore, b: FeatureStore) -> None:
                         "extract both with the same --model and settings")
 
 
-def _loss(cfg: AlignConfig, x: torch.Tensor, ys: list[torch.Tensor], t, b) -> torch.Tensor:
+def _loss(cfg: AlignConfig, x: torch.Tensor, ys: list[torch.Tensor], scale, bias) -> torch.Tensor:
+    """The run's loss of images x (B, D) against the caption sets ys (K x (B, D)); scale is the temperature t."""
     from sail import losses
 
     if cfg.loss == "sigmoid":
-        return losses.sigmoid_loss(x, ys[0], t, b, average=cfg.average, block_size=cfg.block_size,
+        return losses.sigmoid_loss(x, ys[0], scale, bias, average=cfg.average, block_size=cfg.block_size,
                                    impl=cfg.loss_impl)
     if cfg.loss == "multi-positive":
-        return losses.multi_positive_loss(x, ys, t, b, average=cfg.average, block_size=cfg.block_size,
+        return losses.multi_positive_loss(x, ys, scale, bias, average=cfg.average, block_size=cfg.block_size,
                                           impl=cfg.loss_impl)
-    return losses.info_nce_loss(x, ys[0], t, block_size=cfg.block_size)
+    return losses.info_nce_loss(x, ys[0], scale, block_size=cfg.block_size)
 
 
 def _check_loss_impl(cfg: AlignConfig, device: torch.device) -> None:
@@ -317,9 +318,9 @@ def _drop_nonfinite(pairs: PairedFeatures, what: str, progress: bool, say, rank:
     for c in pairs.captions:
         ok &= _finite_rows(pairs.text_store, c, pairs.text_rows, progress, rank, world)
     if world > 1:  # every rank must drop the same pairs: AND over the ranks' slabs
-        t = torch.from_numpy(ok.astype(np.uint8)).to(device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
-        ok = t.cpu().numpy().astype(bool)
+        flags = torch.from_numpy(ok.astype(np.uint8)).to(device)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
+        ok = flags.cpu().numpy().astype(bool)
     if not ok.all():
         bad = pairs.ids[~ok]
         say(f"align: skipping {len(bad)} {what} pairs with NaN/Inf features (ids {', '.join(map(str, bad[:5]))}"
@@ -475,8 +476,8 @@ def align(cfg: AlignConfig, resume: bool = False) -> AlignResult:
                 probed = {}
                 probe = None
                 if rank == 0 and balance.enabled and log_next:  # positives' share of the gradient, at log points
-                    def probe(x, y, t, b, at=step + 1):
-                        probed.update(balance(x, y, float(t), float(b), at))
+                    def probe(x, y, scale, bias, at=step + 1):
+                        probed.update(balance(x, y, float(scale), float(bias), at))
                 opt.zero_grad(set_to_none=True)
                 stats = train_step(heads, image, texts, loss_fn, precision=prec, chunk_size=chunk,
                                    scaler=scaler if scaler.is_enabled() else None, probe=probe)
@@ -499,11 +500,11 @@ def align(cfg: AlignConfig, resume: bool = False) -> AlignResult:
                 sums = acc.tolist()  # the host sync, once per log interval
                 _check_finite(bad, heads, run, checkpoint)
                 now = time.perf_counter()
-                t_val, b_val = (float(v) for v in stats[1:3].tolist())
+                scale, b_val = (float(v) for v in stats[1:3].tolist())  # the temperature t, the bias b
                 bias = b_val if cfg.loss != "info-nce" else 0.0
-                row = {"step": step, "loss": sums[0] / since, "t": t_val, "b": b_val, "lr": opt.param_groups[0]["lr"],
+                row = {"step": step, "loss": sums[0] / since, "t": scale, "b": b_val, "lr": opt.param_groups[0]["lr"],
                        "pairs_per_s": batch * since / (now - tick),
-                       "pos_logit": t_val * sums[3] / since + bias, "neg_logit": t_val * sums[4] / since + bias}
+                       "pos_logit": scale * sums[3] / since + bias, "neg_logit": scale * sums[4] / since + bias}
                 row.update(probed)
                 acc.zero_()
                 since, tick = 0, now
