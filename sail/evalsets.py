@@ -53,14 +53,14 @@ def read_retrieval_data(data: str, images_root: str | None = None, split: str = 
             raise SailError(f"{data} has no caption columns; name them with --columns")
         by_image: dict[str, int] = {}
         ids, refs, captions, owner = [], [], [], []
-        for i, ref in enumerate(base.images):
-            key = ref or base.ids[i]
+        for sid, ref, *texts in zip(base.ids, base.images, *(base.captions[c] for c in cols)):
+            key = ref or sid
             if key not in by_image:
                 by_image[key] = len(ids)
-                ids.append(base.ids[i])
+                ids.append(sid)
                 refs.append(ref)
-            for c in cols:
-                text = base.captions[c][i].strip()
+            for text in texts:
+                text = text.strip()
                 if text:
                     captions.append(text)
                     owner.append(by_image[key])

@@ -571,3 +571,39 @@ def test_load_image_lets_no_pil_warning_through(tmp_path, monkeypatch, no_warnin
 
     monkeypatch.setattr(data, "to_rgb", noisy)
     assert np.asarray(load_image(path)).tolist() == [[[9, 8, 7]] * 3] * 2
+
+
+@pytest.mark.parametrize("kind", ["csv", "parquet"])
+def test_a_repeated_column_name_is_refused_naming_it(tmp_path, kind):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / f"m.{kind}"
+    if kind == "csv":
+        path.write_text("id,caption,caption\na,x,y\n")
+    else:
+        pq.write_table(pa.Table.from_arrays([pa.array(["a"]), pa.array(["x"]), pa.array(["y"])],
+                                            names=["id", "caption", "caption"]), path)
+    with pytest.raises(SailError, match=r"m\.\w+: column name\(s\) 'caption' appear more than once in the header"):
+        open_dataset(str(path))
+
+
+def test_only_the_needed_columns_are_read(tmp_path, monkeypatch):
+    """A wide manifest: columns that are not the id, image, label or a caption are never decoded."""
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    wide = {"id": ["a", "b"], "image": ["1.jpg", ""], "caption": ["x", "y"], "label": [3, 4],
+            "embedding": [[0.5] * 4, [1.5] * 4], "notes": ["n1", "n2"]}
+    path = _parquet(tmp_path / "w.parquet", wide)
+    seen = []
+    real_pq, real_csv = pq.read_table, pcsv.read_csv
+    monkeypatch.setattr(pq, "read_table", lambda p, columns=None, **k: seen.append(columns) or real_pq(p, columns=columns, **k))
+    monkeypatch.setattr(pcsv, "read_csv", lambda p, convert_options=None, **k: seen.append(
+        convert_options.include_columns) or real_csv(p, convert_options=convert_options, **k))
+    ds = open_dataset(path)
+    assert seen == [["id", "image", "label", "caption"]]
+    assert ds.captions == {"caption": ["x", "y"]} and ds.images == [str(tmp_path / "1.jpg"), None]
+    (tmp_path / "w.csv").write_text("id,notes,caption,long_caption\na,n,x,xx\n")
+    ds = open_dataset(str(tmp_path / "w.csv"), columns=["long_caption"])
+    assert seen[1] == ["id", "long_caption"] and ds.captions == {"long_caption": ["xx"]} and ds.images == [None]
