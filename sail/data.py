@@ -72,7 +72,7 @@ DEFAULT_MAX_PIXELS = 100_000_000  # larger images are skipped ("too large"), lik
 BACKGROUND = (255, 255, 255)  # what transparent pixels are composited on
 
 
-def load_image(ref: str | None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+def load_image(ref: str | os.PathLike | None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                draft: int | None = None) -> Image.Image:
     """Decode one image fully (so truncated files fail here, not later) and return it as RGB.
 
@@ -83,6 +83,7 @@ def load_image(ref: str | None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
     """
     if ref is None:
         raise ImageError("no image")
+    ref = os.fspath(ref)  # a pathlib.Path works like its string
     try:
         if ref.startswith("tar://"):
             shard, offset, size = ref[len("tar://"):].rsplit("::", 2)
@@ -173,6 +174,8 @@ def to_rgb(image: Image.Image, background=BACKGROUND) -> Image.Image:
         cmyk = np.asarray(image).astype(np.float64)
         rgb = (255.0 - cmyk[..., :3]) * (255.0 - cmyk[..., 3:]) / 255.0
         return Image.fromarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8), "RGB")
+    if mode == "La":  # premultiplied grey + alpha: PIL converts it to nothing but LA
+        image = image.convert("LA")
     if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
         return Image.fromarray(_composite(np.asarray(image.convert("RGBA")), background), "RGB")
     return image.convert("RGB")  # L, 1, P without transparency, YCbCr, HSV, ...
