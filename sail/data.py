@@ -248,6 +248,12 @@ def check_encoding(path: Path, encoding: str = "utf-8") -> None:
             raise SailError(f"{path}:{lines_before + 1} is not {encoding} text ({e.reason}); {hint}") from None
 
 
+def read_text(path: Path, encoding: str = "utf-8") -> str:
+    """A whole text file (JSON inputs), refused in one line naming its first line that is not `encoding`."""
+    check_encoding(path, encoding)
+    return path.read_text(encoding="utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding)
+
+
 def _jsonl_problem(path: Path, text: str) -> str | None:
     """Why pyarrow refused a JSONL file, found line by line (only runs on that error path)."""
     types: dict[str, tuple[str, int]] = {}
