@@ -56,6 +56,7 @@ class Dataset:
     class_names: list[str] | None = None
     multilabels: np.ndarray | None = None  # (N, C) int8 multi-hot targets (CLIP_benchmark multilabel)
     skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (id, field, reason) lost while reading
+    encoding: str = "utf-8"  # of a text manifest: what reopening `source` needs (a store's "encoding" attribute)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -452,7 +453,7 @@ def open_manifest(path: Path, columns: list[str] | None, id_column: str = "id",
             labels, class_names = _label_column(cols[label_column])
         del cols
     return Dataset(path.stem, str(path.resolve()), _hash_files([path], content=True), ids, images,
-                   captions, labels, class_names)
+                   captions, labels, class_names, encoding=encoding)
 
 
 def _check_unique(ids: list[str], where) -> None:

@@ -507,3 +507,19 @@ def test_eval_data_in_another_encoding(trained, tmp_path, capsys):
         assert err.startswith("error: ") and "is not utf-8 text" in err and "--encoding" in err
         assert len(err.splitlines()) == 1
         assert main(argv + ["--encoding", "latin-1"]) == 0
+
+
+def test_index_finds_the_image_paths_of_a_store_from_a_latin1_manifest(trained, tmp_path, tiny_vision):
+    """The store records --encoding, so `sail index` can reopen its manifest for the image paths."""
+    from sail.search import build_index
+
+    ds = open_dataset("sample")
+    rows = [f"{ds.ids[i]},{ds.images[i]},caf\u00e9 {i}" for i in range(12)]
+    (tmp_path / "l.csv").write_bytes(("id,image,caption\n" + "\n".join(rows) + "\n").encode("latin-1"))
+    res = extract(ExtractConfig(model=str(tiny_vision), data=str(tmp_path / "l.csv"), out=str(tmp_path / "i.h5"),
+                                encoding="latin-1", workers=0, progress=False))
+    with FeatureStore(res.path) as s:
+        assert s.attrs["encoding"] == "latin-1"
+    build_index(trained["run"], str(res.path), str(tmp_path / "idx"))
+    items = json.loads((tmp_path / "idx" / "ids.json").read_text())
+    assert {i["id"]: i["path"] for i in items} == {ds.ids[i]: ds.images[i] for i in range(12)}
