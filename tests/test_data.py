@@ -1,7 +1,6 @@
 """sail.data: every image mode, shard and manifest read correctly, or refused in one line."""
 
 import io
-import json
 import tarfile
 from pathlib import Path
 
