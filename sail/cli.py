@@ -247,6 +247,7 @@ _DEVICE = typer.Option("auto", help="auto, cpu, cuda, cuda:N")
 _FEATURES = typer.Option("features", "--features-root", help="root folder of cached feature stores")
 _VISION = typer.Option(None, "--vision-model", help="local copy of the run's vision encoder")
 _TEXT = typer.Option(None, "--text-model", help="local copy of the run's text encoder")
+_ENCODING = typer.Option("utf-8", help="text encoding of a CSV/TSV/JSONL/JSON data file (e.g. latin-1, cp1252, utf-16)")
 
 
 @eval_app.command("zeroshot")
@@ -257,7 +258,7 @@ def eval_zeroshot(run: str = _RUN,
                   image_store: Optional[str] = typer.Option(None, help="use these image features instead of extracting"),
                   split: str = typer.Option("test", help="split of a CLIP_benchmark webdataset folder"),
                   out: Optional[str] = _OUT, overwrite: bool = _OVERWRITE, device: str = _DEVICE, vision_model: Optional[str] = _VISION,
-                  text_model: Optional[str] = _TEXT, features_root: str = _FEATURES):
+                  text_model: Optional[str] = _TEXT, features_root: str = _FEATURES, encoding: str = _ENCODING):
     """Zero-shot classification with template ensembles: top-1, top-5, mean per-class recall.
 
     Example: sail eval zeroshot runs/cc3m --data imagenet/val --classnames imagenet
@@ -266,7 +267,8 @@ def eval_zeroshot(run: str = _RUN,
     from sail.evaluate import zeroshot
 
     _report("zeroshot", zeroshot(run, data, classnames, templates, image_store, features_root=features_root,
-                                 device=device, vision_model=vision_model, text_model=text_model, split=split), out, run)
+                                 device=device, vision_model=vision_model, text_model=text_model, split=split,
+                                 encoding=encoding), out, run)
 
 
 @eval_app.command("retrieval")
@@ -276,7 +278,7 @@ def eval_retrieval(run: str = _RUN,
                    split: str = typer.Option("test", help="Karpathy or CLIP_benchmark split"),
                    columns: Optional[str] = typer.Option(None, help="caption columns of a manifest"),
                    out: Optional[str] = _OUT, overwrite: bool = _OVERWRITE, device: str = _DEVICE, vision_model: Optional[str] = _VISION,
-                   text_model: Optional[str] = _TEXT, features_root: str = _FEATURES):
+                   text_model: Optional[str] = _TEXT, features_root: str = _FEATURES, encoding: str = _ENCODING):
     """Image-text retrieval R@1/5/10 in both directions (several captions per image).
 
     Example: sail eval retrieval runs/cc3m --data coco/dataset_coco.json --images-root coco/
@@ -285,14 +287,15 @@ def eval_retrieval(run: str = _RUN,
     from sail.evaluate import retrieval
 
     _report("retrieval", retrieval(run, data, images_root, split, _split(columns), features_root=features_root,
-                                   device=device, vision_model=vision_model, text_model=text_model), out, run)
+                                   device=device, vision_model=vision_model, text_model=text_model,
+                                   encoding=encoding), out, run)
 
 
 @eval_app.command("winoground")
 def eval_winoground(run: str = _RUN, data: str = typer.Option(..., help="Winoground examples.jsonl"),
                     images: Optional[str] = typer.Option(None, help="image folder (default: images/ beside the jsonl)"),
                     out: Optional[str] = _OUT, overwrite: bool = _OVERWRITE, device: str = _DEVICE, vision_model: Optional[str] = _VISION,
-                    text_model: Optional[str] = _TEXT):
+                    text_model: Optional[str] = _TEXT, encoding: str = _ENCODING):
     """Winoground text, image and group scores.
 
     Example: sail eval winoground runs/cc3m --data winoground/examples.jsonl
@@ -300,7 +303,7 @@ def eval_winoground(run: str = _RUN, data: str = typer.Option(..., help="Winogro
     _check_out(out, overwrite)
     from sail.evaluate import winoground
 
-    _report("winoground", winoground(run, data, images, device, vision_model, text_model), out, run)
+    _report("winoground", winoground(run, data, images, device, vision_model, text_model, encoding), out, run)
 
 
 @eval_app.command("linear-probe")
@@ -445,7 +448,8 @@ def filter_align_cmd(manifest: str = typer.Argument(..., help="manifest to filte
                      max_aspect: float = typer.Option(3.0, help="drop images with aspect ratio >= this"),
                      max_texts_per_image: int = typer.Option(1000), max_images_per_text: int = typer.Option(10),
                      min_unigrams: int = typer.Option(3), max_unigrams: int = typer.Option(20),
-                     vocab_size: int = typer.Option(100_000, help="K most frequent unigrams+bigrams kept")):
+                     vocab_size: int = typer.Option(100_000, help="K most frequent unigrams+bigrams kept"),
+                     encoding: str = typer.Option("utf-8", help="text encoding of the manifest (the output is UTF-8)")):
     """ALIGN's filters (image size/aspect, alt-text sharing, length, rare tokens); prints what each removed.
 
     Example: sail filter align pairs.csv --out pairs-filtered.csv
@@ -455,7 +459,7 @@ def filter_align_cmd(manifest: str = typer.Argument(..., help="manifest to filte
     report = filter_align(manifest, out, image_column=image_column, text_column=text_column, id_column=id_column,
                           min_short_side=min_short_side, max_aspect=max_aspect, max_texts_per_image=max_texts_per_image,
                           max_images_per_text=max_images_per_text, min_unigrams=min_unigrams,
-                          max_unigrams=max_unigrams, vocab_size=vocab_size)
+                          max_unigrams=max_unigrams, vocab_size=vocab_size, encoding=encoding)
     typer.echo(report.table())
 
 

@@ -420,7 +420,7 @@ def _merge(out: Path, parts: Path, ds: Dataset, fields: list[str], n_chunks: int
             "modality": spec.modality, "pooling": encoder.pooling,  # ImageEncoder.pooling is cfg.pooling
             "dim": encoder.dim, "dtype": "float16", "preprocessing": json.dumps(encoder.preprocessing, default=str),
             "max_length": getattr(encoder, "max_length", None) or -1, "source": ds.source,
-            "source_hash": ds.source_hash, "dataset": ds.name, "sail_version": sail.__version__,
+            "source_hash": ds.source_hash, "dataset": ds.name, "encoding": ds.encoding, "sail_version": sail.__version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "trust_remote_code": bool(spec.trust_remote_code),
             "identity": (parts / "meta.json").read_text(),  # the identity the parts were made under

@@ -11,6 +11,8 @@ size and text frequency. `filter_align` applies those rules to a manifest and wr
 Manifests are CSV, TSV (both with a header row, quoted the way Python's csv module and pandas write
 them) or JSONL (one JSON object per line), chosen by file extension; `out` may use another format
 than the input and keeps the input's columns. Image paths are relative to the manifest's folder.
+The input is read as `encoding` (default utf-8; checked first by sail.data.check_encoding, so a wrong
+one is one error naming the line), the outputs are written as UTF-8.
 
 Rules, in the order each row is tested. A removed row is counted under the FIRST rule it fails;
 a threshold of None turns its rule off.
@@ -56,6 +58,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from sail.data import check_encoding
 from sail.errors import SailError
 
 RULES = (
@@ -132,14 +135,19 @@ def _format_of(path: Path) -> str:
     return fmt
 
 
-def _columns(path: Path, fmt: str) -> list[str]:
+def _text_encoding(encoding: str) -> str:
+    """The codec to open the manifest with: a UTF-8 byte-order mark is dropped, as pandas/Excel write one."""
+    return "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
+
+
+def _columns(path: Path, fmt: str, encoding: str = "utf-8") -> list[str]:
     """Column names: the CSV/TSV header, or the keys of the first JSONL record."""
-    with open(path, encoding="utf-8-sig", newline="") as f:
+    with open(path, encoding=_text_encoding(encoding), newline="") as f:
         if fmt != "jsonl":
             try:
                 header = next(csv.reader(f, dialect=_DIALECTS[fmt]), None)
             except (UnicodeDecodeError, csv.Error) as err:
-                raise SailError(f"{path}: cannot parse it ({err}); it must be UTF-8 {fmt}") from None
+                raise SailError(f"{path}: cannot parse it ({err}); it must be {encoding} {fmt}") from None
             if not header:
                 raise SailError(f"{path}: the manifest is empty; it needs a header row")
             return header
@@ -160,9 +168,9 @@ def _json_record(line: str, path: Path, number: int) -> dict:
     return record
 
 
-def _rows(path: Path, fmt: str, needed: list[str]):
+def _rows(path: Path, fmt: str, needed: list[str], encoding: str = "utf-8"):
     """Yield the manifest's rows as dicts, one at a time (CSV cells missing at a line end -> "")."""
-    with open(path, encoding="utf-8-sig", newline="") as f:
+    with open(path, encoding=_text_encoding(encoding), newline="") as f:
         try:
             if fmt != "jsonl":
                 for row in csv.DictReader(f, dialect=_DIALECTS[fmt], restval=""):
@@ -179,7 +187,7 @@ def _rows(path: Path, fmt: str, needed: list[str]):
                     raise SailError(f"{path}:{number}: record lacks {missing}; it has {has}")
                 yield record
         except (UnicodeDecodeError, csv.Error) as err:
-            raise SailError(f"{path}: cannot parse it ({err}); it must be UTF-8 {fmt}") from None
+            raise SailError(f"{path}: cannot parse it ({err}); it must be {encoding} {fmt}") from None
 
 
 def _row_writer(f, fmt: str, columns: list[str]):
@@ -338,12 +346,14 @@ def filter_align(
     vocab_size: int | None = 100_000,
     progress: bool = True,
     rejects=None,
+    encoding: str = "utf-8",
 ) -> FilterReport:
     """Apply ALIGN's filters to `manifest` and write the kept rows to `out` (see module docstring).
 
     `id_column` only labels removed rows in the report (None: the 1-based row number is used).
     `rejects`, if given, is a second output (.csv/.tsv/.jsonl) that receives the removed rows with
-    one more column, "filter_rule", naming the rule that removed each.
+    one more column, "filter_rule", naming the rule that removed each. `encoding`: the manifest's text
+    encoding (the outputs are UTF-8).
     """
     manifest, out = Path(manifest), Path(out)
     rejects = None if rejects is None else Path(rejects)
@@ -352,14 +362,16 @@ def filter_align(
                       max_images_per_text=max_images_per_text, min_unigrams=min_unigrams, max_unigrams=max_unigrams,
                       vocab_size=vocab_size)
     _check_arguments(manifest, out, rejects, thresholds)
-    columns = _columns(manifest, fmt_in)
+    check_encoding(manifest, encoding)  # one line naming the first undecodable line, before any pass
+    columns = _columns(manifest, fmt_in, encoding)
     needed = [c for c in (image_column, text_column, id_column) if c is not None]
     missing = [c for c in needed if c not in columns]
     if missing:
         raise SailError(f"{manifest}: no column(s) {missing}; the manifest has columns {columns}")
 
     rules = _Rules(manifest.parent, image_column, text_column, **thresholds)
-    total = rules.count(tqdm(_rows(manifest, fmt_in, needed), desc="filter: counting", unit="row", disable=not progress))
+    total = rules.count(tqdm(_rows(manifest, fmt_in, needed, encoding), desc="filter: counting", unit="row",
+                             disable=not progress))
     removed = {rule: 0 for rule, on in rules.on().items() if on}
     examples: dict[str, list[str]] = {}
 
@@ -376,7 +388,7 @@ def filter_align(
             write = _row_writer(files[0], fmt_out, columns)
             if rejects is not None:
                 write_reject = _row_writer(files[1], _format_of(rejects), columns + ["filter_rule"])
-            rows = tqdm(_rows(manifest, fmt_in, needed), desc="filter: judging", unit="row",
+            rows = tqdm(_rows(manifest, fmt_in, needed, encoding), desc="filter: judging", unit="row",
                         total=total, disable=not progress)
             for number, row in enumerate(rows, start=1):
                 rule = rules.judge(row)

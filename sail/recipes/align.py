@@ -40,7 +40,7 @@ from sail.towers import build_towers
 def main(argv=None) -> dict:
     cfg = load_config(sys.argv[1:] if argv is None else argv)
     run = start_run(cfg, "align")
-    ds = open_dataset(str(cfg["data"]), columns=[cfg["text_column"]])
+    ds = open_dataset(str(cfg["data"]), columns=[cfg["text_column"]], encoding=cfg.get("encoding", "utf-8"))
 
     towers = build_towers("align", cfg["vision"], cfg["text"], cfg["embed_dim"], cfg["image"],
                           projection=cfg["projection"], temperature="sigma", init_scale=1.0 / cfg["init_sigma"],

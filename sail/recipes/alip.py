@@ -38,7 +38,7 @@ from sail.towers import build_towers
 def main(argv=None) -> dict:
     cfg = load_config(sys.argv[1:] if argv is None else argv)
     run = start_run(cfg, "alip")
-    ds = open_dataset(str(cfg["data"]), columns=[cfg["text_column"], cfg["caption_column"]])
+    ds = open_dataset(str(cfg["data"]), columns=[cfg["text_column"], cfg["caption_column"]], encoding=cfg.get("encoding", "utf-8"))
 
     towers = build_towers("alip", cfg["vision"], cfg["text"], cfg["embed_dim"], cfg["image"],
                           projection=cfg["projection"], temperature="log_scale",
