@@ -173,11 +173,15 @@ def model_line():
     print("  " + "  ".join(f"{k} {v:.2f} GiB" for k, v in gib.items()))
     print(f"  fits an 80 GB GPU: {m['peak'] < GPU_BYTES} ({m['peak'] / GPU_BYTES:.0%} of it)")
     # the same model for this CPU's fp32 run at B = 36864 (chunk 4096, 32 MiB loss blocks, Lion: 1 state)
-    cpu = memory_model(heads, 36864, chunk=4096, emb_bytes=4, act_bytes=4, block_bytes=32 * 2**20, optimizer_states=1)
-    print(f"memory model, B = 36864 on CPU in fp32 (chunk 4096): peak {cpu['peak'] / 2**30:.2f} GiB "
-          "+ the process itself (torch, allocator; ~0.4 GiB)")
+    cpu = {b: memory_model(heads, b, chunk=4096, emb_bytes=4, act_bytes=4, block_bytes=32 * 2**20,
+                           optimizer_states=1)["peak"] for b in (36864, 131072)}
+    flop = {b: 4 * 2 * b * linear_weights(heads) + 3 * 2 * b * b * heads.out_dim for b in cpu}
+    print("memory model on CPU in fp32 (chunk 4096), + the process itself (torch, allocator; ~0.4 GiB): "
+          + ", ".join(f"B = {b}: peak {v / 2**30:.2f} GiB, {flop[b] / 1e12:.0f} TFLOP" for b, v in cpu.items())
+          + f" (B = 131072 does {flop[131072] / flop[36864]:.1f}x the work of 36864: the loss grows as B^2)")
     return {"model_B": 1 << 20, "model_gib": gib, "model_fits_80GB": m["peak"] < GPU_BYTES,
-            "model_cpu_36864_gib": round(cpu["peak"] / 2**30, 2)}
+            **{f"model_cpu_{b}_gib": round(v / 2**30, 2) for b, v in cpu.items()},
+            "tflop": {str(b): round(v / 1e12, 1) for b, v in flop.items()}}
 
 
 def main(argv=None):

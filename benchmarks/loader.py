@@ -17,7 +17,8 @@ Measured:
 - streaming: StreamingBatches as `sail align` runs it (reused batch tensors), two epochs through one
              object: time to the first batch of each epoch (the reader thread runs on across epochs, so
              epoch 1 should not wait for a buffer fill again), pairs/s over both epochs, reader threads
-             started, and the time spent reading stores (sail.loader._read_source). With the default buffer
+             started, and the time spent reading stores before the gather (sail.loader._read_source: ~0
+             for stores in StoreWriter's layout, gathered straight from the file mapping). With the default buffer
              (4 x 65536 rows) 200k pairs are ONE buffer, so every read is dense; "streaming/small" (blocks of
              B rows, 2 per buffer) makes the text rows of each buffer scattered over the text store (its
              order differs), the worst case.

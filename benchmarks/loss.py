@@ -5,7 +5,9 @@
     python benchmarks/loss.py --quick                  # a short run (B = 1024, 2048)
 
 Implementations: "blockwise" = sail.losses.sigmoid_loss on float32 embeddings; "bf16" = the same on
-bfloat16 embeddings (bf16 matmuls, fp32 element-wise work; see sail.losses); "plain" = the formula below.
+bfloat16 embeddings (bf16 matmuls, fp32 element-wise work; see sail.losses); "plain" = the formula below;
+"matmuls" = only the blockwise loss's three fp32 matmuls over the same blocks (no element-wise work): the
+floor of blockwise/plain in fp32, printed as "matmuls alone / plain".
 Accuracy (blockwise and bf16, --accuracy, on by default up to B = 16384): the same call on the float64
 values of the float32 embeddings is the reference (so bf16's input rounding counts); reported are the
 loss's relative error, the cosine between each embedding gradient and the reference's, and the t and b
@@ -63,6 +65,19 @@ def worker(impl, n, dim, block_size, threads, repeats, accuracy):
     b = torch.tensor(-10.0, requires_grad=True)
 
     def step(x, y):
+        if impl == "matmuls":  # the floor: the blockwise loss's three matmuls alone, same blocks
+            from sail.losses import BLOCK_BYTES
+
+            m = x.shape[0]
+            rows = block_size or max(1, min(m, BLOCK_BYTES // (m * 4)))
+            xd, yd = x.detach(), y.detach()
+            s, gx, gy = xd.new_empty((rows, m)), torch.empty_like(xd), torch.zeros_like(yd)
+            for r0 in range(0, m, rows):
+                blk = s[: min(rows, m - r0)]
+                torch.mm(xd[r0:r0 + rows], yd.T, out=blk)
+                torch.mm(blk, yd, out=gx[r0:r0 + rows])
+                gy.addmm_(blk.T, xd[r0:r0 + rows])
+            return float("nan")
         if impl == "plain":
             m = x.shape[0]
             z = 2 * torch.eye(m) - 1
@@ -86,7 +101,7 @@ def worker(impl, n, dim, block_size, threads, repeats, accuracy):
         times.append(time.perf_counter() - t0)
     peak = rss_mb()
     acc = {}
-    if accuracy and impl != "plain":
+    if accuracy and impl not in ("plain", "matmuls"):
         got = [x.grad.double(), y.grad.double(), log_t.grad.double(), b.grad.double()]
         ref_x = (x32 if impl == "bf16" else x).detach().double().requires_grad_()
         ref_y = (y32 if impl == "bf16" else y).detach().double().requires_grad_()
@@ -142,7 +157,7 @@ def main(argv=None):
     p.add_argument("--accuracy", action=argparse.BooleanOptionalAction, default=True,
                    help="compare blockwise and bf16 with float64 (default on, up to --accuracy-max)")
     p.add_argument("--accuracy-max", type=int, default=16384, help="largest B for the float64 comparison")
-    p.add_argument("--worker", choices=["blockwise", "bf16", "plain"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["blockwise", "bf16", "plain", "matmuls"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     sizes = [1024, 2048] if args.quick else [int(s) for s in args.sizes.split(",")]
 
@@ -155,7 +170,7 @@ def main(argv=None):
     print(f"{'B':>7} {'impl':>9} {'time s':>8} {'GFLOP/s':>8} {'mm GFLOP/s':>10} "
           f"{'base MB':>8} {'peak MB':>8} {'incr MB':>8}")
     for n in sizes:
-        for impl in ("blockwise", "bf16", "plain") if n <= args.plain_max else ("blockwise", "bf16"):
+        for impl in ("blockwise", "bf16", "plain", "matmuls") if n <= args.plain_max else ("blockwise", "bf16"):
             r = run_one(impl, n, args)
             rows.append(r)
             if "error" in r:
@@ -185,6 +200,12 @@ def main(argv=None):
             })
             print(f"B={n}: blockwise/plain time {ratios[str(n)]['time']:.3f}, peak RSS "
                   f"{ratios[str(n)]['peak_rss']:.3f}, RSS increase {ratios[str(n)]['increase']:.3f}")
+        mm = next((r for r in rows if r["B"] == n and r["impl"] == "matmuls" and "error" not in r), None)
+        if mm and pl and bw:
+            ratios[str(n)]["matmuls_over_plain_time"] = round(mm["time_s"] / pl["time_s"], 3)
+            ratios[str(n)]["blockwise_over_matmuls_time"] = round(bw["time_s"] / mm["time_s"], 3)
+            print(f"B={n}: the three fp32 matmuls alone / plain time {mm['time_s'] / pl['time_s']:.3f} (the floor of "
+                  f"blockwise/plain in fp32); blockwise / its matmuls {bw['time_s'] / mm['time_s']:.3f}")
     print(json.dumps({"benchmark": "sigmoid_loss_fwd_bwd", "device": "cpu", "dtypes": ["float32", "bfloat16"],
                       "dim": args.dim, "results": rows, "ratios": ratios}))
 

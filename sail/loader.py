@@ -16,15 +16,19 @@ visits the blocks in a seeded order, `buffer_blocks` at a time (a buffer: a few 
 store), shuffles the rows of each buffer, and concatenates the buffers into the epoch's stream of all n
 pairs. Batch s is stream[s*B:(s+1)*B]: a batch may straddle two buffers (the rows a buffer leaves over are
 carried into the next), and only the last n % B rows of the stream are dropped, so every epoch has the same
-length. A background thread reads buffers and gathers batches ahead of the trainer, across epochs.
+length. A background thread gathers batches ahead of the trainer, across epochs, straight from the store
+files mapped into memory (see StreamingBatches).
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import mmap
+import os
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,8 +88,8 @@ class PairedFeatures:
                self.image_rows.tobytes(), self.text_rows.tobytes())
         if _SHARED is not None and key in _SHARED:
             return _SHARED[key]
-        image = torch.from_numpy(_read_all(self.image_store, "image", self.image_rows)).to(device)
-        texts = [torch.from_numpy(_read_all(self.text_store, c, self.text_rows)).to(device) for c in self.captions]
+        image = _read_all(self.image_store, "image", self.image_rows, device)
+        texts = [_read_all(self.text_store, c, self.text_rows, device) for c in self.captions]
         if _SHARED is not None:
             _SHARED[key] = (image, texts)
         return image, texts
@@ -105,14 +109,18 @@ def shared_loads():
         _SHARED = outer
 
 
-def _read_all(store: FeatureStore, field: str, rows: np.ndarray) -> np.ndarray:
-    """Rows of a field, reading in 64k-row slabs so the peak is the result, not the whole field."""
-    out = np.empty((len(rows), store.dim(field)), dtype=np.float16)
-    order = np.argsort(rows, kind="stable")
+def _read_all(store: FeatureStore, field: str, rows: np.ndarray, device: torch.device | str = "cpu",
+              step: int = 65536) -> torch.Tensor:
+    """Rows of a field as a (len(rows), D) float16 tensor on `device`, read in `step`-row slabs straight into
+    it: the host holds the result (CPU) or one slab (a GPU; W ranks of one host loading at once would
+    otherwise hold W whole copies in host RAM), never the whole field twice."""
+    device = torch.device(device)
+    out = torch.empty((len(rows), store.dim(field)), dtype=torch.float16, device=device)
+    order = np.argsort(rows, kind="stable")  # sorted reads are contiguous
     sorted_rows = rows[order]
-    step = 65536
     for i in range(0, len(rows), step):
-        out[order[i:i + step]] = store.read(field, sorted_rows[i:i + step])
+        slab = torch.from_numpy(store.read(field, sorted_rows[i:i + step]))
+        out[torch.from_numpy(order[i:i + step]).to(device)] = slab.to(device)
     return out
 
 
@@ -131,8 +139,12 @@ def _check_batch(n: int, batch: int, world: int, rank: int) -> None:
 class MemoryBatches:
     """Batches gathered from features already on the device; a seeded permutation per epoch.
 
-    Every rank holds all rows (any row can fall into its share of a later batch) but gathers only its
-    B/W rows of each global batch.
+    Every rank holds all rows but gathers only its B/W rows of each global batch. Why all: the global
+    batch sequence is the single process's (a seeded permutation of ALL rows per epoch), so any row can fall
+    into a rank's share of a later batch; holding only a fixed 1/W shard would need either the features of
+    every batch exchanged between ranks each step, or a batch order that depends on W (a DDP run no longer
+    equal to one process, nor resumable at another W). Streaming (StreamingBatches) is the DDP path that
+    reads only the rank's rows; `sail align --in-memory auto` picks it when W copies do not fit.
     """
 
     def __init__(self, image: torch.Tensor, texts: list[torch.Tensor], batch: int, seed: int = 0,
@@ -211,10 +223,12 @@ class StreamPlan:
 
 
 class _Scratch:
-    """A reusable float16 array per field, grown on demand, so reading a buffer allocates nothing."""
+    """A reusable float16 array per field, grown on demand, so reading a buffer allocates nothing; and the
+    fields mapped from their files (`_mapped_field`), kept for the reader thread's life."""
 
     def __init__(self):
         self.arrays: dict[str, np.ndarray] = {}
+        self.maps: dict[str, _Mapped | None] = {}  # by the key of _read_source
 
     def get(self, key: str, rows: int, dim: int) -> np.ndarray:
         a = self.arrays.get(key)
@@ -226,12 +240,20 @@ class _Scratch:
 def _read_source(store: FeatureStore, field: str, rows: np.ndarray, scratch: _Scratch, key: str) -> tuple[np.ndarray, np.ndarray]:
     """Read store rows `rows` (any order) into a reused array; returns (src, pos), src[pos[i]] = row rows[i].
 
+    A field mapped from its file (`_mapped_field`) is not read at all: src is the mapping and pos the rows
+    (after asking the kernel to read them ahead).
+
     Runs of nearby rows (gaps under one HDF5 chunk, at least half of the span wanted) are read straight
     into the scratch array (HDF5 copies the page-cache pages once, no intermediate array); what is left
     (rows scattered over the store, e.g. a text store in another order) goes through the store's chunked
     read. src holds at most 2 * len(unique rows) rows.
     """
     ds = store._dataset(field)
+    if key not in scratch.maps:
+        scratch.maps[key] = _mapped_field(store, ds)
+    mapped = scratch.maps[key]
+    if mapped is not None:
+        return mapped.rows, mapped.starts(np.asarray(rows, dtype=np.int64))
     uniq, inverse = np.unique(rows, return_inverse=True)
     gap = ds.chunks[0] if ds.chunks else 1024
     segments = np.split(np.arange(len(uniq)), np.flatnonzero(np.diff(uniq) > gap) + 1)
@@ -255,11 +277,101 @@ def _read_source(store: FeatureStore, field: str, rows: np.ndarray, scratch: _Sc
     return src, pos_u[inverse]
 
 
+_AHEAD = None  # one thread that asks the kernel to read the next buffer's pages (see _Mapped.read_ahead)
+
+
+@dataclass
+class _Mapped:
+    """A field mapped from its store file. The field's row-chunks lie anywhere in the mapping (HDF5 puts
+    metadata between them), so `rows` is a (L - D + 1, D) view with strides (1, 1) elements: row e of it is
+    the D values starting at element e, and store row r is row `starts(r)` of it."""
+
+    rows: np.ndarray
+    mm: mmap.mmap
+    skip: int                   # bytes from the start of the mapping to element 0
+    start: int                  # file offset of the mapping
+    file: object                # the open store file (for read_ahead's fadvise)
+    chunk_elem: np.ndarray      # element offset of each row-chunk
+    chunk_rows: int
+
+    def starts(self, rows: np.ndarray) -> np.ndarray:
+        return self.chunk_elem[rows // self.chunk_rows] + rows % self.chunk_rows * self.rows.shape[1]
+
+    def _spans(self, rows: np.ndarray):
+        """Byte ranges (from, to) of the file under store rows `rows`, one per run of nearby rows (gaps
+        under 1 MiB), from page boundaries."""
+        at = self.skip + 2 * np.sort(self.starts(np.asarray(rows)))  # byte offsets (np.unique: 50x slower)
+        cut = np.flatnonzero(np.diff(at) > 2**20) + 1
+        lo = at[np.concatenate([[0], cut])]
+        hi = at[np.concatenate([cut - 1, [len(at) - 1]])] + 2 * self.rows.shape[1]
+        return [(a - a % mmap.PAGESIZE, b) for a, b in zip(lo.tolist(), hi.tolist())]
+
+    def read_ahead(self, rows: np.ndarray) -> None:
+        """Start reading the pages under `rows` into the page cache (POSIX_FADV_WILLNEED) in a background
+        thread: a store not in the page cache is then read in large requests while the previous buffer is
+        gathered, not one page fault at a time. Costs some CPU even when the pages are cached."""
+        global _AHEAD
+        if len(rows) == 0 or not hasattr(os, "posix_fadvise"):
+            return
+        if _AHEAD is None:
+            _AHEAD = ThreadPoolExecutor(1, thread_name_prefix="sail-readahead")
+        fd, spans = self.file.fileno(), self._spans(rows)
+
+        def work():
+            with contextlib.suppress(OSError, ValueError):  # only a hint; a closed file is fine
+                for a, b in spans:
+                    os.posix_fadvise(fd, self.start + a, b - a, os.POSIX_FADV_WILLNEED)
+
+        _AHEAD.submit(work)
+
+    def release(self, rows: np.ndarray) -> None:
+        """Unmap the pages under `rows` once gathered (MADV_DONTNEED; the page cache keeps them): the
+        process's RSS stays near one buffer, not the whole store."""
+        if len(rows) and hasattr(mmap, "MADV_DONTNEED"):
+            for a, b in self._spans(rows):
+                self.mm.madvise(mmap.MADV_DONTNEED, a, b - a)
+
+
+def _mapped_field(store: FeatureStore, ds) -> _Mapped | None:
+    """The field mapped from the store file (uncompressed float16 row-chunks, see _chunk_offsets), or None
+    (then it is read with preads or h5py).
+
+    Gathering a batch straight from the mapping copies each byte once (page cache -> batch tensor) instead of
+    twice (pread into a buffer, then the gather). The mapping is private (copy-on-write, never written) so
+    the array is writable for torch.from_numpy; its pages are the page cache's own, nothing is copied.
+    """
+    import sail.store  # the chunk layout's home once the pread path lives in sail.store (helper structure)
+
+    chunk_offsets = getattr(sail.store, "_chunk_offsets", None) or globals()["_chunk_offsets"]
+    layout = chunk_offsets(store, ds)
+    if layout is None or not hasattr(mmap.mmap, "madvise"):
+        return None
+    offsets, cr = layout
+    n, d = ds.shape
+    base = int(offsets.min())
+    in_chunk = np.minimum(cr, n - np.arange(len(offsets)) * cr)  # rows held by each chunk
+    end = int((offsets + in_chunk * d * 2).max())
+    start = base - base % mmap.ALLOCATIONGRANULARITY
+    if n == 0 or base % 2 or ((offsets - base) % 2).any():  # float16 elements must be aligned
+        return None
+    f = open(store.path, "rb")
+    if f.seek(0, 2) < end:
+        f.close()
+        return None
+    mm = mmap.mmap(f.fileno(), end - start, access=mmap.ACCESS_COPY, offset=start)
+    flat = np.frombuffer(mm, dtype=np.float16, offset=base - start)
+    rows = np.lib.stride_tricks.as_strided(flat, (len(flat) - d + 1, d), (2, 2))
+    return _Mapped(rows, mm, base - start, start, f, (offsets - base) // 2, cr)
+
+
 class StreamingBatches:
     """Batches streamed from the stores by a `StreamPlan`, prefetched by one thread that runs across epochs.
 
-    Per buffer the reader copies each store's rows once into a reused scratch array; per batch it gathers
-    the rank's B/W rows once into a (pinned, on CUDA) batch tensor that goes to the device as is.
+    Stores in StoreWriter's layout (uncompressed float16 row-chunks) are mapped from their files: per batch
+    the reader gathers the rank's B/W rows straight from the page cache into a (pinned, on CUDA) batch
+    tensor that goes to the device as is, one copy per byte; a background thread asks the kernel to read
+    the next buffer ahead, and a gathered buffer's pages are unmapped. Other layouts are read per buffer
+    into a reused scratch array (preads, or h5py), then gathered.
 
     reuse: recycle prefetch + 2 batch tensors instead of allocating each batch (fresh 100+ MB tensors cost
     page faults that take longer than the gather). On CUDA this is always safe (the trainer gets device
@@ -291,11 +403,20 @@ class StreamingBatches:
             [(f"text:{c}", self.pairs.text_store, c) for c in self.pairs.captions]
         store_rows = {"image": p.image_rows, **{f"text:{c}": p.text_rows for c in p.captions}}
         out, fill = None, 0
-        for _, take, _ in self.plan.pieces(epoch, start_step, self.rank, self.world):
+        pieces = self.plan.pieces(epoch, start_step, self.rank, self.world)
+        piece, first = next(pieces, None), True
+        while piece is not None:
+            take = piece[1]
             srcs = []
             for key, store, field in fields:
                 src, pos = _read_source(store, field, store_rows[key][take], scratch, key)
                 srcs.append((torch.from_numpy(src), torch.from_numpy(pos)))
+            piece = next(pieces, None)
+            for key, _, _ in fields:  # mapped stores: the kernel reads this (first) and the next buffer ahead
+                if scratch.maps.get(key) is not None:
+                    for ahead in ([take] if first else []) + ([] if piece is None else [piece[1]]):
+                        scratch.maps[key].read_ahead(store_rows[key][ahead])
+            first = False
             i = 0
             while i < len(take):
                 if out is None:
@@ -308,6 +429,9 @@ class StreamingBatches:
                 if fill == self.local:
                     yield slot, (out[0], out[1:])
                     out = None
+            for key, _, _ in fields:  # the piece is gathered: unmap its pages
+                if scratch.maps.get(key) is not None:
+                    scratch.maps[key].release(store_rows[key][take])
 
     def _produce(self, q: queue.Queue, stop: threading.Event, epoch: int, start_step: int) -> None:
         def put(item) -> bool:

@@ -226,6 +226,7 @@ def _sigmoid_sums(x, y, t, b, rows, want_grad, diag):
     t1, b1 = t.reshape(1), b.reshape(1)  # 1-d: they take part in type promotion, so l = t s + b is in edt
     loss = x.new_zeros((), dtype=edt)
     p_sum = x.new_zeros((), dtype=edt)
+    gs_sum = x.new_zeros((), dtype=edt)
     gx = x.new_empty((n, d), dtype=edt) if want_grad else None
     gy = x.new_zeros((m, d), dtype=edt) if want_grad else None
     # reused so big blocks are not re-allocated (and page-faulted) each step
@@ -247,9 +248,10 @@ def _sigmoid_sums(x, y, t, b, rows, want_grad, diag):
             p_sum += l.sum()
             l_pos.sub_(1)  # G = P - I
             grads(l, s, x[r0:r1], y, gx[r0:r1], gy)
+            # sum_ij G_ij x_i.y_j = sum_i x_i . (G y)_i: no extra B x B pass, and no (B, D) temporary
+            gs_sum += (gx[r0:r1] * x[r0:r1]).sum()  # (rows, D), still in cache
     if not want_grad:
         return loss, None, None, None, None
-    gs_sum = (gx * x).sum()  # sum_ij G_ij x_i.y_j = sum_i x_i . (G y)_i, no extra B x B pass
     return loss, gx, gy, gs_sum, p_sum - n
 
 
@@ -426,7 +428,7 @@ def _info_nce_kernel(image, text, t_in, *, eps, weights, block_size, group, want
                 blk.sub_(wr * (eps / m)).sub_(w_all * (eps / m))
             blk[:, off + r0 : off + r1].diagonal().sub_(w[r0:r1] * (2 * (1 - eps)))
             grads(blk, s, x[r0:r1], y_all, gx[r0:r1], gy)
-        sums[1] = (gx * x).sum()
+            sums[1] += (gx[r0:r1] * x[r0:r1]).sum()  # sum_ij G_ij s_ij, a (rows, D) temporary
         if group is not None:
             gy = _sum_own_rows(gy, n, group)
     if group is not None:

@@ -184,3 +184,81 @@ def test_store_reads_match_h5py(tmp_path, monkeypatch, direct):
                 rng.permutation(np.arange(k * 30, min(2500, k * 30 + n)))][k % 3]  # one dense span
         src, pos = loader._read_source(store, "image", rows, loader._Scratch(), "image")
         assert np.array_equal(src[pos], x[rows])
+
+
+@pytest.mark.parametrize("captions", [("caption",), ("a", "b")])
+def test_mapped_and_read_streams_agree(tmp_path, monkeypatch, captions):
+    # the same batches, every epoch, whether the rows are gathered from the file mappings or read with
+    # preads into a buffer first; the mapped pages are released after each buffer and re-mapped later
+    import sail.loader as loader
+
+    img, txt = paired_stores(tmp_path, n=2300, image_dim=40, text_dim=24, captions=captions)
+    pairs = PairedFeatures.from_stores(FeatureStore(img), FeatureStore(txt), list(captions))
+    stream = StreamingBatches(pairs, batch=128, seed=4, block_rows=300, buffer_blocks=2)
+    mapped = [list(stream.epoch(e)) for e in range(3)]
+    maps = []
+    original = loader._mapped_field
+    monkeypatch.setattr(loader, "_mapped_field", lambda s, ds: maps.append(original(s, ds)) or None)
+    read = [list(StreamingBatches(pairs, batch=128, seed=4, block_rows=300, buffer_blocks=2).epoch(e))
+            for e in range(3)]
+    assert len(maps) == 3 * (1 + len(captions)) and all(m is not None for m in maps)  # a reader per object
+    image_all, texts_all = pairs.load()
+    for e in range(3):
+        order = stream.plan.order(e)
+        assert len(mapped[e]) == len(read[e]) == 17
+        for s, ((x, ys), (x2, ys2)) in enumerate(zip(mapped[e], read[e])):
+            idx = torch.from_numpy(order[s * 128:(s + 1) * 128])
+            assert torch.equal(x, image_all[idx]) and torch.equal(x, x2)
+            for y, y2, t in zip(ys, ys2, texts_all):
+                assert torch.equal(y, t[idx]) and torch.equal(y, y2)
+    stream.close()
+
+
+@pytest.mark.parametrize("mapped", [True, False])
+def test_mapped_store_rows_match_h5py(tmp_path, monkeypatch, mapped):
+    # StoreWriter's layout is gathered from the file mapping (chunks anywhere in the file: HDF5 puts
+    # metadata between them); with the mapping off, the rows are read into a buffer first
+    import sail.loader as loader
+    from synthetic import write_store
+
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((3100, 24)).astype(np.float16)
+    store = FeatureStore(write_store(tmp_path / "s.h5", [f"i{k}" for k in range(3100)], {"image": x}, "image", "m"))
+    m = loader._mapped_field(store, store._dataset("image"))
+    assert m is not None and m.chunk_rows == 1024
+    if not mapped:
+        monkeypatch.setattr(loader, "_mapped_field", lambda store, ds: None)
+    for k in range(40):
+        n = int(rng.integers(1, 3100))
+        rows = [rng.choice(3100, n, replace=False), rng.integers(0, 3100, n),
+                rng.permutation(np.arange(k * 50, min(3100, k * 50 + n)))][k % 3]
+        src, pos = loader._read_source(store, "image", rows, loader._Scratch(), "image")
+        assert np.array_equal(src[pos], x[rows])
+        m.read_ahead(rows)  # hints only: the rows read the same afterwards
+        m.release(rows)
+        assert np.array_equal(m.rows[m.starts(rows)], x[rows])
+
+
+def test_load_reads_slabs_straight_into_the_result(pairs):
+    # any slab size gives the rows in the asked order (slabs are read sorted, scattered into place)
+    import sail.loader as loader
+
+    ref = pairs.image_store.read("image")
+    rows = np.random.default_rng(3).permutation(pairs.image_rows)[:500]
+    for step in (1, 7, 64, 499, 500, 65536):
+        got = loader._read_all(pairs.image_store, "image", rows, "cpu", step=step)
+        assert got.dtype == torch.float16 and torch.equal(got, torch.from_numpy(ref[rows]))
+
+
+def test_auto_counts_one_copy_per_rank_on_a_shared_host(monkeypatch):
+    # in memory every rank holds all rows: on CPU the W ranks of one host share its RAM, so auto streams
+    # once W copies exceed the bound; each GPU has its own memory, so there one copy is what counts
+    import sail.align as A
+
+    cfg = A.AlignConfig(image="i.h5", text="t.h5", out="o")
+    seen = []
+    monkeypatch.setattr(A, "_fits", lambda nbytes, device: seen.append(nbytes) or nbytes < 1000)
+    assert A._batching_mode(cfg, None, 600, torch.device("cpu"), 1) == "memory"
+    assert A._batching_mode(cfg, None, 600, torch.device("cpu"), 2) == "stream"
+    assert A._batching_mode(cfg, None, 600, torch.device("cuda", 0), 4) == "memory"
+    assert seen == [600, 1200, 600]
