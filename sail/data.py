@@ -294,8 +294,7 @@ def _read_manifest_table(path: Path, encoding: str = "utf-8", choose=None):
 
         try:
             header = pq.read_schema(path).names
-            _check_header(path, header)
-            return pq.read_table(path, columns=choose(header)), header
+            return pq.read_table(path, columns=_chosen(path, header, choose)), header
         except (pa.ArrowException, OSError) as e:
             raise SailError(f"{path} is not a readable Parquet file ({str(e).splitlines()[0][:200]})") from None
     check_encoding(path, encoding)
@@ -322,20 +321,23 @@ def _read_manifest_table(path: Path, encoding: str = "utf-8", choose=None):
     try:
         with pcsv.open_csv(path, read_options=read, parse_options=parse) as first:  # only the column names
             header = first.schema.names
-        _check_header(path, header)
         # every column as text: ids like 007 must not become 7
         convert = pcsv.ConvertOptions(column_types={n: pa.string() for n in header}, strings_can_be_null=False,
-                                      include_columns=choose(header))
+                                      include_columns=_chosen(path, header, choose))
         return pcsv.read_csv(path, read_options=read, parse_options=parse, convert_options=convert), header
     except pa.ArrowInvalid as e:
         raise SailError(f"{path} is not a readable {suffix[1:].upper()} file ({str(e).splitlines()[0][:200]})") from None
 
 
-def _check_header(path: Path, header: list[str]) -> None:
-    repeated = sorted({c for c in header if header.count(c) > 1})
+def _chosen(path: Path, header: list[str], choose) -> list[str]:
+    """choose(header), refusing a chosen column whose name the header repeats (which one would be meant?);
+    other repeats, like the empty names of trailing commas, do no harm."""
+    chosen = choose(header)
+    repeated = [c for c in chosen if header.count(c) > 1]
     if repeated:
         raise SailError(f"{path}: column name(s) {', '.join(map(repr, repeated))} appear more than once in the "
                         "header; rename them so each column has its own name")
+    return chosen
 
 
 def _text_array(col, name: str, path: Path, what: str):
@@ -433,7 +435,7 @@ def open_manifest(path: Path, columns: list[str] | None, id_column: str = "id",
         chosen["image"] = image_column if image_column in header else ""
         chosen["captions"] = list(columns) if columns is not None else [c for c in CAPTION_COLUMNS if c in header]
         keep = [id_column, chosen["image"], label_column, *chosen["captions"]]
-        return [c for c in dict.fromkeys(keep) if c in header]
+        return [c for c in dict.fromkeys(keep) if c and c in header]
 
     with _system_memory_pool():
         table, header = _read_manifest_table(path, encoding, choose)

@@ -684,6 +684,10 @@ def test_a_repeated_column_name_is_refused_naming_it(tmp_path, kind):
                                             names=["id", "caption", "caption"]), path)
     with pytest.raises(SailError, match=r"m\.\w+: column name\(s\) 'caption' appear more than once in the header"):
         open_dataset(str(path))
+    assert open_dataset(str(path), columns=[]).ids == ["a"]  # a repeat among unread columns does no harm
+    if kind == "csv":  # nor do the empty names of trailing commas (spreadsheet exports)
+        path.write_text("id,caption,,\na,x,,\n")
+        assert open_dataset(str(path)).captions == {"caption": ["x"]}
 
 
 def test_only_the_needed_columns_are_read(tmp_path, monkeypatch):
