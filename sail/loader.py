@@ -340,10 +340,9 @@ def _mapped_field(store: FeatureStore, ds) -> _Mapped | None:
     twice (pread into a buffer, then the gather). The mapping is private (copy-on-write, never written) so
     the array is writable for torch.from_numpy; its pages are the page cache's own, nothing is copied.
     """
-    import sail.store  # the chunk layout's home once the pread path lives in sail.store (helper structure)
+    import sail.store  # looked up per call: the chunk layout lives with the store's direct reads (tests patch it)
 
-    chunk_offsets = getattr(sail.store, "_chunk_offsets", None) or globals()["_chunk_offsets"]
-    layout = chunk_offsets(store, ds)
+    layout = sail.store._chunk_offsets(store, ds)
     if layout is None or not hasattr(mmap.mmap, "madvise"):
         return None
     offsets, cr = layout
