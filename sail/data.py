@@ -773,19 +773,27 @@ def open_clip_benchmark(path, split: str = "test", columns: list[str] | None = N
     _check_unique(ids, root / split)
     ds = Dataset(f"{root.name}-{split}", str((root / split).resolve()),
                  _hash_files(shards, content=False) + _hash_text(info), ids, images, skipped=skipped)
+    _attach_targets(ds, info, root / split, columns, texts, multi, labels)
+    return ds
+
+
+def _attach_targets(ds: Dataset, info: ClipBenchmarkInfo, where: Path, columns, texts, multi, labels) -> None:
+    """What a CLIP_benchmark split is scored against: caption columns (retrieval), a (N, C) label matrix
+    (multilabel) or integer labels (classification), each checked against classnames.txt."""
+    ids = ds.ids
     n_classes = len(info.class_names) if info.class_names else None
     if info.dataset_type == "retrieval":
         width = max((len(t) for t in texts), default=0)
         names = [f"caption_{j}" for j in range(width)]
         for c in columns or []:
             if c not in names:
-                raise SailError(f"{root / split} has no caption column {c!r}; its columns are {', '.join(names)}")
+                raise SailError(f"{where} has no caption column {c!r}; its columns are {', '.join(names)}")
         ds.captions = {c: [t[j] if j < len(t) else "" for t in texts]
                        for j, c in enumerate(names) if columns is None or c in columns}
     elif info.dataset_type == "multilabel":
         widths = {len(v) for v in multi}
         if len(widths) > 1 or (n_classes and widths != {n_classes}):
-            raise SailError(f"{root / split}: .npy label vectors have lengths {sorted(widths)}, expected one length "
+            raise SailError(f"{where}: .npy label vectors have lengths {sorted(widths)}, expected one length "
                             f"{'= ' + str(n_classes) + ' (classnames.txt)' if n_classes else ''}")
         ds.multilabels = np.array(multi, dtype=np.int8).reshape(len(multi), -1)
         ds.class_names = info.class_names
@@ -794,9 +802,8 @@ def open_clip_benchmark(path, split: str = "test", columns: list[str] | None = N
         ds.class_names = info.class_names
         if n_classes is not None and len(labels) and (ds.labels.min() < 0 or ds.labels.max() >= n_classes):
             bad = int(np.flatnonzero((ds.labels < 0) | (ds.labels >= n_classes))[0])
-            raise SailError(f"{root / split} sample {ids[bad]} has label {labels[bad]}, outside the "
+            raise SailError(f"{where} sample {ids[bad]} has label {labels[bad]}, outside the "
                             f"{n_classes} classes of classnames.txt")
-    return ds
 
 
 def _hash_text(info: ClipBenchmarkInfo) -> str:
