@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sail.checkpoint import load_checkpoint, save_checkpoint
+from sail.checkpoint import check_resume, load_checkpoint, save_checkpoint
 from sail.distributed import init_distributed, local_device
 from sail.encoders import pick_device
 from sail.errors import SailError
@@ -105,7 +105,7 @@ class AlignConfig:
         need(self.batch >= 2, "batch", self.batch, "a batch needs at least 2 pairs (SAIL uses 32768+)")
         need(self.steps is None or self.steps >= 1, "steps", self.steps, "give at least 1 step, or leave it out to use --epochs")
         need(self.epochs >= 1, "epochs", self.epochs, "give at least 1 epoch")
-        need(self.width >= 1, "width", self.width, "the hidden width factor must be at least 1")
+        need(self.width >= 1, "width", self.width, "--width-factor (hidden width = factor x input dim) must be at least 1")
         need(self.out_dim >= 1, "out-dim", self.out_dim, "the embedding dimension must be at least 1")
         need(self.lr > 0, "lr", self.lr, "the learning rate must be positive")
         need(self.weight_decay >= 0, "weight-decay", self.weight_decay, "must be 0 or more")
@@ -198,16 +198,17 @@ def _check_same_encoder(a: FeatureStore, b: FeatureStore) -> None:
                         "extract both with the same --model and settings")
 
 
-def _loss(cfg: AlignConfig, x: torch.Tensor, ys: list[torch.Tensor], t, b) -> torch.Tensor:
+def _loss(cfg: AlignConfig, x: torch.Tensor, ys: list[torch.Tensor], scale, bias) -> torch.Tensor:
+    """The run's loss of images x (B, D) against the caption sets ys (K x (B, D)); scale is the temperature t."""
     from sail import losses
 
     if cfg.loss == "sigmoid":
-        return losses.sigmoid_loss(x, ys[0], t, b, average=cfg.average, block_size=cfg.block_size,
+        return losses.sigmoid_loss(x, ys[0], scale, bias, average=cfg.average, block_size=cfg.block_size,
                                    impl=cfg.loss_impl)
     if cfg.loss == "multi-positive":
-        return losses.multi_positive_loss(x, ys, t, b, average=cfg.average, block_size=cfg.block_size,
+        return losses.multi_positive_loss(x, ys, scale, bias, average=cfg.average, block_size=cfg.block_size,
                                           impl=cfg.loss_impl)
-    return losses.info_nce_loss(x, ys[0], t, block_size=cfg.block_size)
+    return losses.info_nce_loss(x, ys[0], scale, block_size=cfg.block_size)
 
 
 def _check_loss_impl(cfg: AlignConfig, device: torch.device) -> None:
@@ -280,36 +281,6 @@ def _check_same_stores(run: Path, saved: dict, stores: dict[str, FeatureStore]) 
                             f"({now['rows']} rows now, {before['rows']} then); restore it or use another --out")
 
 
-def _is_failed_start(run: Path) -> bool:
-    """A run directory with settings but no checkpoint and no final model: nothing in it to resume."""
-    return not (run / "LATEST").exists() and not (run / "model.safetensors").exists()
-
-
-def _prepare_run_dir(cfg: AlignConfig, resume: bool) -> tuple[Path, dict | None]:
-    """The run directory and, when resuming, its saved settings. A directory left by a failed start (no
-    checkpoint) is reused as new, with or without --resume."""
-    run = Path(cfg.out)
-    if run.exists() and not run.is_dir():
-        raise SailError(f"--out {run} is a file; a run is a directory: choose another --out")
-    saved = run / "train_config.json"
-    if saved.exists():
-        if _is_failed_start(run):
-            return run, None
-        if not resume:
-            raise SailError(f"{run} already holds a run; pass --resume to continue it or choose another --out")
-        old = json.loads(saved.read_text())
-        new = cfg.resolved()
-        defaults = {f.name: f.default for f in dataclasses.fields(AlignConfig)}  # settings added since the run began
-        diff = [k for k in new if k not in _RESUME_FREE and old.get(k, defaults.get(k)) != new[k]]
-        if diff:
-            raise SailError(f"cannot resume {run}: settings differ from the saved run "
-                            f"({', '.join('--' + k.replace('_', '-') for k in diff)}); use the same settings or another --out")
-        return run, old
-    if resume and run.exists() and any(run.iterdir()):
-        raise SailError(f"{run} has no train_config.json to resume from")
-    return run, None
-
-
 def _batching_mode(cfg: AlignConfig, saved: dict | None, nbytes: int, device: torch.device, world: int) -> str:
     """"memory" or "stream": a resumed run keeps the mode it started with (the two differ in batch order)."""
     before = (saved or {}).get("batching", {}).get("mode")
@@ -347,9 +318,9 @@ def _drop_nonfinite(pairs: PairedFeatures, what: str, progress: bool, say, rank:
     for c in pairs.captions:
         ok &= _finite_rows(pairs.text_store, c, pairs.text_rows, progress, rank, world)
     if world > 1:  # every rank must drop the same pairs: AND over the ranks' slabs
-        t = torch.from_numpy(ok.astype(np.uint8)).to(device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
-        ok = t.cpu().numpy().astype(bool)
+        flags = torch.from_numpy(ok.astype(np.uint8)).to(device)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
+        ok = flags.cpu().numpy().astype(bool)
     if not ok.all():
         bad = pairs.ids[~ok]
         say(f"align: skipping {len(bad)} {what} pairs with NaN/Inf features (ids {', '.join(map(str, bad[:5]))}"
@@ -374,33 +345,28 @@ def _joined(image_store: FeatureStore, text_store: FeatureStore, captions: list[
     return pairs
 
 
-# ------------------------------------------------------------------------------------------ training
+@dataclass
+class _Data:
+    image_store: FeatureStore
+    text_store: FeatureStore
+    captions: list[str]
+    encoders: dict            # image / text: the stores' encoder attributes (ENCODER_KEYS)
+    identities: dict          # flag -> _store_identity, recorded for resume
+    train: PairedFeatures
+    val: PairedFeatures
 
 
-def align(cfg: AlignConfig, resume: bool = False) -> AlignResult:
-    cfg.validate()
-    rank, world = init_distributed()
-    device = local_device(pick_device(cfg.device), rank, world)
-    prec = resolve_precision(cfg.precision, device)
-    _check_loss_impl(cfg, device)
-    if cfg.batch % world:
-        raise SailError(f"--batch {cfg.batch} must divide evenly over {world} processes")
-    torch.manual_seed(cfg.seed)
-    run, saved = _prepare_run_dir(cfg, resume)
-    resume = saved is not None  # a directory left by a failed start begins afresh
-
-    def say(msg: str) -> None:
-        if rank == 0:
-            print(msg, flush=True)
-
-    # ---- data: check the stores, join them by id, hold out a validation split
+def _prepare_data(cfg: AlignConfig, run: Path, saved: dict | None, say, rank: int, world: int,
+                  device: torch.device) -> _Data:
+    """Check the stores (modality, encoders, and on resume that they are the run's own), join them by id, hold
+    out the validation pairs, and drop pairs with NaN/Inf features."""
     image_store, text_store = FeatureStore(cfg.image), FeatureStore(cfg.text)
     _check_modality(image_store, "image", "image")
     _check_modality(text_store, "text", "text")
     captions = cfg.captions or (text_store.fields if cfg.loss == "multi-positive" else text_store.fields[:1])
     encoders = {"image": _encoder_info(image_store), "text": _encoder_info(text_store)}
     saved_encoders = run / "encoders.json"
-    if resume and saved_encoders.exists():
+    if saved is not None and saved_encoders.exists():
         before = json.loads(saved_encoders.read_text())
         if before != json.loads(json.dumps(encoders, default=str)):
             raise SailError(f"cannot resume {run}: the stores now come from other encoders than when the run started "
@@ -419,64 +385,60 @@ def align(cfg: AlignConfig, resume: bool = False) -> AlignResult:
         train, val = pairs, _joined(vi, vt, captions[:1], say)
     else:
         train, val = pairs.split(cfg.val_fraction, cfg.seed)
-    identities = {k: _store_identity(v) for k, v in stores.items()}
-    if resume:
+    if saved is not None:
         _check_same_stores(run, saved.get("stores", {}), stores)
     train = _drop_nonfinite(train, "training", cfg.progress and rank == 0, say, rank, world, device)
     if len(val):
         val = _drop_nonfinite(val, "validation", cfg.progress and rank == 0, say, rank, world, device)
-    batch = min(cfg.batch, len(train) - len(train) % world)
-    if batch < 2:
-        raise SailError(f"only {len(train)} training pairs; need at least 2 (check the stores and --val-fraction)")
-    if batch < cfg.batch:
-        say(f"align: --batch {cfg.batch} is more than the {len(train)} training pairs; using batch {batch}")
-    mode = _batching_mode(cfg, saved, train.nbytes(), device, world)
-    on_device = mode == "memory"
-    if on_device:
-        image_all, texts_all = train.load(device)
-        batches = MemoryBatches(image_all, texts_all, batch, cfg.seed, rank, world)
-    else:
-        # reuse: the loop is done with a batch when it asks for the next one
-        batches = StreamingBatches(train, batch, cfg.seed, cfg.stream_block_rows, cfg.stream_buffer_blocks,
-                                   device=device, rank=rank, world=world, reuse=True)
+    return _Data(image_store, text_store, captions, encoders, {k: _store_identity(v) for k, v in stores.items()},
+                 train, val)
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+# ~120 lines on purpose: one loop whose state (step, device sums since the last log, stop request) every phase uses.
+def align(cfg: AlignConfig, resume: bool = False) -> AlignResult:
+    """Train heads on the stores in `cfg` into cfg.out (the module doc); `resume` continues a run there."""
+    cfg.validate()
+    rank, world = init_distributed()
+    device = local_device(pick_device(cfg.device), rank, world)
+    prec = resolve_precision(cfg.precision, device)
+    _check_loss_impl(cfg, device)
+    if cfg.batch % world:
+        raise SailError(f"--batch {cfg.batch} must divide evenly over {world} processes")
+    torch.manual_seed(cfg.seed)
+    run = Path(cfg.out)
+    # the resume rule of sail.checkpoint, as the recipes; settings added since a run began compare as defaults
+    ck = check_resume(run, "train_config.json", cfg.resolved(), resume, _RESUME_FREE,
+                      {f.name: f.default for f in dataclasses.fields(AlignConfig) if f.default is not dataclasses.MISSING})
+    saved = ck.settings if ck is not None else None  # None: a fresh start (a failed start's directory is reused)
+
+    def say(msg: str) -> None:
+        if rank == 0:
+            print(msg, flush=True)
+
+    data = _prepare_data(cfg, run, saved, say, rank, world, device)
+    train, val, captions, encoders = data.train, data.val, data.captions, data.encoders
+    batches, batch, mode = _make_batches(cfg, train, saved, device, rank, world, say)
     steps_per_epoch = batches.steps_per_epoch
     total = cfg.steps or cfg.epochs * steps_per_epoch
     val_image, val_texts = val.load("cpu") if len(val) else (None, None)
-
-    # ---- model, optimizer, schedule
-    heads = AlignmentHeads(image_store.dim("image"), text_store.dim(captions[0]), cfg.out_dim, cfg.head, cfg.width,
-                           cfg.activation, cfg.init_scale, cfg.init_bias).to(device)
-    opt = build_optimizer(cfg.optimizer, heads.param_groups(cfg.weight_decay), cfg.lr, cfg.weight_decay, tuple(cfg.betas))
-    warmup = int(cfg.warmup if cfg.warmup >= 1 else round(cfg.warmup * total))
-    sched = cosine_with_warmup(opt, total, min(warmup, max(0, total - 1)))
-    scaler = prec.grad_scaler()  # dynamic loss scaling for fp16, a pass-through otherwise
-
-    start = 0
-    ck = load_checkpoint(run) if resume else None
-    if ck is not None:
-        ck.restore(heads, opt, sched)
-        start = ck.step
-        if scaler.is_enabled() and "grad_scaler" in ck.state:
-            scaler.load_state_dict(ck.state["grad_scaler"])
+    heads, opt, sched, scaler, start = _build_heads(cfg, data, total, device, prec, ck)
     broadcast_parameters(heads)  # every rank starts from rank 0's weights (as DDP did)
     if rank == 0:
-        run.mkdir(parents=True, exist_ok=True)
-        record = {**cfg.resolved(), "stores": identities,
-                  "batching": {"mode": mode, "block_rows": cfg.stream_block_rows, "buffer_blocks": cfg.stream_buffer_blocks}}
-        (run / "train_config.json").write_text(json.dumps(record, indent=1))
-        saved_encoders.write_text(json.dumps(encoders, indent=1, default=str))
+        _write_settings(run, cfg, data, mode)
     log = MetricsLog(run / "metrics.jsonl", resume_step=start if ck is not None else None, enabled=rank == 0)
     extra = {
         "loss": cfg.loss, "average": cfg.average, "captions": captions,
-        "image_encoder": {**encoders["image"], "store": str(image_store.path)},
-        "text_encoder": {**encoders["text"], "store": str(text_store.path)},
+        "image_encoder": {**encoders["image"], "store": str(data.image_store.path)},
+        "text_encoder": {**encoders["text"], "store": str(data.text_store.path)},
         "train": {"batch": batch, "steps": total, "optimizer": cfg.optimizer, "lr": cfg.lr, "pairs": len(train),
                   "val_pairs": len(val)},
     }
-    if rank == 0:
-        print(f"align: {len(train)} train / {len(val)} val pairs, batch {batch}, {total} steps, "
-              f"{cfg.head} heads ({heads.num_parameters() / 1e6:.2f}M params), loss {cfg.loss}, "
-              f"features {'on ' + device.type if on_device else 'streamed'}", flush=True)
+    say(f"align: {len(train)} train / {len(val)} val pairs, batch {batch}, {total} steps, "
+        f"{cfg.head} heads ({heads.num_parameters() / 1e6:.2f}M params), loss {cfg.loss}, "
+        f"features {'on ' + device.type if mode == 'memory' else 'streamed'}")
 
     # ---- loop. Nothing in a step waits for the device: the step's statistics accumulate on the device and
     # are read every --log-every steps (and at validation and checkpoint steps), where a non-finite loss
@@ -502,8 +464,8 @@ def align(cfg: AlignConfig, resume: bool = False) -> AlignResult:
                 probed = {}
                 probe = None
                 if rank == 0 and balance.enabled and log_next:  # positives' share of the gradient, at log points
-                    def probe(x, y, t, b, at=step + 1):
-                        probed.update(balance(x, y, float(t), float(b), at))
+                    def probe(x, y, scale, bias, at=step + 1):
+                        probed.update(balance(x, y, float(scale), float(bias), at))
                 opt.zero_grad(set_to_none=True)
                 stats = train_step(heads, image, texts, loss_fn, precision=prec, chunk_size=chunk,
                                    scaler=scaler if scaler.is_enabled() else None, probe=probe)
@@ -526,11 +488,7 @@ def align(cfg: AlignConfig, resume: bool = False) -> AlignResult:
                 sums = acc.tolist()  # the host sync, once per log interval
                 _check_finite(bad, heads, run, checkpoint)
                 now = time.perf_counter()
-                t_val, b_val = (float(v) for v in stats[1:3].tolist())
-                bias = b_val if cfg.loss != "info-nce" else 0.0
-                row = {"step": step, "loss": sums[0] / since, "t": t_val, "b": b_val, "lr": opt.param_groups[0]["lr"],
-                       "pairs_per_s": batch * since / (now - tick),
-                       "pos_logit": t_val * sums[3] / since + bias, "neg_logit": t_val * sums[4] / since + bias}
+                row = _log_row(step, sums, since, stats, cfg.loss, opt.param_groups[0]["lr"], batch * since / (now - tick))
                 row.update(probed)
                 acc.zero_()
                 since, tick = 0, now
@@ -548,12 +506,9 @@ def align(cfg: AlignConfig, resume: bool = False) -> AlignResult:
                 tick = time.perf_counter()  # validation and checkpoints do not count against pairs/s
     except KeyboardInterrupt as e:
         bar.close()
-        ck = load_checkpoint(run)
-        finite = not bad[0].item()  # no checkpoint of weights that a NaN/Inf loss has reached
-        if isinstance(e, _GracefulStop) and rank == 0 and (ck is None or ck.step < step) and step > start and finite:
-            save_checkpoint(run, step, heads, opt, sched, {"epoch": step // steps_per_epoch})
-            ck = load_checkpoint(run)
-        raise AlignInterrupted(run, step, ck.step if ck else None) from None
+        # a graceful stop checkpoints the steps since the last checkpoint, unless a NaN/Inf loss reached the weights
+        graceful = isinstance(e, _GracefulStop) and rank == 0 and step > start and not bad[0].item()
+        raise _interrupted(run, step, graceful, heads, opt, sched, steps_per_epoch) from None
     finally:
         stop.restore()
         bar.close()
@@ -561,15 +516,83 @@ def align(cfg: AlignConfig, resume: bool = False) -> AlignResult:
 
     if rank == 0:
         _check_finite(bad, heads, run, True)  # the last steps since the last log point, before saving
-        heads.save_pretrained(run, extra_config=extra, metadata={
-            "image_model": str(extra["image_encoder"]["model_id"]), "text_model": str(extra["text_encoder"]["model_id"]),
-            "loss": cfg.loss})
-        save_checkpoint(run, step, heads, opt, sched, {"epoch": step // max(1, steps_per_epoch)})
-        plot_curves(run / "metrics.jsonl", run / "curves.png")
-        metrics = {k: v for k, v in last.items() if k not in ("step",)}
-        (run / "summary.json").write_text(json.dumps({"steps": step, **metrics}, indent=1))
-        return AlignResult(run, step, metrics)
+        return _finish(run, step, heads, opt, sched, steps_per_epoch, extra, cfg.loss, last)
     return AlignResult(run, step, {})
+
+
+def _write_settings(run: Path, cfg: AlignConfig, data: _Data, mode: str) -> None:
+    """train_config.json (the settings a resume must match, the stores' identities, the batching mode) and
+    encoders.json."""
+    run.mkdir(parents=True, exist_ok=True)
+    record = {**cfg.resolved(), "stores": data.identities,
+              "batching": {"mode": mode, "block_rows": cfg.stream_block_rows, "buffer_blocks": cfg.stream_buffer_blocks}}
+    (run / "train_config.json").write_text(json.dumps(record, indent=1))
+    (run / "encoders.json").write_text(json.dumps(data.encoders, indent=1, default=str))
+
+
+def _make_batches(cfg: AlignConfig, train: PairedFeatures, saved: dict | None, device: torch.device, rank: int,
+                  world: int, say) -> tuple[MemoryBatches | StreamingBatches, int, str]:
+    """(batches, global batch size, "memory" | "stream"): the pairs on the device when they fit (or as the
+    resumed run had them), else streamed from the stores."""
+    batch = min(cfg.batch, len(train) - len(train) % world)
+    if batch < 2:
+        raise SailError(f"only {len(train)} training pairs; need at least 2 (check the stores and --val-fraction)")
+    if batch < cfg.batch:
+        say(f"align: --batch {cfg.batch} is more than the {len(train)} training pairs; using batch {batch}")
+    mode = _batching_mode(cfg, saved, train.nbytes(), device, world)
+    if mode == "memory":
+        image_all, texts_all = train.load(device)
+        return MemoryBatches(image_all, texts_all, batch, cfg.seed, rank, world), batch, mode
+    # reuse: the loop is done with a batch when it asks for the next one
+    return StreamingBatches(train, batch, cfg.seed, cfg.stream_block_rows, cfg.stream_buffer_blocks,
+                            device=device, rank=rank, world=world, reuse=True), batch, mode
+
+
+def _build_heads(cfg: AlignConfig, data: _Data, total: int, device: torch.device, prec: Precision, ck):
+    """(heads, optimizer, schedule, grad scaler, first step), restored from the checkpoint `ck` if any."""
+    heads = AlignmentHeads(data.image_store.dim("image"), data.text_store.dim(data.captions[0]), cfg.out_dim, cfg.head,
+                           cfg.width, cfg.activation, cfg.init_scale, cfg.init_bias).to(device)
+    opt = build_optimizer(cfg.optimizer, heads.param_groups(cfg.weight_decay), cfg.lr, cfg.weight_decay, tuple(cfg.betas))
+    warmup = int(cfg.warmup if cfg.warmup >= 1 else round(cfg.warmup * total))
+    sched = cosine_with_warmup(opt, total, min(warmup, max(0, total - 1)))
+    scaler = prec.grad_scaler()  # dynamic loss scaling for fp16, a pass-through otherwise
+    if ck is None:
+        return heads, opt, sched, scaler, 0
+    ck.restore(heads, opt, sched)
+    if scaler.is_enabled() and "grad_scaler" in ck.state:
+        scaler.load_state_dict(ck.state["grad_scaler"])
+    return heads, opt, sched, scaler, ck.step
+
+
+def _log_row(step: int, sums: list[float], since: int, stats: torch.Tensor, loss: str, lr: float,
+             pairs_per_s: float) -> dict:
+    """One metrics.jsonl row from the device sums of [loss, t, b, pos cosine, neg cosine] over `since` steps."""
+    scale, b = (float(v) for v in stats[1:3].tolist())  # the last step's temperature t and bias b
+    bias = b if loss != "info-nce" else 0.0  # info-nce never uses b
+    return {"step": step, "loss": sums[0] / since, "t": scale, "b": b, "lr": lr, "pairs_per_s": pairs_per_s,
+            "pos_logit": scale * sums[3] / since + bias, "neg_logit": scale * sums[4] / since + bias}
+
+
+def _interrupted(run: Path, step: int, graceful: bool, heads, opt, sched, steps_per_epoch: int) -> AlignInterrupted:
+    """The AlignInterrupted to raise after Ctrl-C; a graceful stop first checkpoints a step not yet saved."""
+    ck = load_checkpoint(run)
+    if graceful and (ck is None or ck.step < step):
+        save_checkpoint(run, step, heads, opt, sched, {"epoch": step // steps_per_epoch})
+        ck = load_checkpoint(run)
+    return AlignInterrupted(run, step, ck.step if ck else None)
+
+
+def _finish(run: Path, step: int, heads, opt, sched, steps_per_epoch: int, extra: dict, loss: str,
+            last: dict) -> AlignResult:
+    """Rank 0 after the last step: the model, a final checkpoint, curves and summary.json."""
+    heads.save_pretrained(run, extra_config=extra, metadata={
+        "image_model": str(extra["image_encoder"]["model_id"]), "text_model": str(extra["text_encoder"]["model_id"]),
+        "loss": loss})
+    save_checkpoint(run, step, heads, opt, sched, {"epoch": step // max(1, steps_per_epoch)})
+    plot_curves(run / "metrics.jsonl", run / "curves.png")
+    metrics = {k: v for k, v in last.items() if k not in ("step",)}
+    (run / "summary.json").write_text(json.dumps({"steps": step, **metrics}, indent=1))
+    return AlignResult(run, step, metrics)
 
 
 def _fits(nbytes: int, device: torch.device) -> bool:

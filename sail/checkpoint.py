@@ -166,6 +166,7 @@ class Checkpoint:
     step: int
     state: dict
     meta: dict
+    settings: dict | None = None  # the run's saved settings, when found by check_resume
 
     @property
     def position(self):
@@ -206,10 +207,12 @@ def load_checkpoint(run_dir: str | Path) -> Checkpoint | None:
 
 
 def check_resume(run_dir: str | Path, settings_file: str, settings: dict, resume: bool,
-                 free: tuple[str, ...] = ()) -> Checkpoint | None:
+                 free: tuple[str, ...] | set[str] = (), defaults: dict | None = None) -> Checkpoint | None:
     """The resume rule (module doc) for a run whose settings live in RUN/`settings_file` (JSON or YAML):
-    the checkpoint to continue from, or None for a fresh start. Raises SailError when RUN holds a run and
-    `resume` is false, or when `settings` differ from the saved ones (keys in `free` may differ)."""
+    the checkpoint to continue from (its `settings` holding the saved ones), or None for a fresh start.
+    Raises SailError when RUN holds a run and `resume` is false, or when `settings` differ from the saved
+    ones, naming each differing flag. Keys in `free` may differ; a key the saved file lacks (a setting
+    added since the run began) compares against `defaults[key]`, and is not compared without one."""
     import yaml
 
     run = Path(run_dir)
@@ -223,12 +226,19 @@ def check_resume(run_dir: str | Path, settings_file: str, settings: dict, resume
         return None  # nothing there, or a failed start: reused as new
     if not resume:
         raise SailError(f"{run} already holds a run; pass --resume to continue it or choose another --out")
-    old = yaml.safe_load(saved.read_text()) or {}  # YAML reads JSON too
-    diff = [k for k in settings if k not in free and k in old and old[k] != settings[k]]
+    # json for .json: PyYAML (YAML 1.1) reads JSON's 1e-05 as a string
+    old = (json.loads if saved.suffix == ".json" else yaml.safe_load)(saved.read_text()) or {}
+    defaults = defaults or {}
+
+    def before(k):
+        return old[k] if k in old else defaults.get(k, settings[k])
+
+    diff = [k for k in settings if k not in free and before(k) != settings[k]]
     if diff:
         raise SailError(f"cannot resume {run}: settings differ from the saved run "
                         f"({', '.join('--' + k.replace('_', '-') for k in diff)}); use the same settings or another --out")
     ck = load_checkpoint(run)
     if ck is None:
         raise SailError(f"{run} holds a finished run without checkpoints; choose another --out")
+    ck.settings = old
     return ck

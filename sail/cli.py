@@ -15,7 +15,8 @@ import typer
 from sail.errors import SailError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="sail: vision-language alignment tuning on frozen unimodal encoders.")
+                  help="sail: vision-language alignment tuning on frozen unimodal encoders.\n\n"
+                       "Example: sail demo (then: sail COMMAND --help)")
 
 
 _ARGV: list[str] = []  # the arguments of this invocation, for the resume command printed after Ctrl-C
@@ -42,7 +43,10 @@ def _split(value: Optional[str]) -> Optional[list[str]]:
 
 @app.command()
 def models():
-    """List the encoder aliases with modality and feature dimension."""
+    """List the encoder aliases with modality and feature dimension.
+
+    Example: sail models
+    """
     from sail.encoders import models_table
 
     typer.echo(models_table())
@@ -83,7 +87,10 @@ def extract(
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code/--no-trust-remote-code",
                                                      help="allow model code from the hub (default: per alias)"),
 ):
-    """Run a frozen encoder once over a dataset and store its embeddings (resumable, crash-safe)."""
+    """Run a frozen encoder once over a dataset and store its embeddings (resumable, crash-safe).
+
+    Example: sail extract --model dinov2-l --data cc3m/shards/
+    """
     from sail.extract import ExtractConfig, extract as run
 
     result = run(ExtractConfig(model=model, data=data, columns=_split(columns), out=out, features_root=features_root, pooling=pooling,
@@ -100,6 +107,7 @@ def extract(
         typer.echo(result.summary())
 
 
+# ~65 lines: one typer option per AlignConfig field, then one call.
 @app.command()
 def align(
     image: str = typer.Option(..., help="image feature store (.h5)"),
@@ -107,9 +115,15 @@ def align(
     out: str = typer.Option(..., help="run directory"),
     captions: Optional[str] = typer.Option(None, help="caption fields, comma-separated (default: first field; all for multi-positive)"),
     loss: str = typer.Option("sigmoid", help="sigmoid | multi-positive | info-nce"),
-    average: str = typer.Option("pairs", help="sigmoid normalisation: pairs (/B^2, SAIL) or rows (/B, SigLIP)"),
+    average: str = typer.Option("pairs", help="what the sigmoid losses divide their sum over pairs by: pairs = the "
+                                "number of pairs, B^2 (K*B^2 with K caption sets; SAIL's code); rows = B (SigLIP, SAIL "
+                                "paper eq. 2), so the loss and every gradient are B (K*B) times larger. Lion, AdamW and "
+                                "LAMB steps do not depend on the gradient's scale (up to eps): --lr carries over; the "
+                                "logged loss does not. info-nce ignores it"),
     head: str = typer.Option("glu", help="linear | mlp | glu"),
-    width: int = typer.Option(4, help="hidden width factor (paper 4, official scripts 8)"),
+    width: int = typer.Option(4, "--width-factor", "--width", help="mlp/glu heads: hidden width = FACTOR x input "
+                              "dim (4 x 2048 = 8192 units for DINOv2-L features; paper 4, official scripts 8); "
+                              "linear heads ignore it. --width is the same flag"),
     out_dim: int = typer.Option(1024, help="shared embedding dimension"),
     activation: str = typer.Option("relu6", help="GLU gate activation: relu6 | silu | gelu"),
     batch: int = typer.Option(36864, help="global batch size (pairs)"),
@@ -139,7 +153,10 @@ def align(
     log_every: int = typer.Option(50, help="steps between reads of the loss/t/b statistics (and NaN checks)"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
 ):
-    """Train alignment heads on cached features; writes config.json + model.safetensors."""
+    """Train alignment heads on cached features; writes config.json + model.safetensors.
+
+    Example: sail align --image features/cc3m/dinov2-l.h5 --text features/cc3m/gte-l.h5 --out runs/cc3m
+    """
     from sail.align import AlignConfig, AlignInterrupted, align as run
 
     try:
@@ -180,7 +197,10 @@ def _interrupted(e) -> None:
 @app.command()
 def info(path: str = typer.Argument(..., help="feature store (.h5)"),
          verify: bool = typer.Option(False, "--verify", help="re-read every dataset and compare its sha256 checksum")):
-    """Print a store's attributes, fields, labels, skipped samples and integrity (exit 2 if it is damaged)."""
+    """Print a store's attributes, fields, labels, skipped samples and integrity (exit 2 if it is damaged).
+
+    Example: sail info features/cc3m/dinov2-l.h5 --verify
+    """
     from sail.store import describe, verify as run_verify
 
     text, problems = describe(path, run_verify(path) if verify else None)
@@ -191,7 +211,8 @@ def info(path: str = typer.Argument(..., help="feature store (.h5)"),
 
 # ----------------------------------------------------------------------------------------- eval
 
-eval_app = typer.Typer(no_args_is_help=True, help="Measure a run: zero-shot, retrieval, Winoground, probes, segmentation.")
+eval_app = typer.Typer(no_args_is_help=True, help="Measure a run: zero-shot, retrieval, Winoground, probes, segmentation.\n\n"
+                       "Example: sail eval zeroshot runs/cc3m --data imagenet/val --classnames imagenet")
 app.add_typer(eval_app, name="eval")
 
 
@@ -226,6 +247,7 @@ _DEVICE = typer.Option("auto", help="auto, cpu, cuda, cuda:N")
 _FEATURES = typer.Option("features", "--features-root", help="root folder of cached feature stores")
 _VISION = typer.Option(None, "--vision-model", help="local copy of the run's vision encoder")
 _TEXT = typer.Option(None, "--text-model", help="local copy of the run's text encoder")
+_ENCODING = typer.Option("utf-8", help="text encoding of a CSV/TSV/JSONL/JSON data file (e.g. latin-1, cp1252, utf-16)")
 
 
 @eval_app.command("zeroshot")
@@ -236,13 +258,17 @@ def eval_zeroshot(run: str = _RUN,
                   image_store: Optional[str] = typer.Option(None, help="use these image features instead of extracting"),
                   split: str = typer.Option("test", help="split of a CLIP_benchmark webdataset folder"),
                   out: Optional[str] = _OUT, overwrite: bool = _OVERWRITE, device: str = _DEVICE, vision_model: Optional[str] = _VISION,
-                  text_model: Optional[str] = _TEXT, features_root: str = _FEATURES):
-    """Zero-shot classification with template ensembles: top-1, top-5, mean per-class recall."""
+                  text_model: Optional[str] = _TEXT, features_root: str = _FEATURES, encoding: str = _ENCODING):
+    """Zero-shot classification with template ensembles: top-1, top-5, mean per-class recall.
+
+    Example: sail eval zeroshot runs/cc3m --data imagenet/val --classnames imagenet
+    """
     _check_out(out, overwrite)
     from sail.evaluate import zeroshot
 
     _report("zeroshot", zeroshot(run, data, classnames, templates, image_store, features_root=features_root,
-                                 device=device, vision_model=vision_model, text_model=text_model, split=split), out, run)
+                                 device=device, vision_model=vision_model, text_model=text_model, split=split,
+                                 encoding=encoding), out, run)
 
 
 @eval_app.command("retrieval")
@@ -252,32 +278,42 @@ def eval_retrieval(run: str = _RUN,
                    split: str = typer.Option("test", help="Karpathy or CLIP_benchmark split"),
                    columns: Optional[str] = typer.Option(None, help="caption columns of a manifest"),
                    out: Optional[str] = _OUT, overwrite: bool = _OVERWRITE, device: str = _DEVICE, vision_model: Optional[str] = _VISION,
-                   text_model: Optional[str] = _TEXT, features_root: str = _FEATURES):
-    """Image-text retrieval R@1/5/10 in both directions (several captions per image)."""
+                   text_model: Optional[str] = _TEXT, features_root: str = _FEATURES, encoding: str = _ENCODING):
+    """Image-text retrieval R@1/5/10 in both directions (several captions per image).
+
+    Example: sail eval retrieval runs/cc3m --data coco/dataset_coco.json --images-root coco/
+    """
     _check_out(out, overwrite)
     from sail.evaluate import retrieval
 
     _report("retrieval", retrieval(run, data, images_root, split, _split(columns), features_root=features_root,
-                                   device=device, vision_model=vision_model, text_model=text_model), out, run)
+                                   device=device, vision_model=vision_model, text_model=text_model,
+                                   encoding=encoding), out, run)
 
 
 @eval_app.command("winoground")
 def eval_winoground(run: str = _RUN, data: str = typer.Option(..., help="Winoground examples.jsonl"),
                     images: Optional[str] = typer.Option(None, help="image folder (default: images/ beside the jsonl)"),
                     out: Optional[str] = _OUT, overwrite: bool = _OVERWRITE, device: str = _DEVICE, vision_model: Optional[str] = _VISION,
-                    text_model: Optional[str] = _TEXT):
-    """Winoground text, image and group scores."""
+                    text_model: Optional[str] = _TEXT, encoding: str = _ENCODING):
+    """Winoground text, image and group scores.
+
+    Example: sail eval winoground runs/cc3m --data winoground/examples.jsonl
+    """
     _check_out(out, overwrite)
     from sail.evaluate import winoground
 
-    _report("winoground", winoground(run, data, images, device, vision_model, text_model), out, run)
+    _report("winoground", winoground(run, data, images, device, vision_model, text_model, encoding), out, run)
 
 
 @eval_app.command("linear-probe")
 def eval_linear_probe(train: str = typer.Option(..., help="labelled train store"), test: str = typer.Option(..., help="labelled test store"),
                       run: Optional[str] = typer.Option(None, help="project through this run's image head first"),
                       out: Optional[str] = _OUT, overwrite: bool = _OVERWRITE, device: str = _DEVICE):
-    """Logistic regression on frozen features; weight decay chosen on a validation split."""
+    """Logistic regression on frozen features; weight decay chosen on a validation split.
+
+    Example: sail eval linear-probe --train features/cars-train/dinov2-l.h5 --test features/cars-test/dinov2-l.h5
+    """
     _check_out(out, overwrite)
     from sail.evaluate import linear_probe
 
@@ -288,7 +324,10 @@ def eval_linear_probe(train: str = typer.Option(..., help="labelled train store"
 def eval_knn(train: str = typer.Option(..., help="labelled train store"), test: str = typer.Option(..., help="labelled test store"),
              k: int = typer.Option(20), run: Optional[str] = typer.Option(None, help="project through this run's image head first"),
              out: Optional[str] = _OUT, overwrite: bool = _OVERWRITE, device: str = _DEVICE):
-    """k-nearest-neighbour classification (exact cosine neighbours, weighted votes)."""
+    """k-nearest-neighbour classification (exact cosine neighbours, weighted votes).
+
+    Example: sail eval knn --train features/cars-train/dinov2-l.h5 --test features/cars-test/dinov2-l.h5 --k 20
+    """
     _check_out(out, overwrite)
     from sail.evaluate import knn
 
@@ -307,7 +346,10 @@ def eval_segmentation(run: str = _RUN, images: str = typer.Option(..., help="fol
                       stride: int = typer.Option(224, help="sliding window stride (px)"),
                       out: Optional[str] = _OUT, overwrite: bool = _OVERWRITE, device: str = _DEVICE, vision_model: Optional[str] = _VISION,
                       text_model: Optional[str] = _TEXT):
-    """Zero-shot segmentation (SAIL's sliding-window protocol): mIoU, pixel accuracy, per-class IoU."""
+    """Zero-shot segmentation (SAIL's sliding-window protocol): mIoU, pixel accuracy, per-class IoU.
+
+    Example: sail eval segmentation runs/cc3m --images ADE/images/validation --masks ADE/annotations/validation --classnames ade20k.txt --reduce-zero-label
+    """
     _check_out(out, overwrite)
     from sail.evaluate import segmentation
     from sail.segmentation import SegProtocol
@@ -323,7 +365,10 @@ def eval_alignment(image: str = typer.Option(..., help="first store (e.g. image 
                    text: str = typer.Option(..., help="second store (e.g. text features) over the same ids"),
                    k: int = typer.Option(10), field: Optional[str] = typer.Option(None, help="field of the second store"),
                    out: Optional[str] = _OUT, overwrite: bool = _OVERWRITE, device: str = _DEVICE):
-    """How aligned two frozen feature spaces already are: mutual k-NN overlap."""
+    """How aligned two frozen feature spaces already are: mutual k-NN overlap.
+
+    Example: sail eval alignment --image features/coco/dinov2-l.h5 --text features/coco/gte-l.h5 --k 10
+    """
     _check_out(out, overwrite)
     from sail.evaluate import alignment
 
@@ -337,7 +382,10 @@ def eval_alignment(image: str = typer.Option(..., help="first store (e.g. image 
 def push(run: str = _RUN, repo_id: str = typer.Argument(..., metavar="ORG/NAME", help="Hugging Face repository id"),
          private: bool = typer.Option(False, "--private", help="create the repository as private"),
          dry_run: Optional[str] = typer.Option(None, "--dry-run", help="only write the upload folder here; send nothing")):
-    """Publish a run on the Hugging Face Hub: config, weights, model card (settings, encoders, eval, curves)."""
+    """Publish a run on the Hugging Face Hub: config, weights, model card (settings, encoders, eval, curves).
+
+    Example: sail push runs/cc3m my-org/sail-dinov2-gte --dry-run upload/
+    """
     from sail.hub import push as run_push
 
     where = run_push(run, repo_id, private, dry_run)
@@ -349,7 +397,10 @@ def push(run: str = _RUN, repo_id: str = typer.Argument(..., metavar="ORG/NAME",
 def report(path: str = typer.Argument(..., help="run directory or sweep directory"),
            out: Optional[str] = typer.Option(None, "--out", help="HTML file (default PATH/report.html)"),
            examples: int = typer.Option(8, help="retrieval examples to show")):
-    """One self-contained HTML page: curves, eval tables, confusion matrix, retrieval examples, settings."""
+    """One self-contained HTML page: curves, eval tables, confusion matrix, retrieval examples, settings.
+
+    Example: sail report runs/demo
+    """
     from sail.report import report as run_report
 
     typer.echo(f"wrote {run_report(path, out, examples)}")
@@ -361,7 +412,10 @@ def report(path: str = typer.Argument(..., help="run directory or sweep director
 @app.command()
 def index(run: str = _RUN, images: str = typer.Option(..., help="image feature store to index"),
           out: str = typer.Option(..., help="index directory"), overwrite: bool = _OVERWRITE):
-    """Build a faiss index of a run's projected image embeddings."""
+    """Build a faiss index of a run's projected image embeddings.
+
+    Example: sail index runs/demo --images features/sample/efficientnet-lite0-128.h5 --out indexes/sample
+    """
     from sail.search import build_index
 
     meta = build_index(run, images, out, overwrite)
@@ -371,14 +425,17 @@ def index(run: str = _RUN, images: str = typer.Option(..., help="image feature s
 @app.command()
 def search(index_dir: str = typer.Argument(..., metavar="INDEX"), query: str = typer.Argument(...),
            k: int = typer.Option(10, "-k", "--k", help="results to show"), device: str = _DEVICE):
-    """Find the images that best match a text query."""
+    """Find the images that best match a text query.
+
+    Example: sail search indexes/sample "a large red circle" -k 3
+    """
     from sail.search import search as run
 
     for hit in run(index_dir, query, k, device=device):
         typer.echo(f"{hit['rank']:>3}  {hit['score']:.4f}  {hit['id']}" + (f"  {hit['path']}" if hit.get("path") else ""))
 
 
-filter_app = typer.Typer(no_args_is_help=True, help="Data filters.")
+filter_app = typer.Typer(no_args_is_help=True, help="Data filters.\n\nExample: sail filter align pairs.csv --out pairs-filtered.csv")
 app.add_typer(filter_app, name="filter")
 
 
@@ -391,14 +448,18 @@ def filter_align_cmd(manifest: str = typer.Argument(..., help="manifest to filte
                      max_aspect: float = typer.Option(3.0, help="drop images with aspect ratio >= this"),
                      max_texts_per_image: int = typer.Option(1000), max_images_per_text: int = typer.Option(10),
                      min_unigrams: int = typer.Option(3), max_unigrams: int = typer.Option(20),
-                     vocab_size: int = typer.Option(100_000, help="K most frequent unigrams+bigrams kept")):
-    """ALIGN's filters (image size/aspect, alt-text sharing, length, rare tokens); prints what each removed."""
+                     vocab_size: int = typer.Option(100_000, help="K most frequent unigrams+bigrams kept"),
+                     encoding: str = typer.Option("utf-8", help="text encoding of the manifest (the output is UTF-8)")):
+    """ALIGN's filters (image size/aspect, alt-text sharing, length, rare tokens); prints what each removed.
+
+    Example: sail filter align pairs.csv --out pairs-filtered.csv
+    """
     from sail.filter import filter_align
 
     report = filter_align(manifest, out, image_column=image_column, text_column=text_column, id_column=id_column,
                           min_short_side=min_short_side, max_aspect=max_aspect, max_texts_per_image=max_texts_per_image,
                           max_images_per_text=max_images_per_text, min_unigrams=min_unigrams,
-                          max_unigrams=max_unigrams, vocab_size=vocab_size)
+                          max_unigrams=max_unigrams, vocab_size=vocab_size, encoding=encoding)
     typer.echo(report.table())
 
 
@@ -408,8 +469,8 @@ def recipe(ctx: typer.Context, name: str = typer.Argument(..., help="alip or ali
 
     Example: sail recipe alip --config alip-tiny --steps 20 --optim.lr 1e-4 --out runs/alip
 
-    Shipped configs: alip-tiny, alip-vit-b32, alip-vit-b16, align-tiny, align-efficientnet-b7. Rerunning the
-    same command resumes from the newest checkpoint in --out.
+    Shipped configs: alip-tiny, alip-vit-b32, alip-vit-b16, align-tiny, align-efficientnet-b7. The same
+    command with --resume continues the run in --out from its newest checkpoint.
     """
     from sail.recipe import run_recipe
 
@@ -420,7 +481,10 @@ def recipe(ctx: typer.Context, name: str = typer.Argument(..., help="alip or ali
 def sweep(ctx: typer.Context, out: str = typer.Option(..., "--out", help="sweep directory (one sub-directory per run)"),
           grid: Optional[list[str]] = typer.Option(None, "--grid", help="key=v1,v2: a grid axis over any sail align option (repeatable)"),
           config: Optional[str] = typer.Option(None, "--config", help="YAML file with grid: and fixed: mappings")):
-    """Many `sail align` runs over a grid: sail sweep --out DIR --grid lr=1e-4,1e-3 --image S --text S [--steps N ...]"""
+    """Many `sail align` runs over a grid (--grid KEY=V1,V2 per axis, any other sail align option fixed).
+
+    Example: sail sweep --out sweeps/lr --grid lr=1e-4,1e-3 --image features/cc3m/dinov2-l.h5 --text features/cc3m/gte-l.h5 --steps 2000
+    """
     from sail.sweep import SweepConfig, load_grid_file, parse_fixed, parse_grid, sweep as run
 
     axes, fixed = load_grid_file(config) if config else ({}, {})
@@ -435,7 +499,10 @@ def sweep(ctx: typer.Context, out: str = typer.Option(..., "--out", help="sweep 
 @app.command()
 def demo(out: str = typer.Option("runs/demo", help="run directory"),
          features_root: str = typer.Option("features", help="where the feature stores go")):
-    """extract -> align -> eval on the embedded sample, with models that need no download."""
+    """extract -> align -> eval on the embedded sample, with models that need no download.
+
+    Example: sail demo --out runs/demo
+    """
     from pathlib import Path
 
     from sail.demo import run_demo

@@ -20,12 +20,14 @@ import json
 import os
 import tarfile
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from sail.columns import TextColumn
 from sail.errors import SailError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -38,18 +40,23 @@ class ImageError(Exception):
 
 @dataclass
 class Dataset:
-    """Columns of one data source. `images[i]` is a path, a `tar://` reference, or None (text only)."""
+    """Columns of one data source. `images[i]` is a path, a `tar://` reference, or None (text only).
+
+    ids, images and each caption column are sequences: lists, or (manifests) Arrow-backed `TextColumn`s
+    that index, slice (-> list), iterate and compare like lists.
+    """
 
     name: str
     source: str
     source_hash: str
-    ids: list[str]
-    images: list[str | None]
-    captions: dict[str, list[str]] = field(default_factory=dict)
+    ids: Sequence[str]
+    images: Sequence[str | None]
+    captions: dict[str, Sequence[str]] = field(default_factory=dict)
     labels: np.ndarray | None = None  # (N,) int64, -1 where unknown
     class_names: list[str] | None = None
     multilabels: np.ndarray | None = None  # (N, C) int8 multi-hot targets (CLIP_benchmark multilabel)
     skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (id, field, reason) lost while reading
+    encoding: str = "utf-8"  # of a text manifest: what reopening `source` needs (a store's "encoding" attribute)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -66,7 +73,7 @@ DEFAULT_MAX_PIXELS = 100_000_000  # larger images are skipped ("too large"), lik
 BACKGROUND = (255, 255, 255)  # what transparent pixels are composited on
 
 
-def load_image(ref: str | None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+def load_image(ref: str | os.PathLike | None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                draft: int | None = None) -> Image.Image:
     """Decode one image fully (so truncated files fail here, not later) and return it as RGB.
 
@@ -77,6 +84,7 @@ def load_image(ref: str | None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
     """
     if ref is None:
         raise ImageError("no image")
+    ref = os.fspath(ref)  # a pathlib.Path works like its string
     try:
         if ref.startswith("tar://"):
             shard, offset, size = ref[len("tar://"):].rsplit("::", 2)
@@ -167,6 +175,8 @@ def to_rgb(image: Image.Image, background=BACKGROUND) -> Image.Image:
         cmyk = np.asarray(image).astype(np.float64)
         rgb = (255.0 - cmyk[..., :3]) * (255.0 - cmyk[..., 3:]) / 255.0
         return Image.fromarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8), "RGB")
+    if mode == "La":  # premultiplied grey + alpha: PIL converts it to nothing but LA
+        image = image.convert("LA")
     if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
         return Image.fromarray(_composite(np.asarray(image.convert("RGBA")), background), "RGB")
     return image.convert("RGB")  # L, 1, P without transparency, YCbCr, HSV, ...
@@ -239,6 +249,12 @@ def check_encoding(path: Path, encoding: str = "utf-8") -> None:
             raise SailError(f"{path}:{lines_before + 1} is not {encoding} text ({e.reason}); {hint}") from None
 
 
+def read_text(path: Path, encoding: str = "utf-8") -> str:
+    """A whole text file (JSON inputs), refused in one line naming its first line that is not `encoding`."""
+    check_encoding(path, encoding)
+    return path.read_text(encoding="utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding)
+
+
 def _jsonl_problem(path: Path, text: str) -> str | None:
     """Why pyarrow refused a JSONL file, found line by line (only runs on that error path)."""
     types: dict[str, tuple[str, int]] = {}
@@ -262,18 +278,23 @@ def _jsonl_problem(path: Path, text: str) -> str | None:
     return None
 
 
-def _read_manifest_table(path: Path, encoding: str = "utf-8"):
-    """The manifest as a pyarrow Table: typed columns, no per-row Python objects."""
+def _read_manifest_table(path: Path, encoding: str = "utf-8", choose=None):
+    """(the manifest as a pyarrow Table, its header): typed columns, no per-row Python objects.
+
+    choose(header) -> the columns to keep; Parquet and CSV/TSV then never decode the others.
+    """
     import pyarrow as pa
 
     suffix = path.suffix.lower()
     if suffix not in MANIFEST_EXTENSIONS:
         raise SailError(f"{path}: unknown manifest type {suffix!r}; use one of {', '.join(MANIFEST_EXTENSIONS)}")
+    choose = choose or (lambda header: header)
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
         try:
-            return pq.read_table(path)
+            header = pq.read_schema(path).names
+            return pq.read_table(path, columns=_chosen(path, header, choose)), header
         except (pa.ArrowException, OSError) as e:
             raise SailError(f"{path} is not a readable Parquet file ({str(e).splitlines()[0][:200]})") from None
     check_encoding(path, encoding)
@@ -284,28 +305,39 @@ def _read_manifest_table(path: Path, encoding: str = "utf-8"):
     if suffix == ".jsonl":
         import pyarrow.json as pj
 
-        raw = path.read_bytes()
-        text = None
-        if encoding.lower().replace("_", "-") not in ("utf-8", "utf8"):
-            text = raw.decode(encoding)
-            raw = text.encode("utf-8")
+        utf8 = encoding.lower().replace("_", "-") in ("utf-8", "utf8")
+        source = path if utf8 else io.BytesIO(path.read_bytes().decode(encoding).encode("utf-8"))
         try:
-            return pj.read_json(io.BytesIO(raw))
+            table = pj.read_json(source)
         except pa.ArrowInvalid as e:
-            why = _jsonl_problem(path, text if text is not None else raw.decode("utf-8"))
+            why = _jsonl_problem(path, path.read_bytes().decode(encoding))
             raise SailError(why or f"{path}: {str(e).splitlines()[0][:200]}") from None
+        header = table.column_names
+        return table.select(choose(header)), header
     import pyarrow.csv as pcsv
 
     read = pcsv.ReadOptions(encoding=encoding)
     parse = pcsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",", newlines_in_values=True)
     try:
-        with pcsv.open_csv(path, read_options=read, parse_options=parse) as head:  # only the column names
-            names = head.schema.names
+        with pcsv.open_csv(path, read_options=read, parse_options=parse) as first:  # only the column names
+            header = first.schema.names
         # every column as text: ids like 007 must not become 7
-        convert = pcsv.ConvertOptions(column_types={n: pa.string() for n in names}, strings_can_be_null=False)
-        return pcsv.read_csv(path, read_options=read, parse_options=parse, convert_options=convert)
+        convert = pcsv.ConvertOptions(column_types={n: pa.string() for n in header}, strings_can_be_null=False,
+                                      include_columns=_chosen(path, header, choose))
+        return pcsv.read_csv(path, read_options=read, parse_options=parse, convert_options=convert), header
     except pa.ArrowInvalid as e:
         raise SailError(f"{path} is not a readable {suffix[1:].upper()} file ({str(e).splitlines()[0][:200]})") from None
+
+
+def _chosen(path: Path, header: list[str], choose) -> list[str]:
+    """choose(header), refusing a chosen column whose name the header repeats (which one would be meant?);
+    other repeats, like the empty names of trailing commas, do no harm."""
+    chosen = choose(header)
+    repeated = [c for c in chosen if header.count(c) > 1]
+    if repeated:
+        raise SailError(f"{path}: column name(s) {', '.join(map(repr, repeated))} appear more than once in the "
+                        "header; rename them so each column has its own name")
+    return chosen
 
 
 def _text_array(col, name: str, path: Path, what: str):
@@ -323,8 +355,8 @@ def _text_array(col, name: str, path: Path, what: str):
     return col
 
 
-def _id_column(col, name: str, path: Path) -> list[str]:
-    """Ids as strings (integers allowed); empty or duplicate ids are refused naming a row."""
+def _id_column(col, name: str, path: Path) -> TextColumn:
+    """Ids as text (integers allowed); empty or duplicate ids are refused naming a row."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -338,7 +370,7 @@ def _id_column(col, name: str, path: Path) -> list[str]:
         raise SailError(f"{path}: row {first + 1} has an empty id (column {name!r}); every sample needs a unique id")
     if pc.count_distinct(col).as_py() != len(col):
         _check_unique(col.to_pylist(), path)  # names the first duplicate
-    return col.to_pylist()
+    return TextColumn(col)
 
 
 def _label_column(col) -> tuple[np.ndarray, list[str] | None]:
@@ -357,8 +389,9 @@ def _label_column(col) -> tuple[np.ndarray, list[str] | None]:
 
 
 class _system_memory_pool:
-    """Arrow allocations through malloc while a manifest is read: large buffers go back to the OS when
-    freed (mimalloc/jemalloc would keep them), so the peak is the lists plus one column, not plus all."""
+    """Arrow allocations through malloc while a manifest is read, and what the read freed handed back to
+    the OS at the end (glibc's malloc_trim): mimalloc/jemalloc, or glibc's arenas left alone, would keep
+    the parser's scratch memory and leave the process holding ~1.5x the columns it kept."""
 
     def __enter__(self):
         import pyarrow as pa
@@ -370,52 +403,59 @@ class _system_memory_pool:
         import pyarrow as pa
 
         pa.set_memory_pool(self.before)
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (macOS, musl): the memory is reused, not returned
+            pass
+
+
+CAPTION_COLUMNS = ("caption", "long_caption", "short_caption", "text")  # read when --columns is not given
 
 
 def open_manifest(path: Path, columns: list[str] | None, id_column: str = "id",
                   image_column: str = "image", label_column: str = "label", encoding: str = "utf-8") -> Dataset:
     """A CSV/TSV/JSONL/Parquet manifest, one row per sample; rows are numbered from 1 after the header.
 
-    Columns are read and checked as Arrow arrays and become the Dataset's lists in one step each (no
-    per-row dicts); image paths are joined to the manifest's folder unless absolute.
+    Only the id, image, label and caption columns are read. Ids, image paths and captions stay in the
+    Arrow arrays pyarrow read, as `TextColumn`s (a row becomes a Python str when it is read); image
+    paths are joined to the manifest's folder, unless absolute, as they are read.
     """
-    import pyarrow as pa
-    import pyarrow.compute as pc
+    path = Path(path)
+    chosen: dict[str, object] = {}
 
-    with _system_memory_pool():
-        table = _read_manifest_table(path, encoding)
-        header = table.column_names
-        if table.num_rows == 0:
-            raise SailError(f"{path} has a header ({', '.join(header)}) but no rows")
-        if image_column and image_column not in header:
-            image_column = ""  # a text-only manifest; image extraction then says which column is missing
+    def choose(header: list[str]) -> list[str]:
         wanted = [id_column] + list(columns or [])
         missing = [c for c in wanted if c not in header]
         if missing:
             raise SailError(f"{path} has no column(s) {', '.join(missing)}; its columns are {', '.join(header)}"
                             " (choose with --columns / --id-column / --image-column)")
-        if columns is None:
-            columns = [c for c in ("caption", "long_caption", "short_caption", "text") if c in header]
-        # each column is freed once it is a list, so the Arrow copy and the lists never both exist whole
-        cols = {c: table.column(c) for c in dict.fromkeys([id_column, image_column, label_column, *columns])
-                if c in header}
+        # no image column: a text-only manifest; image extraction then says which column is missing
+        chosen["image"] = image_column if image_column in header else ""
+        chosen["captions"] = list(columns) if columns is not None else [c for c in CAPTION_COLUMNS if c in header]
+        keep = [id_column, chosen["image"], label_column, *chosen["captions"]]
+        return [c for c in dict.fromkeys(keep) if c and c in header]
+
+    with _system_memory_pool():
+        table, header = _read_manifest_table(path, encoding, choose)
+        if table.num_rows == 0:
+            raise SailError(f"{path} has a header ({', '.join(header)}) but no rows")
+        cols = {c: table.column(c) for c in table.column_names}
         del table
-        ids = _id_column(cols.pop(id_column), id_column, path)
-        if image_column:
-            rel = _text_array(cols.pop(image_column), image_column, path, "image")
-            joined = pc.if_else(pc.starts_with(pc.fill_null(rel, ""), os.sep), rel,
-                                pc.binary_join_element_wise(str(path.parent) + os.sep, rel, ""))
-            images = pc.if_else(pc.fill_null(pc.equal(rel, ""), True), pa.scalar(None, pa.string()),
-                                joined).to_pylist()
-            del rel, joined
+        ids = _id_column(cols[id_column], id_column, path)
+        image = chosen["image"]
+        if image:
+            images = TextColumn(_text_array(cols[image], image, path, "image"), missing=None, folder=str(path.parent))
         else:
-            images = [None] * len(ids)
-        captions = {c: pc.fill_null(_text_array(cols.pop(c), c, path, "caption"), "").to_pylist() for c in columns}
+            images = TextColumn.nulls(len(ids))
+        captions = {c: TextColumn(_text_array(cols[c], c, path, "caption"), missing="") for c in chosen["captions"]}
         labels, class_names = None, None
         if label_column in cols:
-            labels, class_names = _label_column(cols.pop(label_column))
+            labels, class_names = _label_column(cols[label_column])
+        del cols
     return Dataset(path.stem, str(path.resolve()), _hash_files([path], content=True), ids, images,
-                   captions, labels, class_names)
+                   captions, labels, class_names, encoding=encoding)
 
 
 def _check_unique(ids: list[str], where) -> None:
@@ -733,19 +773,27 @@ def open_clip_benchmark(path, split: str = "test", columns: list[str] | None = N
     _check_unique(ids, root / split)
     ds = Dataset(f"{root.name}-{split}", str((root / split).resolve()),
                  _hash_files(shards, content=False) + _hash_text(info), ids, images, skipped=skipped)
+    _attach_targets(ds, info, root / split, columns, texts, multi, labels)
+    return ds
+
+
+def _attach_targets(ds: Dataset, info: ClipBenchmarkInfo, where: Path, columns, texts, multi, labels) -> None:
+    """What a CLIP_benchmark split is scored against: caption columns (retrieval), a (N, C) label matrix
+    (multilabel) or integer labels (classification), each checked against classnames.txt."""
+    ids = ds.ids
     n_classes = len(info.class_names) if info.class_names else None
     if info.dataset_type == "retrieval":
         width = max((len(t) for t in texts), default=0)
         names = [f"caption_{j}" for j in range(width)]
         for c in columns or []:
             if c not in names:
-                raise SailError(f"{root / split} has no caption column {c!r}; its columns are {', '.join(names)}")
+                raise SailError(f"{where} has no caption column {c!r}; its columns are {', '.join(names)}")
         ds.captions = {c: [t[j] if j < len(t) else "" for t in texts]
                        for j, c in enumerate(names) if columns is None or c in columns}
     elif info.dataset_type == "multilabel":
         widths = {len(v) for v in multi}
         if len(widths) > 1 or (n_classes and widths != {n_classes}):
-            raise SailError(f"{root / split}: .npy label vectors have lengths {sorted(widths)}, expected one length "
+            raise SailError(f"{where}: .npy label vectors have lengths {sorted(widths)}, expected one length "
                             f"{'= ' + str(n_classes) + ' (classnames.txt)' if n_classes else ''}")
         ds.multilabels = np.array(multi, dtype=np.int8).reshape(len(multi), -1)
         ds.class_names = info.class_names
@@ -754,9 +802,8 @@ def open_clip_benchmark(path, split: str = "test", columns: list[str] | None = N
         ds.class_names = info.class_names
         if n_classes is not None and len(labels) and (ds.labels.min() < 0 or ds.labels.max() >= n_classes):
             bad = int(np.flatnonzero((ds.labels < 0) | (ds.labels >= n_classes))[0])
-            raise SailError(f"{root / split} sample {ids[bad]} has label {labels[bad]}, outside the "
+            raise SailError(f"{where} sample {ids[bad]} has label {labels[bad]}, outside the "
                             f"{n_classes} classes of classnames.txt")
-    return ds
 
 
 def _hash_text(info: ClipBenchmarkInfo) -> str:

@@ -68,7 +68,7 @@ def evaluate_demo(run: str | Path, image_store: str, text_store: str) -> tuple[d
     model = SAILModel.from_pretrained(run, device="cpu")
     ds = open_dataset("sample-val")
     with FeatureStore(image_store) as si, FeatureStore(text_store) as st:
-        if list(si.ids) != ds.ids or list(st.ids) != ds.ids:
+        if list(si.ids) != list(ds.ids) or list(st.ids) != list(ds.ids):
             raise SailError(f"{image_store} / {text_store} are not stores of sample-val; delete them and rerun")
         x = project_store(model.heads, si.read("image"), "image")         # (240, out)
         y = project_store(model.heads, st.read("long_caption"), "text")   # (240, out), caption i <-> image i
@@ -85,9 +85,9 @@ def evaluate_demo(run: str | Path, image_store: str, text_store: str) -> tuple[d
     results.update({"text_to_image_R@1": rt["text_to_image_R@1"], "image_to_text_R@1": rt["image_to_text_R@1"],
                     "chance_top1": 100 / len(names), "chance_top5": 500 / len(names), "chance_R@1": 100 / len(ds)})
     predictions = {
-        "zeroshot": {"class_names": names, "labels": ds.labels.tolist(), "images": ds.images,
+        "zeroshot": {"class_names": names, "labels": ds.labels.tolist(), "images": list(ds.images),
                      "top5": (x @ class_emb.T).topk(5, dim=1).indices.tolist(), "unseen": sorted(UNSEEN)},
-        "retrieval": {"queries": ds.captions["long_caption"], "truth": list(range(len(ds))), "images": ds.images,
+        "retrieval": {"queries": list(ds.captions["long_caption"]), "truth": list(range(len(ds))), "images": list(ds.images),
                       "top5": (y @ x.T).topk(5, dim=1).indices.tolist()},
     }
     return results, predictions

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sail.data import IMAGE_EXTENSIONS, Dataset, open_dataset
+from sail.data import IMAGE_EXTENSIONS, Dataset, open_dataset, read_text
 from sail.errors import SailError
 
 
@@ -35,32 +35,34 @@ def content_hash(*parts) -> str:
 
 
 def read_retrieval_data(data: str, images_root: str | None = None, split: str = "test",
-                        columns: list[str] | None = None) -> tuple[Dataset, list[str], list[int]]:
+                        columns: list[str] | None = None,
+                        encoding: str = "utf-8") -> tuple[Dataset, list[str], list[int]]:
     """(image dataset, captions, caption -> image index) from a manifest, Karpathy JSON, COCO JSON or
-    CLIP_benchmark retrieval folder (`split` picks the Karpathy or CLIP_benchmark split)."""
+    CLIP_benchmark retrieval folder (`split` picks the Karpathy or CLIP_benchmark split). `encoding`:
+    of a CSV/TSV/JSONL manifest or a JSON file."""
     path = Path(data)
     if path.suffix == ".json":
-        ds, captions, owner = _read_retrieval_json(path, images_root, split)
+        ds, captions, owner = _read_retrieval_json(path, images_root, split, encoding)
     else:  # a manifest or a CLIP_benchmark folder: several caption columns and/or several rows per image
         from sail.data import clip_benchmark_info, is_clip_benchmark
 
         if path.is_dir() and is_clip_benchmark(path) and clip_benchmark_info(path).dataset_type != "retrieval":
             raise SailError(f"{data} is a CLIP_benchmark {clip_benchmark_info(path).dataset_type} dataset; retrieval "
                             "needs one whose dataset_type.txt says retrieval (captions in KEY.txt)")
-        base = open_dataset(data, columns, split=split)
+        base = open_dataset(data, columns, split=split, encoding=encoding)
         cols = list(base.captions)
         if not cols:
             raise SailError(f"{data} has no caption columns; name them with --columns")
         by_image: dict[str, int] = {}
         ids, refs, captions, owner = [], [], [], []
-        for i, ref in enumerate(base.images):
-            key = ref or base.ids[i]
+        for sid, ref, *texts in zip(base.ids, base.images, *(base.captions[c] for c in cols)):
+            key = ref or sid
             if key not in by_image:
                 by_image[key] = len(ids)
-                ids.append(base.ids[i])
+                ids.append(sid)
                 refs.append(ref)
-            for c in cols:
-                text = base.captions[c][i].strip()
+            for text in texts:
+                text = text.strip()
                 if text:
                     captions.append(text)
                     owner.append(by_image[key])
@@ -70,10 +72,17 @@ def read_retrieval_data(data: str, images_root: str | None = None, split: str = 
     return ds, captions, owner
 
 
-def _read_retrieval_json(path: Path, images_root: str | None, split: str):
+def _load_json(path: Path, encoding: str):
+    try:
+        return json.loads(read_text(path, encoding))
+    except json.JSONDecodeError as e:
+        raise SailError(f"{path}:{e.lineno} is not valid JSON ({e.msg} at column {e.colno})") from None
+
+
+def _read_retrieval_json(path: Path, images_root: str | None, split: str, encoding: str = "utf-8"):
     if not path.exists():
         raise SailError(f"{path} not found")
-    blob = json.loads(path.read_text())
+    blob = _load_json(path, encoding)
     root = Path(images_root) if images_root else path.parent
     images, captions, owner = [], [], []
     if "annotations" in blob:  # COCO captions: images + annotations(image_id, caption)
@@ -106,7 +115,8 @@ def _read_retrieval_json(path: Path, images_root: str | None, split: str):
 # --------------------------------------------------------------------------------------- winoground
 
 
-def read_winoground(data: str, images: str | None = None) -> tuple[list[dict], list[str], list[str]]:
+def read_winoground(data: str, images: str | None = None,
+                    encoding: str = "utf-8") -> tuple[list[dict], list[str], list[str]]:
     """Winoground's examples.jsonl (id, image_0, image_1, caption_0, caption_1) + its images/ folder.
 
     Returns the examples, and image paths and captions in (example, 0/1) order.
@@ -115,7 +125,13 @@ def read_winoground(data: str, images: str | None = None) -> tuple[list[dict], l
     if not path.exists():
         raise SailError(f"{data} not found; download Winoground's examples.jsonl and images/ folder")
     image_dir = Path(images) if images else path.parent / "images"
-    examples = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    examples = []
+    for number, line in enumerate(read_text(path, encoding).splitlines(), 1):
+        if line.strip():
+            try:
+                examples.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise SailError(f"{path}:{number} is not valid JSON ({e.msg}); fix or remove that line") from None
     for key in ("image_0", "image_1", "caption_0", "caption_1"):
         if examples and key not in examples[0]:
             raise SailError(f"{data} lacks the field {key!r}; expected Winoground's examples.jsonl")

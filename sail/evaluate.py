@@ -139,7 +139,7 @@ def stream_image_embeddings(model, refs: list, batch_size: int = 64, progress: b
 def zeroshot(run: str, data: str, classnames: str | None = None, templates: str | None = None,
              image_store: str | None = None, features_root: str = "features", device: str = "auto",
              vision_model: str | None = None, text_model: str | None = None, progress: bool = True,
-             split: str = "test") -> dict:
+             split: str = "test", encoding: str = "utf-8") -> dict:
     """Zero-shot top-1/top-5/mean per-class recall with a template ensemble.
 
     A CLIP_benchmark folder brings its own class names and templates (the defaults here), and `split`
@@ -162,7 +162,7 @@ def zeroshot(run: str, data: str, classnames: str | None = None, templates: str 
         labels, store_names, where = store.labels, store.class_names, store.path
         image_emb, rows = _valid_embeddings(model, store, "image", "image")
     else:
-        ds = open_dataset(data, split=split)
+        ds = open_dataset(data, split=split, encoding=encoding)
         labels, store_names, where = ds.labels, ds.class_names, data
     if labels is None or (labels < 0).all():
         raise SailError(f"{where} has no class labels; zero-shot needs a labelled dataset (label column or class folders)")
@@ -187,9 +187,10 @@ def zeroshot(run: str, data: str, classnames: str | None = None, templates: str 
 
 def retrieval(run: str, data: str, images_root: str | None = None, split: str = "test",
               columns: list[str] | None = None, features_root: str = "features", device: str = "auto",
-              vision_model: str | None = None, text_model: str | None = None, progress: bool = True) -> dict:
+              vision_model: str | None = None, text_model: str | None = None, progress: bool = True,
+              encoding: str = "utf-8") -> dict:
     model = load_model(run, vision_model, text_model, device)
-    ds, captions, owner = read_retrieval_data(data, images_root, split, columns)
+    ds, captions, owner = read_retrieval_data(data, images_root, split, columns, encoding)
     image_emb, rows = _dataset_image_embeddings(model, ds, features_root, progress)
     if len(rows) == 0:
         raise SailError(f"none of the {len(ds)} images of {data} could be read; check --images-root")
@@ -213,9 +214,9 @@ def retrieval(run: str, data: str, images_root: str | None = None, split: str = 
 
 
 def winoground(run: str, data: str, images: str | None = None, device: str = "auto",
-               vision_model: str | None = None, text_model: str | None = None) -> dict:
+               vision_model: str | None = None, text_model: str | None = None, encoding: str = "utf-8") -> dict:
     """Winoground from local files: examples.jsonl (id, image_0, image_1, caption_0, caption_1) + images/."""
-    examples, refs, texts = read_winoground(data, images)
+    examples, refs, texts = read_winoground(data, images, encoding)
     model = load_model(run, vision_model, text_model, device)
     x = model.encode_image(refs).reshape(len(examples), 2, -1)
     y = model.encode_text(texts).reshape(len(examples), 2, -1)

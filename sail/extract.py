@@ -243,6 +243,20 @@ def _open_parts(parts: Path, ident: dict, rank: int, overwrite: bool = False) ->
 # ----------------------------------------------------------------------------------------- the run
 
 
+def _fields(cfg: ExtractConfig, modality: str, ds: Dataset) -> list[str]:
+    """The store's fields: ["image"] for an image model, the caption columns for a text model."""
+    if len(ds) == 0:
+        raise SailError(f"{cfg.data} holds no samples")
+    if modality == "image":
+        if all(r is None for r in ds.images):
+            raise SailError(f"{cfg.data} has no images (no column {cfg.image_column!r}?), but {cfg.model} is an "
+                            "image model; name the image-path column with --image-column")
+        return ["image"]
+    if not ds.captions:
+        raise SailError(f"{cfg.data} has no caption columns, but {cfg.model} is a text model; name them with --columns")
+    return list(ds.captions)
+
+
 def extract(cfg: ExtractConfig, dataset: Dataset | None = None) -> ExtractResult:
     """Extract (or finish extracting) one store; returns where it is and what was skipped.
 
@@ -256,17 +270,7 @@ def extract(cfg: ExtractConfig, dataset: Dataset | None = None) -> ExtractResult
     ds = dataset if dataset is not None else open_dataset(cfg.data, cfg.columns, cfg.id_column, cfg.image_column,
                                                               split=cfg.split, allow_truncated=cfg.allow_truncated,
                                                               encoding=cfg.encoding)
-    if len(ds) == 0:
-        raise SailError(f"{cfg.data} holds no samples")
-    if spec.modality == "image":
-        fields = ["image"]
-        if all(r is None for r in ds.images):
-            raise SailError(f"{cfg.data} has no images (no column {cfg.image_column!r}?), but {cfg.model} is an "
-                            "image model; name the image-path column with --image-column")
-    else:
-        fields = list(ds.captions)
-        if not fields:
-            raise SailError(f"{cfg.data} has no caption columns, but {cfg.model} is a text model; name them with --columns")
+    fields = _fields(cfg, spec.modality, ds)
     out = Path(cfg.out) if cfg.out else Path(cfg.features_root) / ds.name / f"{spec.name}.h5"
     device = local_device(pick_device(cfg.device), rank, world)
     precision = resolve_precision(cfg.precision, device)
@@ -416,7 +420,7 @@ def _merge(out: Path, parts: Path, ds: Dataset, fields: list[str], n_chunks: int
             "modality": spec.modality, "pooling": encoder.pooling,  # ImageEncoder.pooling is cfg.pooling
             "dim": encoder.dim, "dtype": "float16", "preprocessing": json.dumps(encoder.preprocessing, default=str),
             "max_length": getattr(encoder, "max_length", None) or -1, "source": ds.source,
-            "source_hash": ds.source_hash, "dataset": ds.name, "sail_version": sail.__version__,
+            "source_hash": ds.source_hash, "dataset": ds.name, "encoding": ds.encoding, "sail_version": sail.__version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "trust_remote_code": bool(spec.trust_remote_code),
             "identity": (parts / "meta.json").read_text(),  # the identity the parts were made under

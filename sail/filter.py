@@ -11,6 +11,8 @@ size and text frequency. `filter_align` applies those rules to a manifest and wr
 Manifests are CSV, TSV (both with a header row, quoted the way Python's csv module and pandas write
 them) or JSONL (one JSON object per line), chosen by file extension; `out` may use another format
 than the input and keeps the input's columns. Image paths are relative to the manifest's folder.
+The input is read as `encoding` (default utf-8; checked first by sail.data.check_encoding, so a wrong
+one is one error naming the line), the outputs are written as UTF-8.
 
 Rules, in the order each row is tested. A removed row is counted under the FIRST rule it fails;
 a threshold of None turns its rule off.
@@ -56,6 +58,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from sail.data import check_encoding
 from sail.errors import SailError
 
 RULES = (
@@ -132,14 +135,19 @@ def _format_of(path: Path) -> str:
     return fmt
 
 
-def _columns(path: Path, fmt: str) -> list[str]:
+def _text_encoding(encoding: str) -> str:
+    """The codec to open the manifest with: a UTF-8 byte-order mark is dropped, as pandas/Excel write one."""
+    return "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
+
+
+def _columns(path: Path, fmt: str, encoding: str = "utf-8") -> list[str]:
     """Column names: the CSV/TSV header, or the keys of the first JSONL record."""
-    with open(path, encoding="utf-8-sig", newline="") as f:
+    with open(path, encoding=_text_encoding(encoding), newline="") as f:
         if fmt != "jsonl":
             try:
                 header = next(csv.reader(f, dialect=_DIALECTS[fmt]), None)
             except (UnicodeDecodeError, csv.Error) as err:
-                raise SailError(f"{path}: cannot parse it ({err}); it must be UTF-8 {fmt}") from None
+                raise SailError(f"{path}: cannot parse it ({err}); it must be {encoding} {fmt}") from None
             if not header:
                 raise SailError(f"{path}: the manifest is empty; it needs a header row")
             return header
@@ -160,9 +168,9 @@ def _json_record(line: str, path: Path, number: int) -> dict:
     return record
 
 
-def _rows(path: Path, fmt: str, needed: list[str]):
+def _rows(path: Path, fmt: str, needed: list[str], encoding: str = "utf-8"):
     """Yield the manifest's rows as dicts, one at a time (CSV cells missing at a line end -> "")."""
-    with open(path, encoding="utf-8-sig", newline="") as f:
+    with open(path, encoding=_text_encoding(encoding), newline="") as f:
         try:
             if fmt != "jsonl":
                 for row in csv.DictReader(f, dialect=_DIALECTS[fmt], restval=""):
@@ -179,7 +187,7 @@ def _rows(path: Path, fmt: str, needed: list[str]):
                     raise SailError(f"{path}:{number}: record lacks {missing}; it has {has}")
                 yield record
         except (UnicodeDecodeError, csv.Error) as err:
-            raise SailError(f"{path}: cannot parse it ({err}); it must be UTF-8 {fmt}") from None
+            raise SailError(f"{path}: cannot parse it ({err}); it must be {encoding} {fmt}") from None
 
 
 def _row_writer(f, fmt: str, columns: list[str]):
@@ -199,6 +207,130 @@ def _check_threshold(name: str, value, lowest) -> None:
 # ---------------------------------------------------------------- the filter
 
 
+@dataclass
+class _Rules:
+    """The thresholds (None: rule off), the corpus counts of pass 1 and the verdict of each row in pass 2."""
+    base: Path
+    image_column: str
+    text_column: str
+    min_short_side: float | None
+    max_aspect: float | None
+    max_texts_per_image: int | None
+    max_images_per_text: int | None
+    min_unigrams: int | None
+    max_unigrams: int | None
+    vocab_size: int | None
+    rows_per_image: Counter = field(default_factory=Counter)
+    images_of_text: dict = field(default_factory=dict)  # text digest -> an image digest, or a set once there are 2
+    vocab: set | None = None
+    image_verdicts: dict = field(default_factory=dict)  # image digest -> rule 1-3 verdict, for images in > 1 row
+
+    def image_path(self, row) -> str:
+        value = row.get(self.image_column)
+        return os.path.normpath(self.base / str(value)) if value not in (None, "") else ""
+
+    def text_of(self, row) -> str:
+        value = row.get(self.text_column)
+        return "" if value is None else str(value)
+
+    @property
+    def checks_images(self) -> bool:
+        return self.min_short_side is not None or self.max_aspect is not None
+
+    def on(self) -> dict[str, bool]:
+        """Which rules are on (their threshold is not None)."""
+        return {"unreadable_image": self.checks_images, "short_side": self.min_short_side is not None,
+                "aspect_ratio": self.max_aspect is not None, "texts_per_image": self.max_texts_per_image is not None,
+                "images_per_text": self.max_images_per_text is not None,
+                "too_few_unigrams": self.min_unigrams is not None, "too_many_unigrams": self.max_unigrams is not None,
+                "rare_token": self.vocab_size is not None}
+
+    def count(self, rows) -> int:
+        """Pass 1, counters only: an image's set of texts is not needed, only how many rows name it; a text's
+        set of images is capped at max_images_per_text + 1, enough to decide rule 5. Returns the rows seen."""
+        ngrams: Counter = Counter()
+        total = 0
+        for row in rows:
+            total += 1
+            tokens = tokenize(self.text_of(row))
+            image_key = _digest(self.image_path(row))
+            self.rows_per_image[image_key] += 1
+            if self.max_images_per_text is not None:
+                text_key = _digest(" ".join(tokens))
+                seen = self.images_of_text.get(text_key)
+                if seen is None:
+                    self.images_of_text[text_key] = image_key
+                elif isinstance(seen, bytes):
+                    if seen != image_key:
+                        self.images_of_text[text_key] = {seen, image_key}
+                elif len(seen) <= self.max_images_per_text:
+                    seen.add(image_key)
+            if self.vocab_size is not None:
+                ngrams.update(tokens)  # unigrams first, so a tie at the cut-off favours them
+                ngrams.update(f"{a} {b}" for a, b in zip(tokens, tokens[1:]))
+        # Only unigrams are ever looked up, but bigrams take their share of the vocab_size places.
+        if self.vocab_size:
+            self.vocab = {g for g, _ in ngrams.most_common(self.vocab_size) if " " not in g}
+        return total
+
+    def image_verdict(self, path: str, image_key: bytes) -> str | None:
+        if image_key in self.image_verdicts:
+            return self.image_verdicts[image_key]
+        size = image_size(path) if path else None
+        verdict = None
+        if size is None:
+            verdict = "unreadable_image"
+        elif self.min_short_side is not None and min(size) <= self.min_short_side:
+            verdict = "short_side"
+        elif self.max_aspect is not None and (min(size) == 0 or max(size) / min(size) >= self.max_aspect):
+            verdict = "aspect_ratio"
+        if self.rows_per_image[image_key] > 1:
+            self.image_verdicts[image_key] = verdict
+        return verdict
+
+    def judge(self, row) -> str | None:
+        """The first rule that removes `row`, or None to keep it."""
+        path = self.image_path(row)
+        image_key = _digest(path)
+        if self.checks_images and (verdict := self.image_verdict(path, image_key)):
+            return verdict
+        if self.max_texts_per_image is not None and self.rows_per_image[image_key] > self.max_texts_per_image:
+            return "texts_per_image"
+        tokens = tokenize(self.text_of(row))
+        if self.max_images_per_text is not None:
+            seen = self.images_of_text.get(_digest(" ".join(tokens)), b"")
+            if (1 if isinstance(seen, bytes) else len(seen)) > self.max_images_per_text:
+                return "images_per_text"
+        if self.min_unigrams is not None and len(tokens) < self.min_unigrams:
+            return "too_few_unigrams"
+        if self.max_unigrams is not None and len(tokens) > self.max_unigrams:
+            return "too_many_unigrams"
+        if self.vocab is not None and any(token not in self.vocab for token in tokens):
+            return "rare_token"
+        return None
+
+
+def _check_arguments(manifest: Path, out: Path, rejects: Path | None, thresholds: dict) -> None:
+    """Outputs that differ from each other and from the manifest, thresholds in range."""
+    outputs = [out] if rejects is None else [out, rejects]
+    if rejects is not None:
+        _format_of(rejects)
+        if rejects.resolve() == out.resolve():
+            raise SailError(f"rejects and out are both {out}; give them different paths")
+    if not manifest.is_file():
+        raise SailError(f"manifest {manifest} does not exist")
+    if any(path.resolve() == manifest.resolve() for path in outputs):
+        raise SailError(f"an output is the manifest {manifest} itself; write to another path")
+    lowest = {"min_short_side": 0, "max_aspect": 1, "max_texts_per_image": 1, "max_images_per_text": 1,
+              "min_unigrams": 0, "max_unigrams": 0, "vocab_size": 1}
+    for name, value in thresholds.items():
+        _check_threshold(name, value, lowest[name])
+    low, high = thresholds["min_unigrams"], thresholds["max_unigrams"]
+    if low is not None and high is not None and low > high:
+        raise SailError(f"min_unigrams={low} > max_unigrams={high}: none can pass")
+
+
+# ~70 lines: 15 are the signature (one keyword per rule) and its doc; the rest is the two passes in order.
 def filter_align(
     manifest,
     out,
@@ -214,133 +346,37 @@ def filter_align(
     vocab_size: int | None = 100_000,
     progress: bool = True,
     rejects=None,
+    encoding: str = "utf-8",
 ) -> FilterReport:
     """Apply ALIGN's filters to `manifest` and write the kept rows to `out` (see module docstring).
 
     `id_column` only labels removed rows in the report (None: the 1-based row number is used).
     `rejects`, if given, is a second output (.csv/.tsv/.jsonl) that receives the removed rows with
-    one more column, "filter_rule", naming the rule that removed each.
+    one more column, "filter_rule", naming the rule that removed each. `encoding`: the manifest's text
+    encoding (the outputs are UTF-8).
     """
     manifest, out = Path(manifest), Path(out)
+    rejects = None if rejects is None else Path(rejects)
     fmt_in, fmt_out = _format_of(manifest), _format_of(out)
-    outputs = [out] if rejects is None else [out, Path(rejects)]
-    if rejects is not None:
-        fmt_rejects = _format_of(outputs[1])
-        if outputs[1].resolve() == out.resolve():
-            raise SailError(f"rejects and out are both {out}; give them different paths")
-    if not manifest.is_file():
-        raise SailError(f"manifest {manifest} does not exist")
-    if any(path.resolve() == manifest.resolve() for path in outputs):
-        raise SailError(f"an output is the manifest {manifest} itself; write to another path")
-    for name, value, lowest in [
-        ("min_short_side", min_short_side, 0),
-        ("max_aspect", max_aspect, 1),
-        ("max_texts_per_image", max_texts_per_image, 1),
-        ("max_images_per_text", max_images_per_text, 1),
-        ("min_unigrams", min_unigrams, 0),
-        ("max_unigrams", max_unigrams, 0),
-        ("vocab_size", vocab_size, 1),
-    ]:
-        _check_threshold(name, value, lowest)
-    if min_unigrams is not None and max_unigrams is not None and min_unigrams > max_unigrams:
-        raise SailError(f"min_unigrams={min_unigrams} > max_unigrams={max_unigrams}: none can pass")
-
-    columns = _columns(manifest, fmt_in)
+    thresholds = dict(min_short_side=min_short_side, max_aspect=max_aspect, max_texts_per_image=max_texts_per_image,
+                      max_images_per_text=max_images_per_text, min_unigrams=min_unigrams, max_unigrams=max_unigrams,
+                      vocab_size=vocab_size)
+    _check_arguments(manifest, out, rejects, thresholds)
+    check_encoding(manifest, encoding)  # one line naming the first undecodable line, before any pass
+    columns = _columns(manifest, fmt_in, encoding)
     needed = [c for c in (image_column, text_column, id_column) if c is not None]
     missing = [c for c in needed if c not in columns]
     if missing:
         raise SailError(f"{manifest}: no column(s) {missing}; the manifest has columns {columns}")
-    base = manifest.parent
 
-    def image_path(row) -> str:
-        value = row.get(image_column)
-        return os.path.normpath(base / str(value)) if value not in (None, "") else ""
-
-    def text_of(row) -> str:
-        value = row.get(text_column)
-        return "" if value is None else str(value)
-
-    # Pass 1: counters only. An image's set of texts is not needed, only how many rows name it;
-    # a text's set of images is capped at max_images_per_text + 1, enough to decide rule 5.
-    rows_per_image: Counter = Counter()
-    images_of_text: dict = {}  # text digest -> an image digest, or a set of them once there are 2
-    ngrams: Counter = Counter()
-    total = 0
-    for row in tqdm(_rows(manifest, fmt_in, needed), desc="filter: counting", unit="row",
-                    disable=not progress):
-        total += 1
-        tokens = tokenize(text_of(row))
-        image_key = _digest(image_path(row))
-        rows_per_image[image_key] += 1
-        if max_images_per_text is not None:
-            text_key = _digest(" ".join(tokens))
-            seen = images_of_text.get(text_key)
-            if seen is None:
-                images_of_text[text_key] = image_key
-            elif isinstance(seen, bytes):
-                if seen != image_key:
-                    images_of_text[text_key] = {seen, image_key}
-            elif len(seen) <= max_images_per_text:
-                seen.add(image_key)
-        if vocab_size is not None:
-            ngrams.update(tokens)  # unigrams first, so a tie at the cut-off favours them
-            ngrams.update(f"{a} {b}" for a, b in zip(tokens, tokens[1:]))
-    # Only unigrams are ever looked up, but bigrams take their share of the vocab_size places.
-    vocab = {g for g, _ in ngrams.most_common(vocab_size) if " " not in g} if vocab_size else None
-    del ngrams
-
-    check_images = min_short_side is not None or max_aspect is not None
-    on = {
-        "unreadable_image": check_images,
-        "short_side": min_short_side is not None,
-        "aspect_ratio": max_aspect is not None,
-        "texts_per_image": max_texts_per_image is not None,
-        "images_per_text": max_images_per_text is not None,
-        "too_few_unigrams": min_unigrams is not None,
-        "too_many_unigrams": max_unigrams is not None,
-        "rare_token": vocab_size is not None,
-    }
-    removed = {rule: 0 for rule in RULES if on[rule]}
+    rules = _Rules(manifest.parent, image_column, text_column, **thresholds)
+    total = rules.count(tqdm(_rows(manifest, fmt_in, needed, encoding), desc="filter: counting", unit="row",
+                             disable=not progress))
+    removed = {rule: 0 for rule, on in rules.on().items() if on}
     examples: dict[str, list[str]] = {}
-    image_verdicts: dict = {}  # image digest -> rule 1-3 verdict, kept only for images in > 1 row
-
-    def image_verdict(path: str, image_key: bytes) -> str | None:
-        if image_key in image_verdicts:
-            return image_verdicts[image_key]
-        size = image_size(path) if path else None
-        verdict = None
-        if size is None:
-            verdict = "unreadable_image"
-        elif min_short_side is not None and min(size) <= min_short_side:
-            verdict = "short_side"
-        elif max_aspect is not None and (min(size) == 0 or max(size) / min(size) >= max_aspect):
-            verdict = "aspect_ratio"
-        if rows_per_image[image_key] > 1:
-            image_verdicts[image_key] = verdict
-        return verdict
-
-    def judge(row) -> str | None:
-        """The first rule that removes `row`, or None to keep it."""
-        path = image_path(row)
-        image_key = _digest(path)
-        if check_images and (verdict := image_verdict(path, image_key)):
-            return verdict
-        if max_texts_per_image is not None and rows_per_image[image_key] > max_texts_per_image:
-            return "texts_per_image"
-        tokens = tokenize(text_of(row))
-        if max_images_per_text is not None:
-            seen = images_of_text.get(_digest(" ".join(tokens)), b"")
-            if (1 if isinstance(seen, bytes) else len(seen)) > max_images_per_text:
-                return "images_per_text"
-        if min_unigrams is not None and len(tokens) < min_unigrams:
-            return "too_few_unigrams"
-        if max_unigrams is not None and len(tokens) > max_unigrams:
-            return "too_many_unigrams"
-        if vocab is not None and any(token not in vocab for token in tokens):
-            return "rare_token"
-        return None
 
     # Pass 2: judge and write. Temporary files sit beside the outputs so os.replace is atomic.
+    outputs = [out] if rejects is None else [out, rejects]
     temps = [path.with_name(f".{path.name}.{os.getpid()}.tmp") for path in outputs]
     kept = 0
     try:
@@ -351,11 +387,11 @@ def filter_align(
                 files.append(stack.enter_context(open(path, "w", encoding="utf-8", newline="")))
             write = _row_writer(files[0], fmt_out, columns)
             if rejects is not None:
-                write_reject = _row_writer(files[1], fmt_rejects, columns + ["filter_rule"])
-            rows = tqdm(_rows(manifest, fmt_in, needed), desc="filter: judging", unit="row",
+                write_reject = _row_writer(files[1], _format_of(rejects), columns + ["filter_rule"])
+            rows = tqdm(_rows(manifest, fmt_in, needed, encoding), desc="filter: judging", unit="row",
                         total=total, disable=not progress)
             for number, row in enumerate(rows, start=1):
-                rule = judge(row)
+                rule = rules.judge(row)
                 if rule is None:
                     write(row)
                     kept += 1

@@ -31,12 +31,11 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import h5py
 import numpy as np
 import torch
 
 from sail.errors import SailError
-from sail.store import FeatureStore, _read_rows, join
+from sail.store import FeatureStore, join
 
 
 @dataclass
@@ -238,84 +237,6 @@ class _Scratch:
         return a
 
 
-_CHUNKS: dict[tuple, tuple[np.ndarray, int] | None] = {}  # (path, dataset, inode, size, mtime) -> layout
-_POOL = None
-
-
-def _chunk_offsets(store: FeatureStore, ds) -> tuple[np.ndarray, int] | None:
-    """File byte offset of each row-chunk of an uncompressed, fully written, row-chunked float16 field
-    (and the rows per chunk); None for any other layout (then h5py reads)."""
-    st = store.path.stat()  # a store rewritten in place gets new offsets
-    key = (str(store.path.resolve()), ds.name, st.st_ino, st.st_size, st.st_mtime_ns)
-    if key not in _CHUNKS:
-        found = None
-        try:
-            plist = ds.id.get_create_plist()
-            n, d = ds.shape
-            if (plist.get_layout() == h5py.h5d.CHUNKED and plist.get_nfilters() == 0 and ds.dtype == np.float16
-                    and ds.chunks[1] == d and store._h5.driver == "sec2"):
-                cr = ds.chunks[0]
-                offsets = np.full(-(-n // cr), -1, dtype=np.int64)
-
-                def visit(info):
-                    offsets[info.chunk_offset[0] // cr] = info.byte_offset
-
-                ds.id.chunk_iter(visit)
-                found = (offsets, cr) if (offsets >= 0).all() else None
-        except (AttributeError, TypeError, ValueError):  # older h5py/HDF5 without chunk_iter
-            found = None
-        _CHUNKS[key] = found
-    return _CHUNKS[key]
-
-
-def _pread(path, dest: np.ndarray, file_off: np.ndarray, dest_row: np.ndarray, rows: np.ndarray) -> None:
-    """Copy runs of rows from the file into dest: run i is rows[i] rows at byte file_off[i], written at row
-    dest_row[i]. Plain preads split over a few threads (pread releases the GIL): one kernel copy from the
-    page cache per byte, no HDF5 overhead; both cores copy, since reading is most of a streamed batch's cost."""
-    global _POOL
-    import os
-    from concurrent.futures import ThreadPoolExecutor
-
-    parts = max(1, min(4, os.cpu_count() or 1))
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(parts, thread_name_prefix="sail-read")
-    buf = memoryview(dest.reshape(-1).view(np.uint8))
-    row_bytes = dest.shape[1] * dest.itemsize
-    jobs = list(zip(file_off.tolist(), (dest_row * row_bytes).tolist(), (rows * row_bytes).tolist()))
-    with open(path, "rb", buffering=0) as f:
-        fd = f.fileno()
-
-        def work(part):
-            for off, at, size in part:
-                while size:  # pread may return short counts
-                    got = os.preadv(fd, [buf[at:at + size]], off)
-                    if got <= 0:
-                        raise OSError(f"{path}: short read at byte {off}")
-                    off, at, size = off + got, at + got, size - got
-
-        step = -(-len(jobs) // parts)
-        list(_POOL.map(work, [jobs[i:i + step] for i in range(0, len(jobs), step)]))
-
-
-def _runs(rows: np.ndarray, cr: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Sorted unique rows -> runs of consecutive rows within one chunk: (first row, index of it in rows, length)."""
-    cut = np.flatnonzero((np.diff(rows) != 1) | (rows[1:] // cr != rows[:-1] // cr)) + 1
-    first = np.concatenate([[0], cut])
-    return rows[first], first, np.diff(np.concatenate([first, [len(rows)]]))
-
-
-def _read_span(store: FeatureStore, ds, lo: int, hi: int, dest: np.ndarray) -> None:
-    """Rows [lo, hi) of a field into dest (hi - lo, D)."""
-    layout = _chunk_offsets(store, ds)
-    if layout is None:
-        ds.read_direct(dest, source_sel=np.s_[lo:hi], dest_sel=np.s_[0:hi - lo])
-        return
-    offsets, cr = layout
-    starts = np.arange(lo // cr * cr, hi, cr)
-    a, b = np.maximum(starts, lo), np.minimum(starts + cr, hi)
-    _pread(store.path, dest, offsets[starts // cr] + (a - starts) * ds.shape[1] * 2, a - lo, b - a)
-
-
 def _read_source(store: FeatureStore, field: str, rows: np.ndarray, scratch: _Scratch, key: str) -> tuple[np.ndarray, np.ndarray]:
     """Read store rows `rows` (any order) into a reused array; returns (src, pos), src[pos[i]] = row rows[i].
 
@@ -344,20 +265,14 @@ def _read_source(store: FeatureStore, field: str, rows: np.ndarray, scratch: _Sc
     for seg, d in zip(segments, dense):
         if d:
             lo, hi = int(uniq[seg[0]]), int(uniq[seg[-1]]) + 1
-            _read_span(store, ds, lo, hi, src[o:o + hi - lo])
+            store.read_span_into(field, lo, hi, src[o:o + hi - lo])
             pos_u[seg] = o + uniq[seg] - lo
             o += hi - lo
         else:
             rest.append(seg)
     if rest:
         rest = np.concatenate(rest)
-        layout = _chunk_offsets(store, ds)
-        if layout is None:
-            src[o:o + len(rest)] = _read_rows(ds, uniq[rest])
-        else:  # scattered rows: read just them, one pread per run of consecutive rows (no whole chunks)
-            offsets, cr = layout
-            first, at, length = _runs(uniq[rest], cr)
-            _pread(store.path, src[o:o + len(rest)], offsets[first // cr] + (first % cr) * ds.shape[1] * 2, at, length)
+        store.read_sorted_into(field, uniq[rest], src[o:o + len(rest)])
         pos_u[rest] = o + np.arange(len(rest))
     return src, pos_u[inverse]
 
@@ -425,10 +340,9 @@ def _mapped_field(store: FeatureStore, ds) -> _Mapped | None:
     twice (pread into a buffer, then the gather). The mapping is private (copy-on-write, never written) so
     the array is writable for torch.from_numpy; its pages are the page cache's own, nothing is copied.
     """
-    import sail.store  # the chunk layout's home once the pread path lives in sail.store (helper structure)
+    import sail.store  # looked up per call: the chunk layout lives with the store's direct reads (tests patch it)
 
-    chunk_offsets = getattr(sail.store, "_chunk_offsets", None) or globals()["_chunk_offsets"]
-    layout = chunk_offsets(store, ds)
+    layout = sail.store._chunk_offsets(store, ds)
     if layout is None or not hasattr(mmap.mmap, "madvise"):
         return None
     offsets, cr = layout

@@ -16,6 +16,7 @@ which offers the same three methods.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -126,7 +127,8 @@ class SAILModel(torch.nn.Module):
 
     @torch.no_grad()
     def encode_image(self, images: list, batch_size: int = 64) -> torch.Tensor:
-        if not isinstance(images, (list, tuple)):
+        """One image (PIL image or path) or a sequence of them (list, tuple, a Dataset's images column)."""
+        if isinstance(images, (str, Path)) or not isinstance(images, Sequence):
             images = [images]
         return self.heads.encode_image(self.image_features(images, batch_size).to(self.device))
 

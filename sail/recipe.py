@@ -5,7 +5,7 @@ training loop (step, logging, checkpoints, evaluation hooks), the zero-shot chec
     run = start_run(cfg, "alip")                             # process group, device, precision, seed
     summary = train_towers(run, towers, optimizer, scheduler, ds, columns, loss_fn, extra_modules={"gates": g})
 
-A recipe builds its towers, optimizer, schedule and loss_fn(x, y, t) -> (loss, {name: scalar tensor}) and
+A recipe builds its towers, optimizer, schedule and loss_fn(x, y, scale) -> (loss, {name: scalar tensor}) (scale: the temperature t) and
 hands them to train_towers; the loop is the same for every recipe:
   batch (sail.recipe_data) -> tokenize the text columns -> sail.gradcache.contrastive_backward (accum_steps
   micro-batches, whole-batch negatives) -> grad clip -> optimizer / scheduler step -> towers.clamp_() ->
@@ -157,7 +157,7 @@ def _train_step(run: Run, model, towers, optimizer, scheduler, loss_fn, pixels, 
     from sail.gradcache import contrastive_backward
 
     cfg, device = run.cfg, run.device
-    tokens = towers.tokenize([t for column in texts for t in column])  # columns stacked: (C*B, L)
+    tokens = towers.tokenize([text for column in texts for text in column])  # columns stacked: (C*B, L)
     lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
     optimizer.zero_grad(set_to_none=True)
     loss, logs = contrastive_backward(model, pixels.to(device, non_blocking=True), tokens["input_ids"].to(device),

@@ -32,7 +32,7 @@ def _image_paths(store: FeatureStore) -> dict[str, str]:
     source = store.attrs.get("source", "")
     spec = store.attrs.get("dataset") if str(store.attrs.get("dataset", "")).startswith("sample") else source
     try:
-        ds = open_dataset(spec, columns=[])
+        ds = open_dataset(spec, columns=[], encoding=store.attrs.get("encoding", "utf-8"))
     except Exception:  # the source moved or is not openable: ids alone still work
         return {}
     return {i: p for i, p in zip(ds.ids, ds.images) if p}

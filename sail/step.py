@@ -95,7 +95,7 @@ def chunks(n: int, size: int) -> list[slice]:
 def _embed(heads, image: torch.Tensor, texts: Sequence[torch.Tensor], prec: Precision) -> list[torch.Tensor]:
     """[x, y_1, .., y_K] for one chunk of rows: LayerNorm, head, L2-normalise (as AlignmentHeads does)."""
     with prec.autocast():
-        out = [heads.encode_image(image)] + [heads.encode_text(t) for t in texts]
+        out = [heads.encode_image(image)] + [heads.encode_text(text) for text in texts]
     if prec.name == "bf16":
         # CUDA autocast runs F.normalize's norm in float32, so the embeddings come out float32 there (bf16 on
         # CPU): cast them, so the loss's three B^2 D matmuls run in bf16 (2x faster, half the memory for G)
@@ -110,15 +110,15 @@ def train_step(heads, image: torch.Tensor, texts: Sequence[torch.Tensor], loss_f
     """Forward + backward of one batch, gradients accumulated into the heads' .grad (zero them before).
 
     heads: AlignmentHeads (not DDP-wrapped). image: (n, image_dim), texts: K tensors (n, text_dim), this
-    rank's rows. loss_fn(x, [y_1..y_K], t, b) -> scalar, e.g. sail.losses.sigmoid_loss over the ys.
+    rank's rows. loss_fn(x, [y_1..y_K], scale, bias) -> scalar (scale: the temperature t), e.g. sail.losses.sigmoid_loss over the ys.
     chunk_size: rows per chunk of the head passes (None: auto_chunk_size). Returns the (5,) device tensor
     [loss, t, b, mean positive cosine, mean negative cosine] (detached; reading it is the only host sync).
-    probe(x, y, t, b): optional, called once with the whole batch's embeddings (x and the first caption set,
-    no autograd) and t, b, e.g. sail.stability.GradientBalance at log points; it may sync.
+    probe(x, y, scale, bias): optional, called once with the whole batch's embeddings (x and the first caption set,
+    no autograd) and t, b as tensors, e.g. sail.stability.GradientBalance at log points; it may sync.
     """
     n = image.shape[0]
-    if any(t.shape[0] != n for t in texts):
-        raise SailError(f"image and text batches differ in rows: {n} vs {[t.shape[0] for t in texts]}")
+    if any(text.shape[0] != n for text in texts):
+        raise SailError(f"image and text batches differ in rows: {n} vs {[text.shape[0] for text in texts]}")
     size = chunk_size if chunk_size is not None else auto_chunk_size(heads, n, image.device)
     parts = chunks(n, size)
 
@@ -134,14 +134,14 @@ def train_step(heads, image: torch.Tensor, texts: Sequence[torch.Tensor], loss_f
 
     # pass 2: the loss once on the whole batch; backward leaves dL/d(embeddings) in .grad and fills t, b
     leaves = [e.requires_grad_(True) for e in emb]  # emb were made under no_grad: they are leaves already
-    t, b = heads.scale(), heads.logit_bias
-    loss = loss_fn(leaves[0], leaves[1:], t, b)
+    scale, bias = heads.scale(), heads.logit_bias  # the temperature t and the bias b
+    loss = loss_fn(leaves[0], leaves[1:], scale, bias)
     (scaler.scale(loss) if scaler is not None else loss).backward()
     loss = loss.detach()  # frees the graph and with it the loss's stored gradients (K+1 x (n, D))
     grads = [e.grad for e in leaves]
-    stats = _stats(loss, t, b, emb[0], emb[1])
+    stats = _stats(loss, scale, bias, emb[0], emb[1])
     if probe is not None:
-        probe(emb[0].detach(), emb[1].detach(), t.detach(), b.detach())
+        probe(emb[0].detach(), emb[1].detach(), scale.detach(), bias.detach())
     del leaves, emb  # the embeddings themselves are not needed by pass 3: only their gradients
 
     # pass 3: each chunk again with autograd, backward with its rows of the embedding gradients
@@ -156,14 +156,14 @@ def train_step(heads, image: torch.Tensor, texts: Sequence[torch.Tensor], loss_f
 
 
 @torch.no_grad()
-def _stats(loss, t, b, x, y) -> torch.Tensor:
+def _stats(loss, scale, bias, x, y) -> torch.Tensor:
     """(5,) [loss, t, b, mean positive cosine, mean negative cosine] on the device, O(n*D)."""
     n = x.shape[0]
     dt = torch.promote_types(loss.dtype, torch.float32)  # float32, float64 for float64 heads
     pos = (x * y).sum(1, dtype=dt)  # (n,) cosine of each positive pair
     total = x.sum(0, dtype=dt) @ y.sum(0, dtype=dt)  # sum of all n^2 cosines, from the column sums
     neg = (total - pos.sum()) / max(1, n * n - n)
-    return torch.stack([loss.to(dt), t.detach().to(dt), b.detach().to(dt), pos.mean(), neg])
+    return torch.stack([loss.to(dt), scale.detach().to(dt), bias.detach().to(dt), pos.mean(), neg])
 
 
 # ------------------------------------------------------------------------------------------ distributed

@@ -36,9 +36,13 @@ LEADERBOARD_KEYS = ("loss", "val_i2t_R@1", "val_t2i_R@1", "steps", "seconds")
 # ------------------------------------------------------------------------------------------ settings
 
 
+ALIASES = {"width_factor": "width"}  # `sail align` flag names that differ from their AlignConfig field
+
+
 def option_name(key: str) -> str:
     """'--init-scale' / 'init-scale' / 'init_scale' -> 'init_scale', checked against AlignConfig."""
     name = key.lstrip("-").replace("-", "_")
+    name = ALIASES.get(name, name)
     if name not in FIELDS or name in NOT_SETTABLE:
         valid = ", ".join(k.replace("_", "-") for k in FIELDS if k not in NOT_SETTABLE)
         raise SailError(f"unknown sail align option {key!r} in the sweep; use one of: {valid}")

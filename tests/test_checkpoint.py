@@ -3,6 +3,7 @@ position, keep-last-N, atomic LATEST, checkpoints written by 0.1, and the resume
 
 import json
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from safetensors.torch import save_file
 
 from sail.checkpoint import check_resume, load_checkpoint, save_checkpoint
 from sail.errors import SailError
+from sail.runlog import read_metrics
 
 
 def _model():
@@ -84,3 +86,70 @@ def test_the_resume_rule(tmp_path):
     (other / "notes.txt").write_text("x")
     with pytest.raises(SailError, match="has no cfg.json to resume from"):
         check_resume(other, "cfg.json", settings, resume=True)
+
+
+def test_json_settings_keep_their_floats(tmp_path):
+    # train_config.json holds lr 1e-05; read as YAML 1.1 that is the string "1e-05" and every resume differs
+    run = tmp_path / "run"
+    save_checkpoint(run, 1, _model())
+    (run / "train_config.json").write_text(json.dumps({"lr": 1e-5}))
+    assert check_resume(run, "train_config.json", {"lr": 1e-5}, resume=True).settings == {"lr": 1e-5}
+
+
+def test_settings_added_since_the_run_began_compare_as_their_defaults(tmp_path):
+    run = tmp_path / "run"
+    save_checkpoint(run, 2, _model())
+    (run / "cfg.json").write_text(json.dumps({"lr": 0.1}))  # written before `average` existed
+    assert check_resume(run, "cfg.json", {"lr": 0.1, "average": "pairs"}, True, defaults={"average": "pairs"}).step == 2
+    with pytest.raises(SailError, match=r"settings differ from the saved run \(--average\)"):
+        check_resume(run, "cfg.json", {"lr": 0.1, "average": "rows"}, True, defaults={"average": "pairs"})
+
+
+def _align_runner(tmp_path):
+    from sail.align import AlignConfig, align
+    from synthetic import paired_stores
+
+    img, txt = paired_stores(tmp_path, n=200)
+
+    def run(out, resume=False, other=False, steps=3):
+        cfg = AlignConfig(image=str(img), text=str(txt), out=str(out), head="linear", out_dim=8, batch=64 if other else 32,
+                          steps=steps, val_fraction=0.0, progress=False, log_every=1)
+        return align(cfg, resume=resume).steps
+
+    return run, "train_config.json", "--batch"
+
+
+def _recipe_runner(tmp_path):
+    from sail.recipes.alip import main
+
+    def run(out, resume=False, other=False, steps=3):
+        argv = ["--config", "alip-tiny", "--out", str(out), "--device", "cpu", "--workers", "0", "--progress",
+                "false", "--eval_every", "0", "--batch_size", "8" if other else "16", "--steps", str(steps)]
+        main(argv + (["--resume"] if resume else []))
+        return max(r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r)
+
+    return run, "recipe-config.yaml", "--batch-size"
+
+
+@pytest.mark.parametrize("runner", [_align_runner, _recipe_runner], ids=["align", "recipe"])
+def test_align_and_recipes_follow_one_resume_rule(runner, tmp_path):
+    run, settings_file, batch_flag = runner(tmp_path)
+    out = tmp_path / "out"
+    assert run(out) == 3
+    with pytest.raises(SailError, match="already holds a run; pass --resume to continue it or choose another --out"):
+        run(out)
+    with pytest.raises(SailError, match=f"cannot resume .*settings differ from the saved run \\({batch_flag}\\)"):
+        run(out, resume=True, other=True)
+    assert run(out, resume=True) == 3  # the same settings: continues (here, a finished run: nothing left to do)
+    # a failed start (settings, no checkpoint, no model) is reused as new, other settings and all
+    for p in [*out.glob("checkpoint-*"), out / "LATEST", out / "model.safetensors"]:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    assert (out / settings_file).is_file()
+    assert run(out, other=True) == 3
+    # --resume into a folder that holds something else
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "notes.txt").write_text("x")
+    with pytest.raises(SailError, match=f"has no {settings_file} to resume from"):
+        run(stray, resume=True)
+    assert (stray / "notes.txt").read_text() == "x" and sorted(p.name for p in stray.iterdir()) == ["notes.txt"]

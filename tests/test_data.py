@@ -1,7 +1,6 @@
 """sail.data: every image mode, shard and manifest read correctly, or refused in one line."""
 
 import io
-import json
 import tarfile
 from pathlib import Path
 
@@ -360,11 +359,110 @@ def test_alpha_modes_and_grey_trns_composite_by_hand(tmp_path, no_warnings):
     np.testing.assert_array_equal(np.asarray(load_image(path)), _grey_rgb([[255, 90]]))
 
 
+def test_premultiplied_alpha_modes_composite_on_white():
+    """RGBa / La hold colour * alpha: over white that is premultiplied + 255 (1 - alpha), by hand."""
+    from sail.data import to_rgb
+
+    rgba = Image.frombytes("RGBa", (2, 1), bytes([100, 50, 20, 128, 9, 9, 9, 255]))
+    np.testing.assert_allclose(np.asarray(to_rgb(rgba)), [[[227, 177, 147], [9, 9, 9]]], atol=1)
+    la = Image.frombytes("La", (2, 1), bytes([100, 128, 50, 255]))
+    np.testing.assert_allclose(np.asarray(to_rgb(la)), _grey_rgb([[227, 50]]), atol=1)
+
+
 def test_cmyk_by_the_formula(tmp_path, no_warnings):
     cmyk = np.array([[[0, 0, 0, 0], [255, 0, 0, 0], [0, 128, 64, 100]]], dtype=np.uint8)
     path = _save(Image.frombytes("CMYK", (3, 1), cmyk.tobytes()), tmp_path / "c.tif")
     with Image.open(path) as im:
         assert im.mode == "CMYK"
+    want = [[[255, 255, 255], [0, 255, 255],
+             [round(255 * 155 / 255), round(127 * 155 / 255), round(191 * 155 / 255)]]]
+    np.testing.assert_array_equal(np.asarray(load_image(path)), want)
+
+
+def _s15(x) -> bytes:
+    import struct
+
+    return struct.pack(">i", round(x * 65536))
+
+
+def cmyk_lab_profile(nodes) -> bytes:
+    """A minimal ICC v2 CMYK printer profile: a lut8 A2B0 over a 2-point grid, (c, m, y, k) bits -> Lab.
+
+    Nodes not given get L = 25 per set ink, a = b = 0. Pixels at the grid nodes (each ink 0 or 255)
+    convert to exactly their node's Lab, so their sRGB values can be worked out by hand.
+    """
+    import struct
+
+    clut = bytearray()
+    for c in (0, 1):  # the first input channel varies slowest
+        for m in (0, 1):
+            for y in (0, 1):
+                for k in (0, 1):
+                    L, a, b = nodes.get((c, m, y, k), (25 * (c + m + y + k), 0, 0))
+                    clut += bytes([round(L * 255 / 100), round(a + 128), round(b + 128)])  # v2 Lab encoding
+    ident = bytes(range(256))
+    lut = (b"mft1" + bytes(4) + bytes([4, 3, 2, 0]) + b"".join(_s15(v) for v in (1, 0, 0, 0, 1, 0, 0, 0, 1))
+           + ident * 4 + bytes(clut) + ident * 3)
+    text = b"sail test CMYK\x00"
+    desc = b"desc" + bytes(4) + struct.pack(">I", len(text)) + text + bytes(8) + bytes(3) + bytes(67)
+    d50 = _s15(0.9642) + _s15(1.0) + _s15(0.8249)
+    tags = [(b"desc", desc), (b"wtpt", b"XYZ " + bytes(4) + d50), (b"A2B0", lut)]
+    offset = 128 + 4 + 12 * len(tags)
+    table, body = b"", b""
+    for sig, blob in tags:
+        blob += bytes(-len(blob) % 4)
+        table += sig + struct.pack(">II", offset + len(body), len(blob))
+        body += blob
+    header = (struct.pack(">I", offset + len(body)) + bytes(4) + bytes([2, 0x10, 0, 0]) + b"prtr" + b"CMYK"
+              + b"Lab " + bytes(12) + b"acsp" + bytes(28) + d50 + bytes(48))
+    return header + struct.pack(">I", len(tags)) + table + body
+
+
+def _srgb_grey(L) -> float:
+    """sRGB level of the neutral grey with CIE lightness L (by hand: L* -> Y -> sRGB transfer curve)."""
+    y = ((L + 16) / 116) ** 3 if L > 8 else L / 903.3
+    v = 12.92 * y if y <= 0.0031308 else 1.055 * y ** (1 / 2.4) - 0.055
+    return 255 * v
+
+
+@pytest.mark.parametrize("draft", [None, 4])
+def test_cmyk_jpeg_with_an_icc_profile_is_converted_by_the_profile(tmp_path, draft, no_warnings):
+    """Inks 0/255 in 16-px blocks: the profile maps them to black, white, L=50 grey and sRGB red, all
+    unlike what the plain formula gives (white, black, black, cyan)."""
+    from PIL import ImageCms
+
+    red = (54.29, 80.81, 69.89)  # sRGB (255, 0, 0) in D50 Lab
+    profile = cmyk_lab_profile({(0, 0, 0, 0): (0, 0, 0), (1, 1, 1, 1): (100, 0, 0), (0, 0, 0, 1): (50, 0, 0),
+                                (1, 0, 0, 0): red})
+    inks = np.zeros((32, 64, 4), np.uint8)
+    inks[:, 16:32] = 255
+    inks[:, 32:48, 3] = 255
+    inks[:, 48:, 0] = 255
+    path = tmp_path / "cmyk.jpg"
+    Image.fromarray(inks, "CMYK").save(path, quality=100, icc_profile=profile)
+    with Image.open(path) as im:
+        assert im.mode == "CMYK" and im.info["icc_profile"] == profile
+        np.testing.assert_array_equal(np.asarray(im)[8, 8::16], inks[8, 8::16])  # the JPEG kept the inks
+        reference = ImageCms.profileToProfile(im, ImageCms.ImageCmsProfile(io.BytesIO(profile)),
+                                              ImageCms.createProfile("sRGB"), outputMode="RGB")
+    got = load_image(path, draft=draft)
+    scale = 1 if draft is None else 8  # draft 4: the 32-px side is decoded at 1/8
+    assert got.mode == "RGB" and got.size == (64 // scale, 32 // scale)
+    centres = np.asarray(got)[8 // scale, (8 // scale)::(16 // scale)].astype(int)
+    grey = _srgb_grey(50)  # 118.9
+    want = [[0, 0, 0], [255, 255, 255], [grey] * 3, [255, 0, 0]]
+    np.testing.assert_allclose(centres, want, atol=3)
+    if draft is None:
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(reference))
+        np.testing.assert_array_equal(np.asarray(load_image(str(path))), np.asarray(got))  # a Path or its str
+
+
+def test_cmyk_with_a_broken_icc_profile_falls_back_to_the_formula(tmp_path, no_warnings):
+    inks = np.array([[[0, 0, 0, 0], [255, 0, 0, 0], [0, 128, 64, 100]]], dtype=np.uint8)
+    path = tmp_path / "c.tif"
+    Image.frombytes("CMYK", (3, 1), inks.tobytes()).save(path, icc_profile=b"not an ICC profile")
+    with Image.open(path) as im:
+        assert im.info.get("icc_profile") == b"not an ICC profile"
     want = [[[255, 255, 255], [0, 255, 255],
              [round(255 * 155 / 255), round(127 * 155 / 255), round(191 * 155 / 255)]]]
     np.testing.assert_array_equal(np.asarray(load_image(path)), want)
@@ -571,3 +669,43 @@ def test_load_image_lets_no_pil_warning_through(tmp_path, monkeypatch, no_warnin
 
     monkeypatch.setattr(data, "to_rgb", noisy)
     assert np.asarray(load_image(path)).tolist() == [[[9, 8, 7]] * 3] * 2
+
+
+@pytest.mark.parametrize("kind", ["csv", "parquet"])
+def test_a_repeated_column_name_is_refused_naming_it(tmp_path, kind):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / f"m.{kind}"
+    if kind == "csv":
+        path.write_text("id,caption,caption\na,x,y\n")
+    else:
+        pq.write_table(pa.Table.from_arrays([pa.array(["a"]), pa.array(["x"]), pa.array(["y"])],
+                                            names=["id", "caption", "caption"]), path)
+    with pytest.raises(SailError, match=r"m\.\w+: column name\(s\) 'caption' appear more than once in the header"):
+        open_dataset(str(path))
+    assert open_dataset(str(path), columns=[]).ids == ["a"]  # a repeat among unread columns does no harm
+    if kind == "csv":  # nor do the empty names of trailing commas (spreadsheet exports)
+        path.write_text("id,caption,,\na,x,,\n")
+        assert open_dataset(str(path)).captions == {"caption": ["x"]}
+
+
+def test_only_the_needed_columns_are_read(tmp_path, monkeypatch):
+    """A wide manifest: columns that are not the id, image, label or a caption are never decoded."""
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    wide = {"id": ["a", "b"], "image": ["1.jpg", ""], "caption": ["x", "y"], "label": [3, 4],
+            "embedding": [[0.5] * 4, [1.5] * 4], "notes": ["n1", "n2"]}
+    path = _parquet(tmp_path / "w.parquet", wide)
+    seen = []
+    real_pq, real_csv = pq.read_table, pcsv.read_csv
+    monkeypatch.setattr(pq, "read_table", lambda p, columns=None, **k: seen.append(columns) or real_pq(p, columns=columns, **k))
+    monkeypatch.setattr(pcsv, "read_csv", lambda p, convert_options=None, **k: seen.append(
+        convert_options.include_columns) or real_csv(p, convert_options=convert_options, **k))
+    ds = open_dataset(path)
+    assert seen == [["id", "image", "label", "caption"]]
+    assert ds.captions == {"caption": ["x", "y"]} and ds.images == [str(tmp_path / "1.jpg"), None]
+    (tmp_path / "w.csv").write_text("id,notes,caption,long_caption\na,n,x,xx\n")
+    ds = open_dataset(str(tmp_path / "w.csv"), columns=["long_caption"])
+    assert seen[1] == ["id", "long_caption"] and ds.captions == {"long_caption": ["xx"]} and ds.images == [None]

@@ -453,3 +453,73 @@ def test_open_clip_adapter_matches_sailmodel(trained):
     y = adapter.encode_text(tokenizer(["a red circle", "a blue cross"]).to("cpu"))
     assert torch.allclose(y, model.encode_text(["a red circle", "a blue cross"]), atol=1e-6)
     assert adapter.logit_scale.exp().item() == pytest.approx(model.scale().item())  # log t, as open_clip
+
+
+def test_eval_data_in_another_encoding(trained, tmp_path, capsys):
+    """A latin-1 manifest / JSON / JSONL: one error line naming the file and line without --encoding, and
+    with it exactly the result of the same data saved as UTF-8."""
+    from sail.cli import main
+
+    ds = open_dataset("sample-val")
+    rows = [f"{i},{ds.images[i]},{ds.captions['caption'][i]}{' café' if i >= 2 else ''},{ds.class_names[ds.labels[i]]}"
+            for i in range(40)]
+    text = "id,image,caption,label\n" + "\n".join(rows) + "\n"  # the first é is on line 4
+    (tmp_path / "u.csv").write_bytes(text.encode("utf-8"))
+    (tmp_path / "l.csv").write_bytes(text.encode("latin-1"))
+    f = str(tmp_path / "f")
+    for task in (zeroshot, retrieval):
+        with pytest.raises(SailError, match=r"l\.csv:4 is not utf-8 text .*--encoding"):
+            task(trained["run"], str(tmp_path / "l.csv"), features_root=f, progress=False)
+        assert (task(trained["run"], str(tmp_path / "l.csv"), features_root=f, progress=False, encoding="latin-1")
+                == task(trained["run"], str(tmp_path / "u.csv"), features_root=f, progress=False))
+    coco = json.dumps({"images": [{"id": i, "file_name": ds.images[i]} for i in range(6)],
+                       "annotations": [{"image_id": i, "caption": f"{ds.captions['caption'][i]} café"} for i in range(6)]},
+                      ensure_ascii=False, indent=1)
+    (tmp_path / "u.json").write_bytes(coco.encode("utf-8"))
+    (tmp_path / "l.json").write_bytes(coco.encode("latin-1"))
+    line = coco[:coco.index("café")].count("\n") + 1
+    with pytest.raises(SailError, match=rf"l\.json:{line} is not utf-8 text"):
+        retrieval(trained["run"], str(tmp_path / "l.json"), images_root="/", features_root=f, progress=False)
+    assert (retrieval(trained["run"], str(tmp_path / "l.json"), images_root="/", features_root=f, progress=False,
+                      encoding="latin-1")
+            == retrieval(trained["run"], str(tmp_path / "u.json"), images_root="/", features_root=f, progress=False))
+    (tmp_path / "images").mkdir()
+    examples = []
+    for n in range(2):
+        for k in range(2):
+            shutil.copy(ds.images[2 * n + k], tmp_path / "images" / f"ex_{n}_img_{k}.png")
+        examples.append(json.dumps({"id": n, "image_0": f"ex_{n}_img_0", "image_1": f"ex_{n}_img_1",
+                                    "caption_0": f"{ds.captions['caption'][2 * n]} é",
+                                    "caption_1": ds.captions["caption"][2 * n + 1]}, ensure_ascii=False))
+    (tmp_path / "u.jsonl").write_bytes("\n".join(examples).encode("utf-8"))
+    (tmp_path / "l.jsonl").write_bytes("\n".join(examples).encode("latin-1"))
+    with pytest.raises(SailError, match=r"l\.jsonl:1 is not utf-8 text"):
+        winoground(trained["run"], str(tmp_path / "l.jsonl"))
+    assert winoground(trained["run"], str(tmp_path / "l.jsonl"), encoding="latin-1") == winoground(
+        trained["run"], str(tmp_path / "u.jsonl"))
+    # the CLI: the same line and exit code 2, then --encoding
+    for argv in (["eval", "zeroshot", trained["run"], "--data", str(tmp_path / "l.csv"), "--features-root", f],
+                 ["eval", "retrieval", trained["run"], "--data", str(tmp_path / "l.csv"), "--features-root", f],
+                 ["eval", "winoground", trained["run"], "--data", str(tmp_path / "l.jsonl")]):
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "is not utf-8 text" in err and "--encoding" in err
+        assert len(err.splitlines()) == 1
+        assert main(argv + ["--encoding", "latin-1"]) == 0
+
+
+def test_index_finds_the_image_paths_of_a_store_from_a_latin1_manifest(trained, tmp_path, tiny_vision):
+    """The store records --encoding, so `sail index` can reopen its manifest for the image paths."""
+    from sail.search import build_index
+
+    ds = open_dataset("sample")
+    rows = [f"{ds.ids[i]},{ds.images[i]},caf\u00e9 {i}" for i in range(12)]
+    (tmp_path / "l.csv").write_bytes(("id,image,caption\n" + "\n".join(rows) + "\n").encode("latin-1"))
+    res = extract(ExtractConfig(model=str(tiny_vision), data=str(tmp_path / "l.csv"), out=str(tmp_path / "i.h5"),
+                                encoding="latin-1", workers=0, progress=False))
+    with FeatureStore(res.path) as s:
+        assert s.attrs["encoding"] == "latin-1"
+    build_index(trained["run"], str(res.path), str(tmp_path / "idx"))
+    items = json.loads((tmp_path / "idx" / "ids.json").read_text())
+    assert {i["id"]: i["path"] for i in items} == {ds.ids[i]: ds.images[i] for i in range(12)}

@@ -371,3 +371,29 @@ def test_report_table_and_progress(dataset, capsys):
     assert re.search(r"texts_per_image\s+5\s+17\.9%\s+p1, p2, p3", table)
     assert re.search(rf"kept\s+{len(KEPT)}\b", table) and re.search(rf"total\s+{len(ROWS)}\b", table)
     assert FilterReport(total=0, kept=0, removed={}).table().splitlines()[-1].split()[:2] == ["total", "0"]
+
+
+@pytest.mark.parametrize("ext", [".csv", ".jsonl"])
+def test_a_manifest_in_another_encoding(dataset, ext, capsys):
+    """latin-1: one error naming the file and line without --encoding; with it, the UTF-8 copy's output."""
+    from sail.cli import main
+
+    rows = [(i + ("-café" if i == "k4" else ""), img, text) for i, img, text in ROWS]  # k4: the 4th row, kept
+    utf8, latin = dataset / f"u{ext}", dataset / f"l{ext}"
+    write_manifest(utf8, rows)
+    text = utf8.read_text(encoding="utf-8").replace("\\u00e9", "\u00e9")  # JSONL: the letter, not its escape
+    utf8.write_bytes(text.encode("utf-8"))
+    latin.write_bytes(text.encode("latin-1"))
+    line = 5 if ext == ".csv" else 4  # after the CSV header
+    with pytest.raises(SailError, match=rf"l\{ext}:{line} is not utf-8 text .*--encoding"):
+        filter_align(latin, dataset / f"out{ext}", **THRESHOLDS)
+    assert not (dataset / f"out{ext}").exists()
+    want = filter_align(utf8, dataset / f"want{ext}", **THRESHOLDS)
+    got = filter_align(latin, dataset / f"out{ext}", encoding="latin-1", **THRESHOLDS)
+    assert got == want and (dataset / f"out{ext}").read_bytes() == (dataset / f"want{ext}").read_bytes()  # UTF-8 out
+    assert "caf\u00e9" in (dataset / f"out{ext}").read_text(encoding="utf-8")
+    capsys.readouterr()
+    assert main(["filter", "align", str(latin), "--out", str(dataset / f"cli{ext}")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and f"l{ext}:{line} is not utf-8" in err and len(err.splitlines()) == 1
+    assert main(["filter", "align", str(latin), "--out", str(dataset / f"cli{ext}"), "--encoding", "latin-1"]) == 0

@@ -168,15 +168,16 @@ def test_reused_batch_tensors_hold_the_same_batches(pairs):
 def test_store_reads_match_h5py(tmp_path, monkeypatch, direct):
     # direct: plain preads at the chunk offsets HDF5 reports; else h5py (compressed or odd layouts)
     import sail.loader as loader
+    import sail.store
     from synthetic import write_store
 
     rng = np.random.default_rng(1)
     x = rng.standard_normal((2500, 8)).astype(np.float16)
     store = FeatureStore(write_store(tmp_path / "s.h5", [f"i{k}" for k in range(2500)], {"image": x}, "image", "m"))
     if not direct:
-        monkeypatch.setattr(loader, "_chunk_offsets", lambda store, ds: None)
+        monkeypatch.setattr(sail.store, "_chunk_offsets", lambda store, ds: None)
     else:
-        assert loader._chunk_offsets(store, store._dataset("image"))[1] == 1024
+        assert sail.store._chunk_offsets(store, store._dataset("image"))[1] == 1024
     for k in range(60):
         n = int(rng.integers(1, 2500))
         rows = [rng.choice(2500, n, replace=False), rng.integers(0, 2500, n),   # scattered, repeated

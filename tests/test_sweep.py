@@ -36,8 +36,11 @@ def test_parse_grid_types_names_and_order():
     assert sw.run_name({"head": "glu", "lr": 0.001, "captions": ["a", "b"]}) == "head-glu_lr-0.001_captions-a+b"
     assert sw.parse_fixed(["--steps", "5", "--init-scale=10", "--image", "x.h5"]) == {"steps": 5, "init_scale": 10.0,
                                                                                    "image": "x.h5"}
+    # `sail align --width-factor` (alias --width) is the field `width`, in a grid as in the fixed settings
+    assert sw.parse_grid(["width-factor=2,4"]) == {"width": [2, 4]} == sw.parse_grid(["width=2,4"])
+    assert sw.parse_fixed(["--width-factor", "8"]) == {"width": 8}
     for bad, msg in ((["nope=1,2"], "unknown sail align option"), (["lr"], "key=value"), (["lr=fast"], "not a valid"),
-                     (["lr=1", "lr=2"], "twice"), (["out=a,b"], "unknown")):
+                     (["lr=1", "lr=2"], "twice"), (["out=a,b"], "unknown"), (["width=2", "width-factor=4"], "twice")):
         with pytest.raises(SailError, match=msg):
             sw.parse_grid(bad)
 

@@ -40,7 +40,7 @@ from sail.towers import build_towers
 def main(argv=None) -> dict:
     cfg = load_config(sys.argv[1:] if argv is None else argv)
     run = start_run(cfg, "align")
-    ds = open_dataset(str(cfg["data"]), columns=[cfg["text_column"]])
+    ds = open_dataset(str(cfg["data"]), columns=[cfg["text_column"]], encoding=cfg.get("encoding", "utf-8"))
 
     towers = build_towers("align", cfg["vision"], cfg["text"], cfg["embed_dim"], cfg["image"],
                           projection=cfg["projection"], temperature="sigma", init_scale=1.0 / cfg["init_sigma"],
@@ -56,8 +56,8 @@ def main(argv=None) -> dict:
     steps = int(cfg["steps"])
     scheduler = linear_warmup_decay(optimizer, total_steps=steps, warmup_steps=min(int(opt["warmup_steps"]), steps))
 
-    def loss_fn(x, y, t):  # CE_i2t + CE_t2i: the paper sums both directions; info_nce_loss is their mean
-        return 2 * info_nce_loss(x, y, t, label_smoothing=cfg["label_smoothing"]), {}
+    def loss_fn(x, y, scale):  # CE_i2t + CE_t2i: the paper sums both directions; info_nce_loss is their mean
+        return 2 * info_nce_loss(x, y, scale, label_smoothing=cfg["label_smoothing"]), {}
 
     train_rows, _ = split_indices(ds.ids, cfg["holdout"])
     calibration = [ds.images[i] for i in train_rows[:cfg["bn_recalibration"]]]  # fixed images for precise BN

@@ -8,14 +8,14 @@ per-sample consistency gates that down-weight noisy pairs.
 
 Model: CLIP ViT image tower + 12-layer width-512 CLIP text tower, CLIP projections to 512-d (sail.towers).
 ONE text encoder embeds both the raw text (column `text_column`, default "caption") and the synthetic
-caption (`caption_column`, default "long_caption"). With x, t, c the unit image / raw text / caption
+caption (`caption_column`, default "long_caption"). With x, y_t, y_c the unit image / raw text / caption
 embeddings and W_s, W_t, W_c the gates (sail.losses.ConsistencyGates, no gradient):
 
-    L = info_nce(x, t, weights = W_s W_t) + info_nce(x, c, weights = W_s W_c)
+    L = info_nce(x, y_t, weights = W_s W_t) + info_nce(x, y_c, weights = W_s W_c)
 
 info_nce is sail.losses.info_nce_loss (mean over samples of (CE_i2t + CE_t2i) / 2, negatives gathered
 from every process). Paper settings: AdamW lr 1e-3, wd 0.2, betas (0.9, 0.98), eps 1e-6, OneCycleLR
-pct_start 0.1, grad clip 1, t = 1/0.07 learnable, clamped at 100.
+pct_start 0.1, grad clip 1, logit scale (the temperature t) 1/0.07, learnable, clamped at 100.
 
 The loop, checkpoints (`--resume` continues a run), logs and outputs are sail.recipe.train_towers's.
 """
@@ -38,7 +38,7 @@ from sail.towers import build_towers
 def main(argv=None) -> dict:
     cfg = load_config(sys.argv[1:] if argv is None else argv)
     run = start_run(cfg, "alip")
-    ds = open_dataset(str(cfg["data"]), columns=[cfg["text_column"], cfg["caption_column"]])
+    ds = open_dataset(str(cfg["data"]), columns=[cfg["text_column"], cfg["caption_column"]], encoding=cfg.get("encoding", "utf-8"))
 
     towers = build_towers("alip", cfg["vision"], cfg["text"], cfg["embed_dim"], cfg["image"],
                           projection=cfg["projection"], temperature="log_scale",
@@ -57,14 +57,14 @@ def main(argv=None) -> dict:
         raise SailError(f"ALIP's one-cycle schedule needs at least 3 steps, got steps={steps}")
     scheduler = one_cycle(optimizer, max_lr=opt["lr"], total_steps=steps, pct_start=pct_start)
 
-    def loss_fn(x, y, t):  # x (B, D) images; y (2B, D): raw texts, then synthetic captions
-        t_emb, c_emb = y.chunk(2)
-        w_t, w_c = gates((t_emb * c_emb).sum(1), (x * t_emb).sum(1), (x * c_emb).sum(1))  # no gradient
-        loss_xt = info_nce_loss(x, t_emb, t, weights=w_t)
-        loss_xc = info_nce_loss(x, c_emb, t, weights=w_c)
+    def loss_fn(x, y, scale):  # x (B, D) images; y (2B, D): raw texts, then synthetic captions; scale: t
+        text, caption = y.chunk(2)  # (B, D) each
+        w_t, w_c = gates((text * caption).sum(1), (x * text).sum(1), (x * caption).sum(1))  # no gradient
+        loss_xt = info_nce_loss(x, text, scale, weights=w_t)
+        loss_xc = info_nce_loss(x, caption, scale, weights=w_c)
         with torch.no_grad():  # the loss without gates, to watch learning (the gated one rises as H adapts)
-            xd, td = x.detach(), t.detach()
-            plain = info_nce_loss(xd, t_emb.detach(), td) + info_nce_loss(xd, c_emb.detach(), td)
+            xd, sd = x.detach(), scale.detach()
+            plain = info_nce_loss(xd, text.detach(), sd) + info_nce_loss(xd, caption.detach(), sd)
         return loss_xt + loss_xc, {"loss_xt": loss_xt, "loss_xc": loss_xc, "loss_ungated": plain,
                                    "w_t": w_t.mean(), "w_c": w_c.mean(), "frac_wc_gt_wt": (w_c > w_t).float().mean()}
 
