@@ -26,9 +26,13 @@ the checksums written at finish; stores from before checksums open fine and say 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import mmap
 import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -144,6 +148,11 @@ class FeatureStore:
     def read_patch_tokens(self, field: str, rows=None) -> np.ndarray:
         return _read_rows(self._dataset(field, "patch_tokens"), rows)
 
+    def map_field(self, field: str) -> "MappedField | None":
+        """The field mapped from the store file, for gathering rows straight from the page cache (the
+        streamed loader), or None where the layout does not allow it (then use read_span_into / read_sorted_into)."""
+        return _map_field(self, self._dataset(field))
+
     def read_span_into(self, field: str, lo: int, hi: int, out: np.ndarray) -> None:
         """Rows [lo, hi) of a field into out[:hi - lo] (float16, (hi - lo, D)), allocating nothing: plain
         preads at the chunk offsets HDF5 reports where the layout allows (`_chunk_offsets`), else h5py."""
@@ -168,6 +177,90 @@ class FeatureStore:
         offsets, cr = layout
         first, at, length = _runs(rows, cr)
         _pread(self.path, out, offsets[first // cr] + (first % cr) * ds.shape[1] * 2, at, length)
+
+
+_AHEAD = None  # one thread that asks the kernel to read the next buffer's pages (see MappedField.read_ahead)
+
+
+@dataclass
+class MappedField:
+    """A field mapped from its store file. The field's row-chunks lie anywhere in the mapping (HDF5 puts
+    metadata between them), so `rows` is a (L - D + 1, D) view with strides (1, 1) elements: row e of it is
+    the D values starting at element e, and store row r is row `starts(r)` of it."""
+
+    rows: np.ndarray
+    mm: mmap.mmap
+    skip: int                   # bytes from the start of the mapping to element 0
+    start: int                  # file offset of the mapping
+    file: object                # the open store file (for read_ahead's fadvise)
+    chunk_elem: np.ndarray      # element offset of each row-chunk
+    chunk_rows: int
+
+    def starts(self, rows: np.ndarray) -> np.ndarray:
+        return self.chunk_elem[rows // self.chunk_rows] + rows % self.chunk_rows * self.rows.shape[1]
+
+    def _spans(self, rows: np.ndarray):
+        """Byte ranges (from, to) of the file under store rows `rows`, one per run of nearby rows (gaps
+        under 1 MiB), from page boundaries."""
+        at = self.skip + 2 * np.sort(self.starts(np.asarray(rows)))  # byte offsets (np.unique: 50x slower)
+        cut = np.flatnonzero(np.diff(at) > 2**20) + 1
+        lo = at[np.concatenate([[0], cut])]
+        hi = at[np.concatenate([cut - 1, [len(at) - 1]])] + 2 * self.rows.shape[1]
+        return [(a - a % mmap.PAGESIZE, b) for a, b in zip(lo.tolist(), hi.tolist())]
+
+    def read_ahead(self, rows: np.ndarray) -> None:
+        """Start reading the pages under `rows` into the page cache (POSIX_FADV_WILLNEED) in a background
+        thread: a store not in the page cache is then read in large requests while the previous buffer is
+        gathered, not one page fault at a time. Costs some CPU even when the pages are cached."""
+        global _AHEAD
+        if len(rows) == 0 or not hasattr(os, "posix_fadvise"):
+            return
+        if _AHEAD is None:
+            _AHEAD = ThreadPoolExecutor(1, thread_name_prefix="sail-readahead")
+        fd, spans = self.file.fileno(), self._spans(rows)
+
+        def work():
+            with contextlib.suppress(OSError, ValueError):  # only a hint; a closed file is fine
+                for a, b in spans:
+                    os.posix_fadvise(fd, self.start + a, b - a, os.POSIX_FADV_WILLNEED)
+
+        _AHEAD.submit(work)
+
+    def release(self, rows: np.ndarray) -> None:
+        """Unmap the pages under `rows` once gathered (MADV_DONTNEED; the page cache keeps them): the
+        process's RSS stays near one buffer, not the whole store."""
+        if len(rows) and hasattr(mmap, "MADV_DONTNEED"):
+            for a, b in self._spans(rows):
+                self.mm.madvise(mmap.MADV_DONTNEED, a, b - a)
+
+
+def _map_field(store: FeatureStore, ds) -> MappedField | None:
+    """The field mapped from the store file (uncompressed float16 row-chunks, see _chunk_offsets), or None
+    (then it is read with preads or h5py).
+
+    Gathering a batch straight from the mapping copies each byte once (page cache -> batch tensor) instead of
+    twice (pread into a buffer, then the gather). The mapping is private (copy-on-write, never written) so
+    the array is writable for torch.from_numpy; its pages are the page cache's own, nothing is copied.
+    """
+    layout = _chunk_offsets(store, ds)
+    if layout is None or not hasattr(mmap.mmap, "madvise"):
+        return None
+    offsets, cr = layout
+    n, d = ds.shape
+    base = int(offsets.min())
+    in_chunk = np.minimum(cr, n - np.arange(len(offsets)) * cr)  # rows held by each chunk
+    end = int((offsets + in_chunk * d * 2).max())
+    start = base - base % mmap.ALLOCATIONGRANULARITY
+    if n == 0 or base % 2 or ((offsets - base) % 2).any():  # float16 elements must be aligned
+        return None
+    f = open(store.path, "rb")
+    if f.seek(0, 2) < end:
+        f.close()
+        return None
+    mm = mmap.mmap(f.fileno(), end - start, access=mmap.ACCESS_COPY, offset=start)
+    flat = np.frombuffer(mm, dtype=np.float16, offset=base - start)
+    rows = np.lib.stride_tricks.as_strided(flat, (len(flat) - d + 1, d), (2, 2))
+    return MappedField(rows, mm, base - start, start, f, (offsets - base) // 2, cr)
 
 
 def _first_line(e: BaseException) -> str:

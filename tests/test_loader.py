@@ -190,15 +190,13 @@ def test_store_reads_match_h5py(tmp_path, monkeypatch, direct):
 def test_mapped_and_read_streams_agree(tmp_path, monkeypatch, captions):
     # the same batches, every epoch, whether the rows are gathered from the file mappings or read with
     # preads into a buffer first; the mapped pages are released after each buffer and re-mapped later
-    import sail.loader as loader
-
     img, txt = paired_stores(tmp_path, n=2300, image_dim=40, text_dim=24, captions=captions)
     pairs = PairedFeatures.from_stores(FeatureStore(img), FeatureStore(txt), list(captions))
     stream = StreamingBatches(pairs, batch=128, seed=4, block_rows=300, buffer_blocks=2)
     mapped = [list(stream.epoch(e)) for e in range(3)]
     maps = []
-    original = loader._mapped_field
-    monkeypatch.setattr(loader, "_mapped_field", lambda s, ds: maps.append(original(s, ds)) or None)
+    original = FeatureStore.map_field
+    monkeypatch.setattr(FeatureStore, "map_field", lambda s, field: maps.append(original(s, field)) or None)
     read = [list(StreamingBatches(pairs, batch=128, seed=4, block_rows=300, buffer_blocks=2).epoch(e))
             for e in range(3)]
     assert len(maps) == 3 * (1 + len(captions)) and all(m is not None for m in maps)  # a reader per object
@@ -224,10 +222,10 @@ def test_mapped_store_rows_match_h5py(tmp_path, monkeypatch, mapped):
     rng = np.random.default_rng(2)
     x = rng.standard_normal((3100, 24)).astype(np.float16)
     store = FeatureStore(write_store(tmp_path / "s.h5", [f"i{k}" for k in range(3100)], {"image": x}, "image", "m"))
-    m = loader._mapped_field(store, store._dataset("image"))
+    m = store.map_field("image")
     assert m is not None and m.chunk_rows == 1024
     if not mapped:
-        monkeypatch.setattr(loader, "_mapped_field", lambda store, ds: None)
+        monkeypatch.setattr(FeatureStore, "map_field", lambda store, field: None)
     for k in range(40):
         n = int(rng.integers(1, 3100))
         rows = [rng.choice(3100, n, replace=False), rng.integers(0, 3100, n),
