@@ -368,6 +368,8 @@ def multi_positive_loss(image, texts, t, b, average="pairs", block_size=None, gr
 # info-nce (CLIP / ALIGN / ALIP)
 
 
+# long: its two passes share the block buffers, both log-sum-exp vectors and the rank offsets (a split would
+# pass a dozen of them); the passes are marked inside
 def _info_nce_kernel(image, text, t_in, *, eps, weights, block_size, group, want_grad):
     cdt, mdt = _compute_dtype(image), _matmul_dtype(image)  # element-wise and matmul dtypes
     x, y = image.detach().to(mdt), text.detach().to(mdt)
