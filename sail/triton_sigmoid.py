@@ -63,6 +63,9 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # (tests/test_triton_sigmoid.py -m slow): all use wgmma and cp.async pipelining; 4-warp 128 x 128 tiles
 # spilled ~1.2 KB of registers per thread and were dropped. First H200 run (7 configs): 57 % of the bf16
 # matmul peak at B = 1M; the two 4-stage 128 x 256 / 256 x 128 configs were added after it for autotune to try.
+# Second run (B = 262144): autotune kept 128 x 128 x 64 / 8 warps / 4 stages when writing G and took the new
+# 128 x 256 one for the loss only; 59.5 % of peak. The tile kernel, not the GEMMs, is where the time is
+# (benchmarks/gpu_kernel.py's breakdown: 290 TFLOP/s for its third of the flops, the GEMMs 694).
 GPU_CONFIGS = [
     triton.Config({"BLOCK_R": br, "BLOCK_M": bm, "BLOCK_D": bd, "GROUP_R": 8}, num_warps=w, num_stages=s)
     for br, bm, bd, w, s in [
