@@ -164,28 +164,6 @@ def test_reused_batch_tensors_hold_the_same_batches(pairs):
     stream.close()
 
 
-@pytest.mark.parametrize("direct", [True, False])
-def test_store_reads_match_h5py(tmp_path, monkeypatch, direct):
-    # direct: plain preads at the chunk offsets HDF5 reports; else h5py (compressed or odd layouts)
-    import sail.loader as loader
-    import sail.store
-    from synthetic import write_store
-
-    rng = np.random.default_rng(1)
-    x = rng.standard_normal((2500, 8)).astype(np.float16)
-    store = FeatureStore(write_store(tmp_path / "s.h5", [f"i{k}" for k in range(2500)], {"image": x}, "image", "m"))
-    if not direct:
-        monkeypatch.setattr(sail.store, "_chunk_offsets", lambda store, ds: None)
-    else:
-        assert sail.store._chunk_offsets(store, store._dataset("image"))[1] == 1024
-    for k in range(60):
-        n = int(rng.integers(1, 2500))
-        rows = [rng.choice(2500, n, replace=False), rng.integers(0, 2500, n),   # scattered, repeated
-                rng.permutation(np.arange(k * 30, min(2500, k * 30 + n)))][k % 3]  # one dense span
-        src, pos = loader._read_source(store, "image", rows, loader._Scratch(), "image")
-        assert np.array_equal(src[pos], x[rows])
-
-
 @pytest.mark.parametrize("captions", [("caption",), ("a", "b")])
 def test_mapped_and_read_streams_agree(tmp_path, monkeypatch, captions):
     # the same batches, every epoch, whether the rows are gathered from the file mappings or read with
@@ -212,11 +190,13 @@ def test_mapped_and_read_streams_agree(tmp_path, monkeypatch, captions):
     stream.close()
 
 
-@pytest.mark.parametrize("mapped", [True, False])
-def test_mapped_store_rows_match_h5py(tmp_path, monkeypatch, mapped):
-    # StoreWriter's layout is gathered from the file mapping (chunks anywhere in the file: HDF5 puts
-    # metadata between them); with the mapping off, the rows are read into a buffer first
+@pytest.mark.parametrize("path", ["mapped", "pread", "h5py"])
+def test_store_reads_match_h5py(tmp_path, monkeypatch, path):
+    # mapped: StoreWriter's layout gathered from the file mapping (chunks anywhere in the file: HDF5 puts
+    # metadata between them); pread: the mapping off, plain preads at the chunk offsets into a buffer first;
+    # h5py: no usable chunk layout (compressed or odd layouts)
     import sail.loader as loader
+    import sail.store
     from synthetic import write_store
 
     rng = np.random.default_rng(2)
@@ -224,17 +204,20 @@ def test_mapped_store_rows_match_h5py(tmp_path, monkeypatch, mapped):
     store = FeatureStore(write_store(tmp_path / "s.h5", [f"i{k}" for k in range(3100)], {"image": x}, "image", "m"))
     m = store.map_field("image")
     assert m is not None and m.chunk_rows == 1024
-    if not mapped:
+    if path != "mapped":
         monkeypatch.setattr(FeatureStore, "map_field", lambda store, field: None)
-    for k in range(40):
+    if path == "h5py":
+        monkeypatch.setattr(sail.store, "_chunk_offsets", lambda store, ds: None)
+    for k in range(60):
         n = int(rng.integers(1, 3100))
-        rows = [rng.choice(3100, n, replace=False), rng.integers(0, 3100, n),
-                rng.permutation(np.arange(k * 50, min(3100, k * 50 + n)))][k % 3]
+        rows = [rng.choice(3100, n, replace=False), rng.integers(0, 3100, n),   # scattered, repeated
+                rng.permutation(np.arange(k * 50, min(3100, k * 50 + n)))][k % 3]  # one dense span
         src, pos = loader._read_source(store, "image", rows, loader._Scratch(), "image")
         assert np.array_equal(src[pos], x[rows])
-        m.read_ahead(rows)  # hints only: the rows read the same afterwards
-        m.release(rows)
-        assert np.array_equal(m.rows[m.starts(rows)], x[rows])
+        if path == "mapped":
+            m.read_ahead(rows)  # hints only: the rows read the same afterwards
+            m.release(rows)
+            assert np.array_equal(m.rows[m.starts(rows)], x[rows])
 
 
 def test_load_reads_slabs_straight_into_the_result(pairs):
