@@ -309,16 +309,15 @@ def cli_runs(ctx: Context) -> dict:
                "--device", str(ctx.device), "--out-dim", str(ctx.dims[2]), "--val-fraction", "0.02",
                "--log-every", "10", "--checkpoint-every", "20", "--eval-every", "20"]
 
-        def record(run_dir, procs, t0):
+        def record(run_dir, rcs, stderr, t0):
             lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
                      if line.strip()] if (run_dir / "metrics.jsonl").exists() else []
             losses = [r["loss"] for r in lines if "loss" in r]
-            r = {"rc": [p.returncode for p in procs], "seconds": round(time.perf_counter() - t0, 1),
+            r = {"rc": rcs, "seconds": round(time.perf_counter() - t0, 1),
                  "last_step": max((r.get("step", 0) for r in lines), default=0),
                  "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
                  "weights": (run_dir / "model.safetensors").exists()}
-            if any(p.returncode not in (0, 130) for p in procs) or not losses or not all(map(math.isfinite, losses)):
-                stderr = procs[-1].stderr if isinstance(procs[-1].stderr, str) else ""
+            if any(rc not in (0, 130) for rc in rcs) or not losses or not all(map(math.isfinite, losses)):
                 r["error"] = (stderr.strip().splitlines() or ["(no stderr)"])[-1][:300]
             return r
 
@@ -327,7 +326,7 @@ def cli_runs(ctx: Context) -> dict:
             proc = subprocess.run(cli + ["--out", str(run_dir), "--loss", loss, "--in-memory", in_memory,
                                          "--precision", precision, "--steps", str(steps)],
                                   env=env, capture_output=True, text=True)
-            out[f"{loss}_{'mem' if in_memory == 'yes' else 'stream'}_{precision}"] = record(run_dir, [proc], t0)
+            out[f"{loss}_{'mem' if in_memory == 'yes' else 'stream'}_{precision}"] = record(run_dir, [proc.returncode], proc.stderr, t0)
         # Ctrl-C once the first checkpoint exists, then --resume with the same command: must reach the end
         run_dir, t0, long = tmp / "interrupted", time.perf_counter(), 10 * steps
         args = cli + ["--out", str(run_dir), "--in-memory", "no", "--steps", str(long)]
@@ -337,7 +336,7 @@ def cli_runs(ctx: Context) -> dict:
         first.send_signal(signal.SIGINT)
         _, said = first.communicate()
         second = subprocess.run(args + ["--resume"], env=env, capture_output=True, text=True)
-        r = record(run_dir, [first, second], t0)
+        r = record(run_dir, [first.returncode, second.returncode], second.stderr, t0)
         r["resumed_to_end"] = r["last_step"] == long and r["weights"]
         r["interrupt_said"] = (said.strip().splitlines() or [""])[-1][:200]
         if not r["resumed_to_end"]:
