@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from sail.artifacts import Lock, read_json, write_json
 from sail.checkpoint import check_resume, load_checkpoint, save_checkpoint
 from sail.distributed import init_distributed, local_device
 from sail.encoders import pick_device
@@ -367,7 +368,7 @@ def _prepare_data(cfg: AlignConfig, run: Path, saved: dict | None, say, rank: in
     encoders = {"image": _encoder_info(image_store), "text": _encoder_info(text_store)}
     saved_encoders = run / "encoders.json"
     if saved is not None and saved_encoders.exists():
-        before = json.loads(saved_encoders.read_text())
+        before = read_json(saved_encoders, what="the run's encoder record", required=("image", "text"))
         if before != json.loads(json.dumps(encoders, default=str)):
             raise SailError(f"cannot resume {run}: the stores now come from other encoders than when the run started "
                             f"({before['image']['model_id']} / {before['text']['model_id']}); re-extract or use another --out")
@@ -526,8 +527,8 @@ def _write_settings(run: Path, cfg: AlignConfig, data: _Data, mode: str) -> None
     run.mkdir(parents=True, exist_ok=True)
     record = {**cfg.resolved(), "stores": data.identities,
               "batching": {"mode": mode, "block_rows": cfg.stream_block_rows, "buffer_blocks": cfg.stream_buffer_blocks}}
-    (run / "train_config.json").write_text(json.dumps(record, indent=1))
-    (run / "encoders.json").write_text(json.dumps(data.encoders, indent=1, default=str))
+    write_json(run / "train_config.json", record, indent=1)
+    write_json(run / "encoders.json", data.encoders, indent=1, default=str)
 
 
 def _make_batches(cfg: AlignConfig, train: PairedFeatures, saved: dict | None, device: torch.device, rank: int,
@@ -591,7 +592,7 @@ def _finish(run: Path, step: int, heads, opt, sched, steps_per_epoch: int, extra
     save_checkpoint(run, step, heads, opt, sched, {"epoch": step // max(1, steps_per_epoch)})
     plot_curves(run / "metrics.jsonl", run / "curves.png")
     metrics = {k: v for k, v in last.items() if k not in ("step",)}
-    (run / "summary.json").write_text(json.dumps({"steps": step, **metrics}, indent=1))
+    write_json(run / "summary.json", {"steps": step, **metrics}, indent=1)
     return AlignResult(run, step, metrics)
 
 

@@ -218,7 +218,6 @@ app.add_typer(eval_app, name="eval")
 
 def _report(task: str, result: dict, out: Optional[str], run: Optional[str]) -> None:
     """Print a small table and save the numbers as JSON next to the run (or where --out says)."""
-    import json
     from pathlib import Path
 
     def line(k, v, width):
@@ -234,10 +233,9 @@ def _report(task: str, result: dict, out: Optional[str], run: Optional[str]) -> 
             for k, v in table.items():
                 typer.echo(line(str(k), "-" if v is None else v, max(len(str(k)) for k in table)))
     path = Path(out) if out else (Path(run) / "eval" / f"{task}.json" if run else Path(f"eval-{task}.json"))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")  # never a half-written results file
-    tmp.write_text(json.dumps(result, indent=1, default=str))
-    tmp.replace(path)
+    from sail.artifacts import write_json
+
+    write_json(path, result, indent=1, default=str)  # never a half-written results file
     typer.echo(f"saved {path}")
 
 

@@ -16,12 +16,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from sail.align import AlignConfig, align
+from sail.artifacts import write_json
 from sail.encoders import ALIASES
 from sail.errors import SailError
 from sail.extract import ExtractConfig, extract
@@ -125,9 +125,8 @@ def run_demo(out: str = "runs/demo", features_root: str = "features") -> dict:
         result = align(demo_config(stores, out))
         print(f"[3/4] trained {run}: final loss {result.metrics['loss']:.4f}")
     results, predictions = evaluate_demo(run, stores["sample-val", "image"], stores["sample-val", "text"])
-    (run / "eval").mkdir(exist_ok=True)
-    (run / "eval" / "demo.json").write_text(json.dumps(results, indent=1))
-    (run / "eval" / "predictions.json").write_text(json.dumps(predictions))
+    write_json(run / "eval" / "demo.json", results, indent=1)
+    write_json(run / "eval" / "predictions.json", predictions, indent=None)
     print(f"[4/4] evaluation on sample-val (240 held-out renders; 24 classes, 6 never captioned in training: "
           f"{', '.join(results['unseen_classes'])})")
     print(results_table(results))

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 import sail
 from sail import zoo
+from sail.artifacts import write_json
 from sail.data import DEFAULT_MAX_PIXELS, Dataset, ImageError, load_image, open_dataset
 from sail.distributed import barrier, init_distributed, local_device
 from sail.encoders import default_batch_size, load_encoder, model_revision, num_params, pick_device, resolve_model
@@ -233,9 +234,7 @@ def _open_parts(parts: Path, ident: dict, rank: int, overwrite: bool = False) ->
         return False
     if rank == 0:
         parts.mkdir(parents=True, exist_ok=True)
-        tmp = meta.with_name("meta.json.tmp")
-        tmp.write_text(json.dumps(ident, indent=1))
-        os.replace(tmp, meta)
+        write_json(meta, ident, indent=1)
         return True
     return False
 

@@ -29,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from sail.artifacts import write_atomic
 from sail.errors import SailError
 
 FORMAT = "sail-heads"
@@ -235,7 +236,7 @@ class AlignmentHeads(nn.Module):
         except TypeError as e:
             raise SailError(f"extra_config must be JSON-serialisable ({e})") from None
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / "config.json").write_text(text + "\n")
+        write_atomic(directory / "config.json", text + "\n")
         # .contiguous(): safetensors refuses views; clone so no two names share storage.
         tensors = {k: v.detach().contiguous().clone().cpu() for k, v in self.state_dict().items()}
         save_file(tensors, str(directory / "model.safetensors"), metadata=meta)

@@ -20,6 +20,7 @@ import re
 import shutil
 from pathlib import Path
 
+from sail.artifacts import read_json, write_atomic, write_json
 from sail.errors import SailError
 
 REPO_FILES = ["config.json", "model.safetensors", "README.md", "train_config.json", "encoders.json", "curves.png",
@@ -150,7 +151,7 @@ def prepare_repo(run: str | Path, repo_id: str, folder: str | Path) -> Path:
         for p in sorted((run / "eval").glob("*.json")):
             if p.stem != "predictions":
                 shutil.copy2(p, folder / "eval" / p.name)
-    (folder / "README.md").write_text(model_card(run, repo_id))
+    write_atomic(folder / "README.md", model_card(run, repo_id))
     return folder
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from sail import distributed
+from sail.artifacts import write_atomic
 from sail.checkpoint import check_resume, save_checkpoint
 from sail.errors import SailError
 
@@ -145,7 +146,7 @@ def _resume(run: Run, towers, optimizer, scheduler, extra_modules: dict) -> tupl
     distributed.barrier()  # every rank has read OUT before rank 0 writes the config
     if run.rank == 0:
         run.out.mkdir(parents=True, exist_ok=True)
-        (run.out / "recipe-config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        write_atomic(run.out / "recipe-config.yaml", yaml.safe_dump(cfg, sort_keys=False))
     if ck is None:
         return 0, (0, 0)
     ck.restore(towers, optimizer, scheduler, extra_modules=extra_modules)

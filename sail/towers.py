@@ -42,6 +42,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from sail.artifacts import write_atomic
 from sail.augment import ImagePreprocessing
 from sail.errors import SailError
 from sail.heads import _check_state, make_projection, read_saved_config
@@ -324,7 +325,7 @@ class Towers(nn.Module):
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / "config.json").write_text(json.dumps(self.config, indent=2, sort_keys=True) + "\n")
+        write_atomic(directory / "config.json", json.dumps(self.config, indent=2, sort_keys=True) + "\n")
         meta = {"format": FORMAT, "recipe": self.recipe, "sail_version": sail.__version__}
         meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
         # clone(): safetensors refuses tensors that share storage (e.g. tied or viewed weights)
