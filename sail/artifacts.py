@@ -120,7 +120,8 @@ def read_json(path, *, what: str, expect: type = dict, required: tuple[str, ...]
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        problem = "truncated" if e.pos >= len(text.rstrip()) else f"not JSON: {e.msg} at line {e.lineno}"
+        cut = e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated string")
+        problem = "truncated" if cut else f"not JSON: {e.msg} at line {e.lineno}"
         raise damaged(path, what, problem, todo) from None
     if not isinstance(obj, expect) or (expect in (int, float) and isinstance(obj, bool)):
         found = type(obj).__name__ if obj is not None else "null"

@@ -10,9 +10,12 @@ Layout of RUN/checkpoint-<step>/: model.safetensors (+ NAME.safetensors per extr
 rng-rank<R>.safetensors + rng-rank<R>.json (torch CPU/CUDA, numpy and Python RNG of each process),
 checkpoint.json (step, state, data position, optimizer and scheduler settings). RUN/LATEST names the newest.
 
-Atomic: each checkpoint is written to `checkpoint-<step>.tmp/` (files fsynced), renamed to `checkpoint-<step>/`,
-and only then named in `LATEST` (itself replaced atomically); all but the newest `keep` are removed
-afterwards. A kill -9 at any moment leaves LATEST pointing at a complete checkpoint.
+Atomic: each checkpoint is written to `checkpoint-<step>.tmp/` (files fsynced, their sha256 in checksums.json),
+renamed to `checkpoint-<step>/` (a checkpoint already there is first moved aside to `checkpoint-<step>.old/`,
+never deleted before the new one is in place), the directory fsynced, and only then named in `LATEST`
+(itself replaced atomically); all but the newest `keep` are removed afterwards. Loading verifies the
+checksums; when LATEST's checkpoint is missing or damaged (a crash between the renames, bit rot) it falls
+back to the newest intact checkpoint and says so. A kill -9 at any moment loses at most the step being saved.
 
 Under torch.distributed, `collective=True` means every rank calls save_checkpoint (each writes its own RNG
 state; rank 0 writes the rest); the default is the caller being the only writer (rank 0 or one process).
@@ -25,9 +28,9 @@ failed start (settings, no checkpoint, no model) is reused as new.
 
 from __future__ import annotations
 
-import json
 import os
 import random
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +39,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from sail.artifacts import DamagedArtifact, checksums, fsync_dir, read_json, verify_checksums, write_atomic, write_json
 from sail.distributed import barrier, current
 from sail.errors import SailError
 
@@ -125,23 +129,43 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opti
     sync()
     rng_tensors, rng_plain = _rng_state()  # every rank its own
     save_file({k: v.contiguous() for k, v in rng_tensors.items()}, str(tmp / f"rng-rank{rank}.safetensors"))
-    (tmp / f"rng-rank{rank}.json").write_text(json.dumps(rng_plain))
+    write_json(tmp / f"rng-rank{rank}.json", rng_plain, indent=None)
     if rank == 0:
         _write_state(tmp, step, model, optimizer, scheduler, state, extra_modules, position)
     sync()
     if rank == 0:
-        _fsync_tree(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        latest_tmp = run_dir / "LATEST.tmp"
-        latest_tmp.write_text(final.name)
-        os.replace(latest_tmp, run_dir / "LATEST")
-        old = sorted(p for p in run_dir.glob("checkpoint-*") if p.is_dir() and not p.name.endswith(".tmp"))
-        for p in old[:-keep] if keep > 0 else []:
-            if p != final:
-                shutil.rmtree(p, ignore_errors=True)
+        _publish(run_dir, tmp, final, keep)
     sync()
     return final
+
+
+def _publish(run_dir: Path, tmp: Path, final: Path, keep: int) -> None:
+    """checksums, rename into place, LATEST, prune: in an order where a crash at any point leaves a
+    complete checkpoint on disk that load_checkpoint finds (the module doc)."""
+    write_json(tmp / CHECKSUMS, checksums(tmp, [f.name for f in tmp.iterdir() if f.name != CHECKSUMS]))
+    _fsync_tree(tmp)
+    aside = final.with_name(final.name + ".old")
+    if final.exists():  # re-saving a step: keep the old one (perhaps LATEST's target) until the new one is in place
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(final, aside)
+    os.replace(tmp, final)
+    fsync_dir(run_dir)
+    write_atomic(run_dir / "LATEST", final.name)
+    shutil.rmtree(aside, ignore_errors=True)
+    for _, p in _on_disk(run_dir)[keep:] if keep > 0 else []:
+        if p != final:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+CHECKSUMS = "checksums.json"
+_NAME = re.compile(r"checkpoint-(\d+)(\.old)?$")
+
+
+def _on_disk(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every published checkpoint (not the .tmp being written), newest first."""
+    found = [(int(m.group(1)), not m.group(2), p) for p in run_dir.glob("checkpoint-*")
+             if p.is_dir() and (m := _NAME.match(p.name))]
+    return [(step, p) for step, _, p in sorted(found, reverse=True)]
 
 
 def _write_state(tmp: Path, step: int, model, optimizer, scheduler, state, extra_modules, position) -> None:
@@ -157,7 +181,7 @@ def _write_state(tmp: Path, step: int, model, optimizer, scheduler, state, extra
         meta["optimizer"] = plain
     if scheduler is not None:
         meta["scheduler"] = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-    (tmp / "checkpoint.json").write_text(json.dumps(meta, default=_json_default))
+    write_json(tmp / "checkpoint.json", meta, indent=None, default=_json_default)
 
 
 @dataclass
@@ -176,9 +200,9 @@ class Checkpoint:
     def restore(self, model: torch.nn.Module, optimizer=None, scheduler=None,
                 extra_modules: dict[str, torch.nn.Module] | None = None, rng: bool = True) -> None:
         for name, m in {"model": model, **(extra_modules or {})}.items():
-            m.load_state_dict(load_file(str(self.path / f"{name}.safetensors")), strict=True)
+            m.load_state_dict(self._tensors(f"{name}.safetensors"), strict=True)
         if optimizer is not None and "optimizer" in self.meta:
-            optimizer.load_state_dict(unflatten_optimizer(load_file(str(self.path / "optimizer.safetensors")),
+            optimizer.load_state_dict(unflatten_optimizer(self._tensors("optimizer.safetensors"),
                                                           self.meta["optimizer"], optimizer.param_groups))
         if scheduler is not None and "scheduler" in self.meta:
             scheduler.load_state_dict({**scheduler.state_dict(), **self.meta["scheduler"]})
@@ -187,23 +211,64 @@ class Checkpoint:
             mine, legacy = self.path / f"rng-rank{rank}.safetensors", self.path / "rng.safetensors"
             if mine.is_file():
                 plain = self.path / f"rng-rank{rank}.json"
-                _set_rng_state(load_file(str(mine)), json.loads(plain.read_text()) if plain.is_file() else None)
+                rng_plain = read_json(plain, what="checkpoint RNG state", todo=_TODO) if plain.is_file() else None
+                _set_rng_state(self._tensors(mine.name), rng_plain)
             elif legacy.is_file():  # written by sail 0.1
-                _set_rng_state(load_file(str(legacy)), None)
+                _set_rng_state(self._tensors(legacy.name), None)
             # else: more processes than when it was saved; the new ranks keep their fresh RNG
 
+    def _tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """One safetensors file; a damaged one (a checkpoint from before checksums) is one error line."""
+        try:
+            return load_file(str(self.path / name))
+        except Exception as e:  # SafetensorError, OSError: the file is truncated or foreign
+            raise DamagedArtifact(f"{self.path / name}: checkpoint file is damaged ({str(e).splitlines()[0][:120]}); "
+                                  f"{_TODO}") from None
 
-def load_checkpoint(run_dir: str | Path) -> Checkpoint | None:
+
+_TODO = "delete that checkpoint folder to resume from an older one, or start over with another --out"
+
+
+def load_checkpoint(run_dir: str | Path, say=print) -> Checkpoint | None:
+    """The checkpoint LATEST names, or, when that one is missing or damaged, the newest intact one
+    (`say` tells which was skipped and why). None when the run has none; SailError when none is intact."""
     run_dir = Path(run_dir)
     latest = run_dir / "LATEST"
-    if not latest.exists():
+    on_disk = _on_disk(run_dir)
+    if not latest.exists() and not on_disk:
         return None
-    path = run_dir / latest.read_text().strip()
-    try:
-        meta = json.loads((path / "checkpoint.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise SailError(f"checkpoint {path} is unreadable ({e}); delete {latest} to start over") from None
-    return Checkpoint(path, int(meta["step"]), meta["state"], meta)
+    name = latest.read_bytes().decode("utf-8", "replace").strip() if latest.is_file() else ""
+    named = run_dir / name if _NAME.match(name) else None
+    candidates = ([named] if named is not None else []) + [p for _, p in on_disk if p != named]
+    problems = [] if named is not None or not latest.exists() else [f"{latest} names no checkpoint ({name[:40]!r})"]
+    for path in candidates:
+        try:
+            ck = _open(path)
+        except DamagedArtifact as e:
+            problems.append(str(e))
+            continue
+        for problem in problems:
+            say(f"skipping a damaged checkpoint: {problem}")
+        if problems:
+            say(f"resuming from {path.name} (step {ck.step}), the newest intact checkpoint")
+        return ck
+    first = problems[0].split("; ")[0] if problems else f"{latest} names nothing"
+    raise SailError(f"no intact checkpoint in {run_dir} ({first}); start over with another --out")
+
+
+def _open(path: Path) -> Checkpoint:
+    """Read one checkpoint folder's metadata and verify its files against checksums.json."""
+    if not path.is_dir():
+        raise DamagedArtifact(f"{path}: checkpoint is missing")
+    meta = read_json(path / "checkpoint.json", what="checkpoint metadata", required=("step", "state"), todo=_TODO)
+    if (path / CHECKSUMS).exists():  # checkpoints from before sail 0.3 have none and are trusted
+        sums = read_json(path / CHECKSUMS, what="checkpoint checksums", todo=_TODO)
+        bad = verify_checksums(path, sums)
+        if bad:
+            raise DamagedArtifact(f"{path}: checkpoint is damaged ({', '.join(bad)} no longer match their checksums)")
+    if not isinstance(meta["step"], int) or not isinstance(meta["state"], dict):
+        raise DamagedArtifact(f"{path / 'checkpoint.json'}: checkpoint metadata is damaged (step or state of the wrong type)")
+    return Checkpoint(path, meta["step"], meta["state"], meta)
 
 
 def check_resume(run_dir: str | Path, settings_file: str, settings: dict, resume: bool,
@@ -227,7 +292,16 @@ def check_resume(run_dir: str | Path, settings_file: str, settings: dict, resume
     if not resume:
         raise SailError(f"{run} already holds a run; pass --resume to continue it or choose another --out")
     # json for .json: PyYAML (YAML 1.1) reads JSON's 1e-05 as a string
-    old = (json.loads if saved.suffix == ".json" else yaml.safe_load)(saved.read_text()) or {}
+    if saved.suffix == ".json":
+        old = read_json(saved, what="the run's saved settings", todo="restore it, or start over with another --out")
+    else:
+        try:
+            old = yaml.safe_load(saved.read_text()) or {}
+        except yaml.YAMLError:
+            old = None
+        if not isinstance(old, dict):
+            raise SailError(f"{saved}: the run's saved settings are damaged (not a YAML mapping); "
+                            "restore it, or start over with another --out")
     defaults = defaults or {}
 
     def before(k):

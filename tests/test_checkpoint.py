@@ -4,6 +4,7 @@ position, keep-last-N, atomic LATEST, checkpoints written by 0.1, and the resume
 import json
 import random
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -57,7 +58,7 @@ def test_a_half_written_checkpoint_is_never_latest(tmp_path):
 def test_checkpoints_written_by_0_1_still_restore(tmp_path):
     model = _model()
     path = save_checkpoint(tmp_path, 1, model)
-    for f in path.glob("rng-rank0.*"):
+    for f in [*path.glob("rng-rank0.*"), path / "checksums.json"]:  # 0.1 had neither
         f.unlink()
     torch.manual_seed(5)
     save_file({"rng.cpu": torch.get_rng_state()}, str(path / "rng.safetensors"))  # the 0.1 layout
@@ -153,3 +154,69 @@ def test_align_and_recipes_follow_one_resume_rule(runner, tmp_path):
     with pytest.raises(SailError, match=f"has no {settings_file} to resume from"):
         run(stray, resume=True)
     assert (stray / "notes.txt").read_text() == "x" and sorted(p.name for p in stray.iterdir()) == ["notes.txt"]
+
+
+def _weights(ck):
+    m = _model()
+    ck.restore(m, rng=False)
+    return m[0].weight.detach().clone()
+
+
+def test_bit_rot_in_the_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path):
+    model, said = _model(), []
+    save_checkpoint(tmp_path, 1, model, keep=3)
+    first = model[0].weight.detach().clone()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    save_checkpoint(tmp_path, 2, model, keep=3)
+    f = tmp_path / "checkpoint-00000002" / "model.safetensors"
+    blob = bytearray(f.read_bytes())
+    blob[-3] ^= 0x10  # one flipped bit in a weight: safetensors itself would load it without complaint
+    f.write_bytes(bytes(blob))
+    ck = load_checkpoint(tmp_path, say=said.append)
+    assert ck.step == 1 and torch.equal(_weights(ck), first)
+    assert "checkpoint-00000002" in said[0] and "model.safetensors" in said[0] and "step 1" in said[1]
+
+
+def test_no_intact_checkpoint_is_one_error_line(tmp_path):
+    save_checkpoint(tmp_path, 1, _model())
+    (tmp_path / "checkpoint-00000001" / "checkpoint.json").write_text('{"step": 1, "sta')
+    with pytest.raises(SailError, match=r"no intact checkpoint .*checkpoint metadata is damaged \(truncated\)"):
+        load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("crash_at", [1, 2, 3])  # the renames of a re-save: aside, into place, LATEST
+def test_resaving_a_step_never_leaves_latest_dangling(tmp_path, monkeypatch, crash_at):
+    import os
+
+    import sail.artifacts
+    import sail.checkpoint
+
+    model = _model()
+    save_checkpoint(tmp_path, 5, model)
+    before = model[0].weight.detach().clone()
+    with torch.no_grad():
+        model[0].weight.mul_(2)
+    calls, real = [], os.replace
+
+    def crashing(a, b):
+        calls.extend([b] if Path(b).parent == tmp_path else [])  # the run folder's renames, not files inside a checkpoint
+        if len(calls) == crash_at and Path(b).parent == tmp_path:
+            raise KeyboardInterrupt  # the process dies here
+        return real(a, b)
+
+    monkeypatch.setattr(sail.checkpoint.os, "replace", crashing)
+    monkeypatch.setattr(sail.artifacts.os, "replace", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 5, model)
+    monkeypatch.undo()
+    ck = load_checkpoint(tmp_path, say=lambda _: None)
+    assert ck.step == 5  # a complete step-5 checkpoint, old or new, is always found
+    assert torch.equal(_weights(ck), before if crash_at < 3 else model[0].weight.detach())
+
+
+def test_a_garbage_latest_falls_back_to_the_checkpoints_on_disk(tmp_path):
+    save_checkpoint(tmp_path, 3, _model())
+    (tmp_path / "LATEST").write_bytes(b"\x00\xff../../etc")
+    said = []
+    assert load_checkpoint(tmp_path, say=said.append).step == 3 and "names no checkpoint" in said[0]
