@@ -161,7 +161,8 @@ _HELD: dict[Path, list] = {}  # lock file -> [fd, depth]: a process re-entering 
 
 class Lock:
     """`with Lock(directory, what="run"):` one writer per directory (see the module doc).
-    `name` picks the lock file, so one folder can hold several locked things (stores: `.NAME.h5.lock`)."""
+    `name` picks the lock file, so one folder can hold several locked things (stores: `.NAME.h5.lock`).
+    Re-entering a lock this process holds is allowed; under torchrun only rank 0 takes it."""
 
     def __init__(self, directory, what: str = "run", name: str = ".sail.lock"):
         self.directory = Path(directory)
@@ -198,12 +199,15 @@ class Lock:
 
     def __enter__(self) -> "Lock":
         held = _HELD.get(self.file.absolute())
+        if int(os.environ.get("RANK", "0")) != 0:  # the ranks of one torchrun job are one writer: rank 0 locks
+            return self
         if held:
             held[1] += 1
             return self
         if self.directory.exists() and not self.directory.is_dir():
             raise SailError(f"{self.directory} is a file; the {self.what} needs a directory there: choose another path")
         try:
+            self.created = not self.directory.exists()
             self.directory.mkdir(parents=True, exist_ok=True)
             fd = self._open_locked()
             stamp = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -228,6 +232,8 @@ class Lock:
         del _HELD[key]
         try:  # unlink while still holding the lock: a waiter that opened the old file notices and retries
             self.file.unlink(missing_ok=True)
+            if getattr(self, "created", False) and not any(self.directory.iterdir()):
+                self.directory.rmdir()  # a refused command leaves no empty folder behind
         except OSError:
             pass
         os.close(held[0])

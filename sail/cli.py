@@ -158,17 +158,19 @@ def align(
     Example: sail align --image features/cc3m/dinov2-l.h5 --text features/cc3m/gte-l.h5 --out runs/cc3m
     """
     from sail.align import AlignConfig, AlignInterrupted, align as run
+    from sail.artifacts import Lock
 
     try:
-        result = run(AlignConfig(image=image, text=text, out=out, captions=_split(captions), loss=loss, average=average,
-                                 head=head, width=width, out_dim=out_dim, activation=activation, batch=batch, epochs=epochs,
-                                 steps=steps, optimizer=optimizer, lr=lr, weight_decay=weight_decay, betas=(beta1, beta2),
-                                 warmup=warmup, init_scale=init_scale, init_bias=init_bias, val_fraction=val_fraction,
-                                 val_image=val_image, val_text=val_text, seed=seed, device=device, precision=precision,
-                                 in_memory=in_memory, checkpoint_every=checkpoint_every, eval_every=eval_every,
-                                 block_size=block_size, loss_impl=loss_impl, chunk_size=chunk_size, log_every=log_every,
-                                 stream_block_rows=stream_block_rows, stream_buffer_blocks=stream_buffer_blocks),
-                     resume=resume)
+        with Lock(out, what="align run"):  # a second `sail align` on this --out stops here, naming this one's pid
+            result = run(AlignConfig(image=image, text=text, out=out, captions=_split(captions), loss=loss, average=average,
+                                     head=head, width=width, out_dim=out_dim, activation=activation, batch=batch, epochs=epochs,
+                                     steps=steps, optimizer=optimizer, lr=lr, weight_decay=weight_decay, betas=(beta1, beta2),
+                                     warmup=warmup, init_scale=init_scale, init_bias=init_bias, val_fraction=val_fraction,
+                                     val_image=val_image, val_text=val_text, seed=seed, device=device, precision=precision,
+                                     in_memory=in_memory, checkpoint_every=checkpoint_every, eval_every=eval_every,
+                                     block_size=block_size, loss_impl=loss_impl, chunk_size=chunk_size, log_every=log_every,
+                                     stream_block_rows=stream_block_rows, stream_buffer_blocks=stream_buffer_blocks),
+                         resume=resume)
     except AlignInterrupted as e:
         _interrupted(e)
     if result.metrics:
