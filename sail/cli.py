@@ -493,7 +493,14 @@ def sweep(ctx: typer.Context, out: str = typer.Option(..., "--out", help="sweep 
     fixed.update(parse_fixed(list(ctx.args)))
     if not axes:
         raise SailError("give at least one --grid key=v1,v2 (or a --config file with a grid: mapping)")
-    run(SweepConfig(out=out, grid=axes, fixed=fixed))
+    try:
+        run(SweepConfig(out=out, grid=axes, fixed=fixed))
+    except KeyboardInterrupt:  # finished runs are kept; the interrupted one resumes from its last checkpoint
+        import shlex
+
+        typer.echo(f"interrupted; the finished runs in {out} are kept and the unfinished one resumes from its "
+                   f"last checkpoint. Continue with:\n  sail {shlex.join(_ARGV)}", err=True)
+        raise typer.Exit(130)
 
 
 @app.command()

@@ -8,9 +8,12 @@ Any `sail align` option can be a grid axis (`--grid key=v1,v2`; list values such
 `+`: `--grid captions=caption,caption+long_caption`) or a fixed setting (`--key value`). Every run
 gets its own directory named from its settings (`head-glu_lr-0.001`). The features are read from the
 stores once per process and shared, read-only, by every run (`sail.loader.shared_loads`). Rerunning
-the command skips finished runs and resumes unfinished ones from their last checkpoint; a run that
-fails with a user-facing error (a NaN loss at a high learning rate, say) is recorded and the sweep
-goes on. At the end `leaderboard.csv`, `leaderboard.json` (settings, final loss, val R@1 both ways,
+the command skips finished runs and resumes unfinished ones from their last checkpoint; a run whose
+files are damaged, or whose stores changed since it trained, is moved aside (`NAME.stale`) and trained
+again, saying so; a run that fails with a user-facing error (a NaN loss at a high learning rate, say)
+is recorded and the sweep goes on, but a sweep whose every run failed exits with an error. Another
+grid into the same folder adds its runs: `sweep.json` lists every grid swept there and the
+leaderboard ranks all their runs. One sweep at a time writes a folder (a lock). At the end `leaderboard.csv`, `leaderboard.json` (settings, final loss, val R@1 both ways,
 steps, seconds; best mean val R@1 first) and `comparison.png` are written to the sweep directory.
 """
 
@@ -18,15 +21,19 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
+import io
 import itertools
 import json
 import re
 import time
 from pathlib import Path
 
-from sail.align import _RESUME_FREE, AlignConfig, align
+from sail.align import _RESUME_FREE, _STORE_FLAGS, AlignConfig, _check_same_stores, align
+from sail.artifacts import DamagedArtifact, Lock, read_json, write_atomic, write_json
 from sail.errors import SailError
 from sail.loader import shared_loads
+from sail.store import FeatureStore
 
 FIELDS = {f.name: f for f in dataclasses.fields(AlignConfig)}
 NOT_SETTABLE = {"out", "progress"}
@@ -53,9 +60,7 @@ def parse_value(name: str, value):
     """A string from the command line (or a YAML value) -> the type AlignConfig declares for `name`."""
     kind = str(FIELDS[name].type)
     if not isinstance(value, str):
-        if isinstance(value, list) and kind.startswith("tuple"):
-            return tuple(float(v) for v in value)
-        return value
+        return _typed(name, kind, value)
     text = value.strip()
     try:
         if "None" in kind and text.lower() in ("none", "null", ""):
@@ -75,6 +80,31 @@ def parse_value(name: str, value):
     except ValueError:
         raise SailError(f"--{name.replace('_', '-')}: {value!r} is not a valid {kind}") from None
     return text
+
+
+def _typed(name: str, kind: str, value):
+    """A YAML (or sweep.json) value that is not a string, checked against the field's type like a flag is."""
+    ok = None
+    if value is None:
+        ok = None if "None" in kind else ...
+    elif kind.startswith("bool"):
+        ok = value if isinstance(value, bool) else ...
+    elif kind.startswith("int"):
+        ok = int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer() else ...
+    elif kind.startswith("float"):
+        ok = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else ...
+    elif kind.startswith("tuple"):
+        good = isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        ok = tuple(float(v) for v in value) if good else ...
+    elif kind.startswith("list"):
+        ok = [str(v) for v in value] if isinstance(value, (list, tuple)) else ...
+    elif kind.startswith("str") and isinstance(value, (int, float)) and not isinstance(value, bool):
+        ok = str(value)
+    else:
+        ok = ...
+    if ok is ...:
+        raise SailError(f"--{name.replace('_', '-')}: {value!r} is not a valid {kind}")
+    return ok
 
 
 def parse_grid(items: list[str]) -> dict[str, list]:
@@ -142,9 +172,16 @@ def _label(value) -> str:
     return re.sub(r"[^\w.+-]+", "-", f"{value:g}" if isinstance(value, float) else str(value))
 
 
+MAX_NAME = 120  # file names may be 255 bytes; room for suffixes such as `.stale`
+
+
 def run_name(settings: dict) -> str:
-    """{'head': 'glu', 'lr': 0.001} -> 'head-glu_lr-0.001' (the grid's key order)."""
-    return "_".join(f"{k.replace('_', '-')}-{_label(v)}" for k, v in settings.items()) or "run"
+    """{'head': 'glu', 'lr': 0.001} -> 'head-glu_lr-0.001' (the grid's key order); a name too long for a
+    file name is cut and ends with a hash of the whole, so distinct settings keep distinct names."""
+    name = "_".join(f"{k.replace('_', '-')}-{_label(v)}" for k, v in settings.items()) or "run"
+    if len(name.encode()) > MAX_NAME:
+        name = name.encode()[:MAX_NAME - 11].decode("utf-8", "ignore") + "~" + hashlib.sha1(name.encode()).hexdigest()[:10]
+    return name
 
 
 def expand(grid: dict[str, list]) -> list[dict]:
@@ -175,58 +212,151 @@ def plan(cfg: SweepConfig) -> list[tuple[str, dict, AlignConfig]]:
     runs = []
     for settings in expand(cfg.grid):
         name = run_name(settings)
-        runs.append((name, settings, AlignConfig(**{**cfg.fixed, **settings, "out": str(Path(cfg.out) / name),
-                                                    "progress": cfg.progress})))
+        run = AlignConfig(**{**cfg.fixed, **settings, "out": str(Path(cfg.out) / name), "progress": cfg.progress})
+        try:
+            run.validate()  # every grid point, before the first run starts
+        except SailError as e:
+            raise SailError(f"grid point {name}: {e}") from None
+        runs.append((name, settings, run))
     names = [n for n, _, _ in runs]
     if len(set(names)) != len(names):
         raise SailError("two grid points get the same run name; make the grid values distinct")
     return runs
 
 
-def _state(run: AlignConfig) -> str:
-    """finished | unfinished | new; a finished run trained with other settings is an error."""
+def _state(run: AlignConfig, stores: dict) -> tuple[str, str]:
+    """(finished | unfinished | new | stale, why); a run trained with other settings is an error. Stale: its
+    files are damaged or its stores changed since it trained, so its results no longer stand."""
     d = Path(run.out)
     saved = d / "train_config.json"
     if not saved.exists():
-        return "new"
-    old, new = json.loads(saved.read_text()), run.resolved()
-    diff = [k for k in new if k not in _RESUME_FREE and old.get(k) != new[k]]
-    if diff:
-        raise SailError(f"{d} was trained with other settings ({', '.join(diff)} differ); "
-                        "use another --out for a different sweep")
-    return "finished" if (d / "summary.json").exists() and (d / "model.safetensors").exists() else "unfinished"
+        return "new", ""
+    try:
+        old = read_json(saved, what="run settings")
+        new = run.resolved()
+        diff = [k for k in new if k not in _RESUME_FREE and old.get(k) != new[k]]
+        if diff:
+            raise SailError(f"{d} was trained with other settings ({', '.join(diff)} differ); "
+                            "use another --out for a different sweep")
+        stored = old.get("stores")
+        for f in _STORE_FLAGS:  # each store opened once per sweep
+            if getattr(run, f) and getattr(run, f) not in stores:
+                stores[getattr(run, f)] = FeatureStore(getattr(run, f))
+        _check_same_stores(d, stored if isinstance(stored, dict) else {},
+                           {f: stores[getattr(run, f)] for f in _STORE_FLAGS if getattr(run, f)})
+        if not (d / "model.safetensors").exists():
+            return "unfinished", ""
+        read_json(d / "summary.json", what="run summary", required=("steps",))
+        read_json(d / "config.json", what="model config")
+    except DamagedArtifact as e:
+        return "stale", str(e).split("; ")[0]
+    except SailError as e:
+        if "changed since the run started" not in str(e) and "is another store" not in str(e):
+            raise
+        return "stale", str(e).split(": ", 1)[-1].split("; ")[0]
+    return "finished", ""
+
+
+def _set_aside(d: Path, why: str) -> None:
+    """Move a stale run out of the way (kept as NAME.stale, replacing an older one) so it trains afresh."""
+    import shutil
+
+    aside = d.with_name(d.name + ".stale")
+    shutil.rmtree(aside, ignore_errors=True)
+    d.rename(aside)
+    print(f"  {why}: training it again (the old files are in {aside})", flush=True)
 
 
 def sweep(cfg: SweepConfig) -> list[dict]:
     """Run (or finish) every grid point; returns the leaderboard rows, best first."""
     runs = plan(cfg)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps({"grid": cfg.grid, "fixed": cfg.fixed}, indent=1, default=list))
-    states = {name: _state(run) for name, _, run in runs}
-    print(f"sweep: {len(runs)} runs in {out} ({sum(s == 'finished' for s in states.values())} finished, "
-          f"{sum(s == 'unfinished' for s in states.values())} to resume)", flush=True)
-    with shared_loads():
-        for i, (name, settings, run) in enumerate(runs, 1):
-            if states[name] == "finished":
-                continue
-            print(f"[{i}/{len(runs)}] {name}" + (" (resuming)" if states[name] == "unfinished" else ""), flush=True)
-            timing = Path(run.out) / "sweep_run.json"
-            before = json.loads(timing.read_text())["seconds"] if timing.exists() else 0.0
-            tick = time.time()
-            try:
-                align(run, resume=states[name] == "unfinished")
-                status = "done"
-            except SailError as e:
-                status = f"failed: {e}"
-                print(f"  {status}", flush=True)
-            Path(run.out).mkdir(parents=True, exist_ok=True)
-            timing.write_text(json.dumps({"settings": settings, "status": status,
-                                          "seconds": before + time.time() - tick}, default=list))
-    rows = leaderboard(cfg.out, runs)
+    with Lock(out, what="sweep"):
+        states, stores = {}, {}
+        for name, _, run in runs:  # all checked (and refused) before anything is written
+            states[name] = _state(run, stores)
+        _record_grid(out, cfg)
+        counts = {s: sum(v[0] == s for v in states.values()) for s in ("finished", "unfinished", "stale")}
+        print(f"sweep: {len(runs)} runs in {out} ({counts['finished']} finished, {counts['unfinished']} to resume, "
+              f"{counts['stale']} to train again)", flush=True)
+        with shared_loads():
+            for i, (name, settings, run) in enumerate(runs, 1):
+                state, why = states[name]
+                if state != "finished":
+                    print(f"[{i}/{len(runs)}] {name}" + (" (resuming)" if state == "unfinished" else ""), flush=True)
+                    if state == "stale":
+                        _set_aside(Path(run.out), why)
+                    _train(run, settings, resume=state == "unfinished")
+        rows = leaderboard(cfg.out, _all_runs(out, runs))
     print(leaderboard_table(rows))
     print(f"leaderboard: {out / 'leaderboard.csv'}  {out / 'leaderboard.json'}  plot: {out / 'comparison.png'}")
+    mine = [r for r in rows if r["run"] in states]
+    if mine and all(r["status"].startswith("failed") for r in mine):
+        raise SailError(f"every run of the sweep failed (first: {mine[0]['run']}: {mine[0]['status'][8:]}); "
+                        "fix the settings and run the command again")
     return rows
+
+
+def _train(run: AlignConfig, settings: dict, resume: bool) -> None:
+    """One grid point, with its status and time recorded in RUN/sweep_run.json."""
+    timing = Path(run.out) / "sweep_run.json"
+    try:
+        before = read_json(timing, what="sweep run record", required=("seconds",))["seconds"] if timing.exists() else 0.0
+    except DamagedArtifact:
+        before = 0.0  # only the time spent so far is lost; it is written again below
+    tick = time.time()
+    try:
+        with Lock(run.out, what="sweep run"):
+            align(run, resume=resume)
+        status = "done"
+    except SailError as e:
+        status = f"failed: {e}"
+        print(f"  {status}", flush=True)
+    write_json(timing, {"settings": settings, "status": status, "seconds": before + time.time() - tick},
+               indent=None, default=list)
+
+
+def _record_grid(out: Path, cfg: SweepConfig) -> None:
+    """sweep.json lists every grid swept into this folder (a new one is added, none replaced)."""
+    entry = {"grid": cfg.grid, "fixed": cfg.fixed}
+    past = _past_grids(out)
+    if _canonical(entry) not in [_canonical(e) for e in past]:
+        past.append(entry)
+    write_json(out / "sweep.json", {"sweeps": past}, indent=1, default=list)
+
+
+def _canonical(obj) -> str:
+    return json.dumps(obj, sort_keys=True, default=list)
+
+
+def _past_grids(out: Path) -> list[dict]:
+    """The grids recorded in OUT/sweep.json; a damaged file is reported and rebuilt from this sweep on."""
+    if not (out / "sweep.json").exists():
+        return []
+    try:
+        blob = read_json(out / "sweep.json", what="sweep record")
+    except DamagedArtifact as e:
+        print(f"  {str(e).split('; ')[0]}: writing it again", flush=True)
+        return []
+    entries = blob.get("sweeps", [blob] if "grid" in blob else [])
+    return [e for e in entries if isinstance(e, dict) and isinstance(e.get("grid"), dict)]
+
+
+def _all_runs(out: Path, runs: list) -> list:
+    """This sweep's runs plus those of earlier grids recorded in sweep.json (that still plan)."""
+    seen, every = {name for name, _, _ in runs}, list(runs)
+    for entry in _past_grids(out):
+        try:
+            grid = {option_name(k): [parse_value(option_name(k), v) for v in vs] for k, vs in entry["grid"].items()}
+            fixed = {option_name(k): parse_value(option_name(k), v) for k, v in (entry.get("fixed") or {}).items()}
+            others = plan(SweepConfig(str(out), grid, fixed, progress=False))
+        except (SailError, AttributeError, TypeError):
+            continue  # a grid from an older sail whose options no longer exist
+        for r in others:
+            if r[0] not in seen:
+                seen.add(r[0])
+                every.append(r)
+    return every
 
 
 # ------------------------------------------------------------------------------------------ results
@@ -238,27 +368,36 @@ def leaderboard(sweep_dir: str | Path, runs: list[tuple[str, dict, AlignConfig]]
     rows = []
     for name, settings, run in runs:
         d = Path(run.out)
-        summary = json.loads((d / "summary.json").read_text()) if (d / "summary.json").exists() else {}
-        timing = json.loads((d / "sweep_run.json").read_text()) if (d / "sweep_run.json").exists() else {}
-        status = timing.get("status", "done" if summary else "not run")
+        summary, timing = _optional(d / "summary.json", "run summary"), _optional(d / "sweep_run.json", "sweep run record")
+        status = str(timing.get("status", "done" if summary else "not run"))
         rows.append({"run": name, **{k: _plain(v) for k, v in settings.items()}, "status": status,
                      "loss": summary.get("loss"), "val_i2t_R@1": summary.get("val_i2t_R@1"),
                      "val_t2i_R@1": summary.get("val_t2i_R@1"), "steps": summary.get("steps"),
-                     "seconds": round(timing["seconds"], 2) if "seconds" in timing else None})
+                     "seconds": round(timing["seconds"], 2) if isinstance(timing.get("seconds"), (int, float)) else None})
 
     def score(r):
         vals = [r[k] for k in ("val_i2t_R@1", "val_t2i_R@1") if r[k] is not None]
         return (r["status"] == "done", sum(vals) / len(vals) if vals else float("-inf"), -(r["loss"] or float("inf")))
 
     rows.sort(key=score, reverse=True)
-    (out / "leaderboard.json").write_text(json.dumps(rows, indent=1))
-    columns = list(rows[0]) if rows else ["run"]
-    with open(out / "leaderboard.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows({k: "" if v is None else v for k, v in r.items()} for r in rows)
+    write_json(out / "leaderboard.json", rows, indent=1)
+    columns = list(dict.fromkeys(k for r in rows for k in r)) or ["run"]  # runs of several grids: every axis
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns, restval="")
+    writer.writeheader()
+    writer.writerows({k: "" if v is None else v for k, v in r.items()} for r in rows)
+    write_atomic(out / "leaderboard.csv", text.getvalue())
     plot_comparison(out, [(name, Path(run.out)) for name, _, run in runs])
     return rows
+
+
+def _optional(path: Path, what: str) -> dict:
+    """A run file for the leaderboard: {} when absent or damaged (the run then shows as not run / without numbers)."""
+    try:
+        return read_json(path, what=what) if path.exists() else {}
+    except DamagedArtifact as e:
+        print(f"  {str(e).split('; ')[0]}; its run is listed without it", flush=True)
+        return {}
 
 
 def _plain(v):
@@ -271,8 +410,8 @@ def leaderboard_table(rows: list[dict]) -> str:
             return "-"
         return f"{v:.4g}" if isinstance(v, float) else str(v)
 
-    keys = [k for k in (rows[0] if rows else {}) if k != "status"]
-    table = [keys] + [[fmt(r[k]) for k in keys] for r in rows]
+    keys = [k for k in dict.fromkeys(k for r in rows for k in r) if k != "status"]
+    table = [keys] + [[fmt(r.get(k)) for k in keys] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(keys))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
     failed = [f"  {r['run']}: {r['status']}" for r in rows if r["status"] not in ("done",)]
