@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sail.artifacts import write_atomic
+from sail.artifacts import read_json, write_atomic
 from sail.errors import SailError
 
 FORMAT = "sail-heads"
@@ -279,11 +279,8 @@ def read_saved_config(directory: Path, fmt: str, version: int, extra_files: tupl
     for path in (config_path, weights_path, *(directory / f for f in extra_files)):
         if not path.exists():
             raise SailError(f"{path} is missing; {directory} is not a saved {fmt} directory")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise SailError(f"{config_path} is not valid JSON ({e})") from None
-    if not isinstance(config, dict) or config.get("format") != fmt:
+    config = read_json(config_path, what=f"{fmt} config", todo=f"restore it from a copy or save {directory} again")
+    if config.get("format") != fmt:
         raise SailError(f"{config_path} is not a {fmt} config (no \"format\": \"{fmt}\")")
     if config.get("format_version", 0) > version:
         raise SailError(f"{config_path} has format_version {config['format_version']}; this sail reads "

@@ -14,7 +14,6 @@ Publishing is two steps: `prepare_repo` writes the folder (tested offline), and 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -80,14 +79,16 @@ def eval_rows(run: Path) -> list[tuple[str, str, str]]:
     for path in sorted((run / "eval").glob("*.json")) if (run / "eval").is_dir() else []:
         if path.stem == "predictions":
             continue
-        try:
-            blob = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            continue
+        blob = read_json(path, what="evaluation results", todo="delete it or run that `sail eval` again")
         for k, v in blob.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 rows.append((path.stem, k, _fmt(v)))
     return rows
+
+
+def _optional(path: Path, what: str) -> dict:
+    """A run file the card uses when present; a damaged one stops the push (it would be uploaded as is)."""
+    return read_json(path, what=what) if path.exists() else {}
 
 
 def model_card(run: Path, repo_id: str) -> str:
@@ -95,8 +96,8 @@ def model_card(run: Path, repo_id: str) -> str:
     from sail.model import read_run_config
 
     cfg = read_run_config(run)
-    settings = json.loads((run / "train_config.json").read_text()) if (run / "train_config.json").exists() else {}
-    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
+    settings = _optional(run / "train_config.json", "run settings")
+    summary = _optional(run / "summary.json", "run summary")
     img, txt = cfg.get("image_encoder", {}), cfg.get("text_encoder", {})
     front = ["---", "library_name: sail", "pipeline_tag: zero-shot-image-classification",
              "tags:", "- sail", "- vision-language", "- clip", "- alignment-heads"]
@@ -133,26 +134,47 @@ def model_card(run: Path, repo_id: str) -> str:
 
 
 def prepare_repo(run: str | Path, repo_id: str, folder: str | Path) -> Path:
-    """Write what `sail push` uploads into `folder` (which must be new or empty)."""
+    """Write what `sail push` uploads into `folder` (which must be new or empty). Everything is checked
+    first and written into a temporary sibling that is renamed into place, so a refusal or a full disk
+    leaves no half-written folder that would block the rerun."""
     from sail.heads import AlignmentHeads
 
     run, folder = Path(run), Path(folder)
     if not _REPO_ID.match(repo_id):
         raise SailError(f"{repo_id!r} is not a Hub repository id; write org/name")
+    _refuse_recipe_run(run)
     AlignmentHeads.from_pretrained(run)  # refuse a run whose weights do not load
-    if folder.exists() and any(folder.iterdir()):
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise SailError(f"{folder} is not empty; choose a new folder for the upload")
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in ("config.json", "model.safetensors", "train_config.json", "encoders.json", "curves.png", "summary.json"):
-        if (run / name).exists():
-            shutil.copy2(run / name, folder / name)
-    if (run / "eval").is_dir():
-        (folder / "eval").mkdir()
-        for p in sorted((run / "eval").glob("*.json")):
-            if p.stem != "predictions":
-                shutil.copy2(p, folder / "eval" / p.name)
-    write_atomic(folder / "README.md", model_card(run, repo_id))
+    card = model_card(run, repo_id)  # reads (and validates) every JSON file that goes up
+    evals = [p for p in sorted((run / "eval").glob("*.json")) if p.stem != "predictions"] if (run / "eval").is_dir() else []
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    try:
+        tmp.mkdir()
+        for name in ("config.json", "model.safetensors", "train_config.json", "encoders.json", "curves.png", "summary.json"):
+            if (run / name).exists():
+                shutil.copy2(run / name, tmp / name)
+        for p in evals:
+            (tmp / "eval").mkdir(exist_ok=True)
+            shutil.copy2(p, tmp / "eval" / p.name)
+        write_atomic(tmp / "README.md", card)
+        os.replace(tmp, folder)  # an empty folder the user made is replaced too
+    except OSError as e:
+        raise SailError(f"cannot write {folder} ({e.strerror or e}); free space or choose another folder") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def _refuse_recipe_run(run: Path) -> None:
+    """`sail push` publishes alignment heads; a recipe run (full towers) is another format."""
+    config = read_json(run / "config.json", what="model config", todo="train the run again") \
+        if (run / "config.json").is_file() else {}
+    if (run / "recipe-config.yaml").exists() or config.get("format") == "sail-towers":
+        raise SailError(f"{run} is a recipe run (full two-tower model); sail push publishes alignment-head runs "
+                        "from `sail align` only. Share the run folder itself: "
+                        "sail.towers.Towers.from_pretrained reads it")
 
 
 def upload(folder: str | Path, repo_id: str, private: bool = False, token: str | None = None,

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sail.artifacts import read_json
 from sail.encoders import ImageEncoder, TextEncoder, load_encoder, pick_device, resolve_model
 from sail.errors import SailError
 from sail.heads import AlignmentHeads
@@ -31,7 +32,7 @@ def read_run_config(run_dir: str | Path) -> dict:
     path = Path(run_dir) / "config.json"
     if not path.exists():
         raise SailError(f"{run_dir} is not a sail run (no config.json); train one with `sail align`")
-    return json.loads(path.read_text())
+    return read_json(path, what="run config", todo="restore it, or train the run again")
 
 
 class SAILModel(torch.nn.Module):

@@ -14,9 +14,9 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from pathlib import Path
 
+from sail.artifacts import damaged, read_json, write_atomic
 from sail.errors import SailError
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
@@ -74,11 +74,12 @@ def _thumbnail(ref: str, size: int = 72) -> str | None:
     return data_uri(buf.getvalue())
 
 
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+def _read_json(path: Path, what: str, expect: type = dict, required: tuple = ()):
+    """None when absent; a damaged file stops the report with one line naming it (never a silently thinner page)."""
+    if not path.exists():
         return None
+    return read_json(path, what=what, expect=expect, required=required,
+                     todo="delete it or rerun the command that wrote it, then run sail report again")
 
 
 # ------------------------------------------------------------------------------------------ run sections
@@ -135,28 +136,32 @@ def run_sections(run: Path, examples: int = 8) -> list[str]:
 
     cfg = read_run_config(run)
     parts = []
-    summary = _read_json(run / "summary.json") or {}
+    summary = _read_json(run / "summary.json", "run summary") or {}
     if summary:
         parts.append("<h2>Final training metrics</h2>" + _table(sorted(summary.items())))
     curves = _png_file(run / "curves.png", "training curves")
     if curves:
         parts.append("<h2>Training curves</h2>" + curves)
     for path in sorted((run / "eval").glob("*.json")) if (run / "eval").is_dir() else []:
-        blob = _read_json(path)
-        if path.stem == "predictions" or not isinstance(blob, dict):
+        if path.stem == "predictions":
             continue
+        blob = _read_json(path, "evaluation results")
         rows = [(k, v) for k, v in blob.items() if isinstance(v, (int, float, str)) or
                 (isinstance(v, list) and all(isinstance(x, str) for x in v))]
         parts.append(f"<h2>Evaluation: {_e(path.stem)}</h2>" + _table(rows, ("metric", "value")))
-    pred = _read_json(run / "eval" / "predictions.json") or {}
-    if pred.get("zeroshot", {}).get("top5"):
-        parts.append(_confusion_section(pred["zeroshot"]))
-    if pred.get("retrieval", {}).get("top5"):
-        parts.append(_retrieval_section(pred["retrieval"], examples))
+    pred = _read_json(run / "eval" / "predictions.json", "evaluation predictions") or {}
+    try:
+        if pred.get("zeroshot", {}).get("top5"):
+            parts.append(_confusion_section(pred["zeroshot"]))
+        if pred.get("retrieval", {}).get("top5"):
+            parts.append(_retrieval_section(pred["retrieval"], examples))
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError) as e:
+        raise damaged(run / "eval" / "predictions.json", "evaluation predictions", f"unexpected layout: {e!r}"[:120],
+                      "delete it or rerun the evaluation, then run sail report again") from None
     enc = [(side, e.get("model_id"), e.get("model_revision"), e.get("pooling"), e.get("dim"))
            for side, e in (("image", cfg.get("image_encoder", {})), ("text", cfg.get("text_encoder", {})))]
     parts.append("<h2>Encoders</h2>" + _table(enc, ("modality", "model", "revision", "pooling", "dim")))
-    settings = _read_json(run / "train_config.json") or {}
+    settings = _read_json(run / "train_config.json", "run settings") or {}
     heads = {k: cfg.get(k) for k in ("kind", "image_dim", "text_dim", "out_dim", "width", "activation") if k in cfg}
     parts.append("<h2>Settings</h2>" + _table(sorted({**settings, **{f"heads.{k}": v for k, v in heads.items()}}.items()),
                                              ("setting", "value")))
@@ -182,18 +187,22 @@ def report(path: str | Path, out: str | Path | None = None, examples: int = 8) -
     if not path.is_dir():
         raise SailError(f"{path} is not a directory; give a run (sail align --out) or a sweep (sail sweep --out)")
     if _is_sweep(path):
-        rows = _read_json(path / "leaderboard.json")
-        if not isinstance(rows, list):
-            raise SailError(f"{path} has no readable leaderboard.json; rerun the sail sweep command to finish it")
-        keys = list(rows[0]) if rows else ["run"]
+        rows = _read_json(path / "leaderboard.json", "sweep leaderboard", list)
+        if rows is None:
+            raise SailError(f"{path} has no leaderboard.json yet; rerun the sail sweep command to finish it")
+        if not all(isinstance(r, dict) and isinstance(r.get("run"), str) for r in rows):
+            raise damaged(path / "leaderboard.json", "sweep leaderboard", "rows without a run name",
+                          "rerun the sail sweep command to rebuild it")
+        keys = list(dict.fromkeys(k for r in rows for k in r)) or ["run"]
         parts = ["<h2>Leaderboard</h2><p>best mean validation R@1 first</p>" +
                  _table([[r.get(k) for k in keys] for r in rows], keys)]
         comparison = _png_file(path / "comparison.png", "comparison of runs")
         if comparison:
             parts.append("<h2>Comparison</h2>" + comparison)
-        grid = _read_json(path / "sweep.json") or {}
-        if grid.get("fixed"):
-            parts.append("<h2>Fixed settings</h2>" + _table(sorted(grid["fixed"].items()), ("setting", "value")))
+        grid = _read_json(path / "sweep.json", "sweep record") or {}
+        for entry in grid.get("sweeps", [grid]):  # one entry per grid swept into the folder
+            if isinstance(entry, dict) and isinstance(entry.get("fixed"), dict) and entry["fixed"]:
+                parts.append("<h2>Fixed settings</h2>" + _table(sorted(entry["fixed"].items()), ("setting", "value")))
         for r in rows:
             curves = _png_file(path / r["run"] / "curves.png", f"{r['run']} curves")
             if curves:
@@ -207,8 +216,5 @@ def report(path: str | Path, out: str | Path | None = None, examples: int = 8) -
         parts = run_sections(path, examples)
         title = f"sail run {path.name}"
     target = Path(out) if out else path / "report.html"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(_page(title, parts), encoding="utf-8")
-    tmp.replace(target)
+    write_atomic(target, _page(title, parts))
     return target
