@@ -5,20 +5,21 @@
 
 The index directory holds `index.faiss` (inner product over L2-normalised embeddings = cosine),
 `ids.json` (row -> sample id and image path where the store's source is a manifest/folder) and
-`index.json` (the run and store it came from). It is built in a temporary folder beside `out` and renamed
+`index.json` (the run and store it came from, and the sha256 of the other two files, verified before
+every search so a damaged index is one error line, not a wrong answer). It is built in a temporary folder beside `out` and renamed
 into place, so an interrupted build leaves no half-written index; an existing index is replaced only with
 overwrite=True (`--overwrite`), and a folder that is not an index never.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 
+from sail.artifacts import DamagedArtifact, Lock, checksums, fsync_dir, read_json, verify_checksums, write_json
 from sail.errors import SailError
 from sail.heads import AlignmentHeads
 from sail.model import project_store
@@ -64,17 +65,28 @@ def build_index(run: str, images: str, out: str, overwrite: bool = False) -> dic
     emb = project_store(heads, store.read("image", rows), "image").numpy().astype(np.float32)
     index = faiss.IndexFlatIP(emb.shape[1])
     index.add(emb)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with Lock(out_dir.parent, what="index build", name=f".{out_dir.name}.lock"):
+        return _write_index(index, store, rows, run, out_dir, overwrite, emb.shape[1])
+
+
+def _write_index(index, store: FeatureStore, rows: np.ndarray, run: str, out_dir: Path, overwrite: bool, dim: int) -> dict:
+    """Write the three files into a temporary folder beside `out_dir`, then swap it into place."""
+    import faiss
+
     tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        faiss.write_index(index, str(tmp / "index.faiss"))
+        try:
+            faiss.write_index(index, str(tmp / "index.faiss"))
+        except RuntimeError as e:  # faiss reports a full disk as a RuntimeError
+            raise SailError(f"cannot write {out_dir} ({str(e).splitlines()[-1][:120]}); free space and run it again") from None
         paths = _image_paths(store)
         ids = [str(store.ids[r]) for r in rows]
-        (tmp / "ids.json").write_text(json.dumps([{"id": i, "path": paths.get(i)} for i in ids]))
-        meta = {"run": str(Path(run).resolve()), "store": str(store.path.resolve()), "size": len(ids), "dim": emb.shape[1]}
-        (tmp / "index.json").write_text(json.dumps(meta, indent=1))
+        write_json(tmp / "ids.json", [{"id": i, "path": paths.get(i)} for i in ids], indent=None)
+        meta = {"run": str(Path(run).resolve()), "store": str(store.path.resolve()), "size": len(ids), "dim": dim,
+                "sha256": checksums(tmp, ["index.faiss", "ids.json"])}
+        write_json(tmp / "index.json", meta, indent=1)
         _check_index_out(out_dir, overwrite)  # still true after the build (another process may have written it)
         if out_dir.exists():  # an empty folder, or an index replaced with overwrite: swap, then drop the old one
             old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
@@ -83,6 +95,7 @@ def build_index(run: str, images: str, out: str, overwrite: bool = False) -> dic
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out_dir)
+        fsync_dir(out_dir.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return meta
@@ -90,8 +103,6 @@ def build_index(run: str, images: str, out: str, overwrite: bool = False) -> dic
 
 def search(index_dir: str, query: str | list[str], k: int = 10, model=None, device: str = "auto") -> list[dict]:
     """Best k images for a text query: [{rank, score, id, path}]."""
-    import faiss
-
     from sail.model import SAILModel
 
     d = Path(index_dir)
@@ -103,10 +114,30 @@ def search(index_dir: str, query: str | list[str], k: int = 10, model=None, devi
         query = [query]
     if not query or not all(q.strip() for q in query):
         raise SailError("the search query is empty; give some text, e.g. \"a dog on a beach\"")
-    meta = json.loads((d / "index.json").read_text())
-    items = json.loads((d / "ids.json").read_text())
+    meta, items, index = open_index(d)
     model = model or SAILModel.from_pretrained(meta["run"], device=device)
     q = model.encode_text(query).float().cpu().numpy()
-    index = faiss.read_index(str(d / "index.faiss"))
     scores, idx = index.search(q, min(k, index.ntotal))
     return [{"rank": r + 1, "score": float(s), **items[i]} for r, (s, i) in enumerate(zip(scores[0], idx[0])) if i >= 0]
+
+
+def open_index(d: Path):
+    """(index.json, ids.json, faiss index) of an index folder, each checked: checksums (indexes built since
+    they were recorded), types, and one id per indexed vector. A damaged index is one DamagedArtifact line."""
+    import faiss
+
+    todo = f"build it again with `sail index RUN --images STORE --out {d} --overwrite`"
+    meta = read_json(d / "index.json", what="index record", required=("run", "size"), todo=todo)
+    if isinstance(meta.get("sha256"), dict):
+        bad = verify_checksums(d, meta["sha256"])
+        if bad:
+            raise DamagedArtifact(f"{d}: index is damaged ({', '.join(bad)} no longer match their checksums); {todo}")
+    items = read_json(d / "ids.json", what="index ids", expect=list, todo=todo)
+    try:
+        index = faiss.read_index(str(d / "index.faiss"))
+    except RuntimeError:
+        raise DamagedArtifact(f"{d / 'index.faiss'}: faiss index is damaged (faiss cannot read it); {todo}") from None
+    if len(items) != index.ntotal or not all(isinstance(i, dict) and "id" in i for i in items):
+        raise DamagedArtifact(f"{d / 'ids.json'}: index ids are damaged ({len(items)} entries for "
+                              f"{index.ntotal} vectors); {todo}")
+    return meta, items, index
