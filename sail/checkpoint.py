@@ -13,7 +13,8 @@ checkpoint.json (step, state, data position, optimizer and scheduler settings). 
 Atomic: each checkpoint is written to `checkpoint-<step>.tmp/` (files fsynced, their sha256 in checksums.json),
 renamed to `checkpoint-<step>/` (a checkpoint already there is first moved aside to `checkpoint-<step>.old/`,
 never deleted before the new one is in place), the directory fsynced, and only then named in `LATEST`
-(itself replaced atomically); all but the newest `keep` are removed afterwards. Loading verifies the
+(itself replaced atomically); all but the newest `keep` (default 2, so a damaged newest one has an
+intact predecessor to fall back to) are removed afterwards. Loading verifies the
 checksums; when LATEST's checkpoint is missing or damaged (a crash between the renames, bit rot) it falls
 back to the newest intact checkpoint and says so. A kill -9 at any moment loses at most the step being saved.
 
@@ -115,7 +116,7 @@ def _json_default(v):
 
 def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer=None, scheduler=None,
                     state: dict | None = None, extra_modules: dict[str, torch.nn.Module] | None = None,
-                    keep: int = 1, position=None, collective: bool = False) -> Path:
+                    keep: int = 2, position=None, collective: bool = False) -> Path:
     """Write RUN/checkpoint-<step>/ atomically and point LATEST at it (see the module doc).
     `position`: where the data stream resumes (the recipes: [epoch, next batch]); JSON-able."""
     run_dir = Path(run_dir)

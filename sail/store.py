@@ -107,7 +107,10 @@ class FeatureStore:
     @property
     def class_names(self) -> list[str] | None:
         if "labels" in self._h5 and "class_names" in self._h5["labels"].attrs:
-            return json.loads(self._h5["labels"].attrs["class_names"])
+            names = _attr_json(self._h5["labels"].attrs, "class_names", None)
+            if not isinstance(names, list):
+                raise SailError(f"{self.path}: the class names of its labels are damaged; extract the store again")
+            return names
         return None
 
     @property
@@ -472,11 +475,11 @@ class StoreWriter:
         sums = {}
         for key in _checked(h5):
             stream = self._hash.get(key)
-            streamed = stream is not None and self._next.get(key) == h5[key].shape[0]
+            streamed = stream is not None and key in h5 and self._next.get(key) == h5[key].shape[0]
             if streamed:
                 sums[key] = stream.hexdigest()
             else:
-                sums[key], bad = _scan(h5[key])
+                sums[key], bad = _digest(h5, key)
                 if key.startswith("features/"):  # rows may have been rewritten: count them again
                     self._nonfinite[key[len("features/"):]] = bad
         h5.attrs["checksums"] = json.dumps(sums)
@@ -521,13 +524,37 @@ def _hash_ids(ids: np.ndarray) -> str:
     return "sha256:" + h.hexdigest()
 
 
+CLASS_NAMES = "labels.class_names"  # checksum key of the class names (an attribute, not a dataset)
+
+
 def _checked(h5: h5py.File) -> list[str]:
-    """The datasets a checksum covers: ids, and per field its features, valid flags and patch tokens."""
+    """What a checksum covers: ids, per field its features, valid flags and patch tokens, the labels and
+    their class names."""
     keys = ["ids"]
     for group in ("features", "valid", "patch_tokens"):
         if group in h5:
             keys += [f"{group}/{name}" for name in h5[group]]
+    if "labels" in h5:
+        keys.append("labels")
+        if "class_names" in h5["labels"].attrs:
+            keys.append(CLASS_NAMES)
     return keys
+
+
+def _digest(h5: h5py.File, key: str, bar=None) -> tuple[str, int]:
+    """_scan for a dataset key, or the sha256 of the class-names attribute."""
+    if key == CLASS_NAMES:
+        text = h5["labels"].attrs["class_names"]
+        return "sha256:" + hashlib.sha256(text.encode() if isinstance(text, str) else bytes(text)).hexdigest(), 0
+    return _scan(h5[key], bar)
+
+
+def _attr_json(attrs, name: str, default):
+    """A JSON attribute sail wrote; None when it is not JSON (the caller reports the damage)."""
+    try:
+        return json.loads(attrs.get(name, default))
+    except (TypeError, ValueError):
+        return None
 
 
 def _block_rows(ds: h5py.Dataset) -> int:
@@ -555,20 +582,30 @@ def _scan(ds: h5py.Dataset, bar=None) -> tuple[str, int]:
 def verify(path: str | Path, progress: bool = True) -> dict:
     """Re-read every dataset, recompute its checksum and non-finite rows, and compare with what finish wrote.
 
-    Returns {"checksums": {key: "ok" | "MISMATCH" | "no checksum"}, "nonfinite_rows": {field: n}}.
+    Returns {"checksums": {key: "ok" | "MISMATCH" | "no checksum" | "MISSING"}, "nonfinite_rows": {field: n}}:
+    every dataset (ids, features, valid flags, patch tokens, labels, class names) is compared, and a key the
+    checksums or the `fields` attribute list that is no longer in the file is MISSING. A `checksums`
+    attribute that is not JSON makes every key a MISMATCH of "checksums" itself.
     """
     from tqdm.auto import tqdm
 
     s = FeatureStore(path, check_ids=False)
     try:
-        stored = json.loads(s.attrs.get("checksums", "{}"))
+        stored = _attr_json(s.attrs, "checksums", "{}")
+        listed = _attr_json(s.attrs, "fields", "[]")
         keys = _checked(s._h5)
-        total = sum(s._h5[k].size * s._h5[k].dtype.itemsize for k in keys if k != "ids")
+        total = sum(s._h5[k].size * s._h5[k].dtype.itemsize for k in keys if k not in ("ids", CLASS_NAMES))
         result: dict = {"checksums": {}, "nonfinite_rows": {}}
+        if not isinstance(stored, dict):
+            result["checksums"]["checksums"] = "MISMATCH"  # the attribute itself is damaged
+            stored = {}
+        for key in [*stored, *(f"features/{f}" for f in (listed if isinstance(listed, list) else []))]:
+            if key not in keys:
+                result["checksums"][key] = "MISSING"
         with tqdm(total=total, unit="B", unit_scale=True, desc="verify", disable=not progress,
                   dynamic_ncols=True, leave=False) as bar:
             for key in keys:
-                got, bad = _scan(s._h5[key], bar)
+                got, bad = _digest(s._h5, key, bar)
                 want = stored.get(key)
                 result["checksums"][key] = "no checksum" if want is None else "ok" if got == want else "MISMATCH"
                 if key.startswith("features/"):
@@ -587,7 +624,8 @@ def describe(path: str | Path, check: dict | None = None) -> tuple[str, list[str
     with FeatureStore(path, check_ids=False) as s:
         lines = [f"{s.path}", f"  {'samples':<18} {len(s)}"]
         lines += [f"  {k:<18} {s.attrs[k]}" for k in sorted(s.attrs) if k not in ("checksums", "nonfinite_rows")]
-        nonfinite = check["nonfinite_rows"] if check else json.loads(s.attrs.get("nonfinite_rows", "{}"))
+        nonfinite = check["nonfinite_rows"] if check else _attr_json(s.attrs, "nonfinite_rows", "{}")
+        nonfinite = nonfinite if isinstance(nonfinite, dict) else {}
         for f in s.fields:
             ds = s._dataset(f)
             n_valid = int(s.valid(f).sum())
@@ -613,9 +651,17 @@ def describe(path: str | Path, check: dict | None = None) -> tuple[str, list[str
         if "checksums" not in s.attrs:
             lines.append(f"  {'checksums':<18} no checksum (written before sail stored them)")
         elif check is None:
-            lines.append(f"  {'checksums':<18} sha256 of {len(json.loads(s.attrs['checksums']))} datasets; --verify compares them")
+            sums = _attr_json(s.attrs, "checksums", "{}")
+            lines.append(f"  {'checksums':<18} " + (f"sha256 of {len(sums)} datasets; --verify compares them"
+                                                  if isinstance(sums, dict) else "PROBLEM: the attribute is damaged"))
+            if not isinstance(sums, dict):
+                problems.append("its checksums attribute is damaged")
         else:
             states = check["checksums"]
+            gone = [k for k, v in states.items() if v == "MISSING"]
+            if gone:
+                lines.append(f"  {'missing':<18} {', '.join(gone)} (listed by the store, not in the file)")
+                problems.append(f"{', '.join(gone)} missing")
             wrong = [k for k, v in states.items() if v == "MISMATCH"]
             missing = sum(v == "no checksum" for v in states.values())
             lines.append(f"  {'checksums':<18} " + (f"MISMATCH in {', '.join(wrong)}" if wrong else
