@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from tqdm.auto import tqdm
 
 import sail
 from sail import zoo
-from sail.artifacts import write_json
+from sail.artifacts import Lock, write_json
 from sail.data import DEFAULT_MAX_PIXELS, Dataset, ImageError, load_image, open_dataset
 from sail.distributed import barrier, init_distributed, local_device
 from sail.encoders import default_batch_size, load_encoder, model_revision, num_params, pick_device, resolve_model
@@ -284,30 +285,32 @@ def extract(cfg: ExtractConfig, dataset: Dataset | None = None) -> ExtractResult
     cfg = replace(cfg, batch_size=cfg.batch_size or default_batch_size(num_params(encoder.model), device))
     if rank == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
-    barrier(world)
-    created = _open_parts(parts, ident, rank, cfg.overwrite)
-    barrier(world)
+    # one extraction per store: a second one (another terminal) stops here naming this one's pid; rank 0 locks
+    with Lock(out.parent, what="extraction of " + out.name, name=f".{out.name}.lock") if rank == 0 else nullcontext():
+        barrier(world)
+        created = _open_parts(parts, ident, rank, cfg.overwrite)
+        barrier(world)
 
-    n_chunks = -(-len(ds) // cfg.chunk_size)
-    todo = [c for c in range(n_chunks) if c % world == rank and not _part_path(parts, c).exists()]
-    try:
-        if todo:
-            if spec.modality == "image":
-                _extract_images(cfg, ds, encoder, todo, parts, rank, world)
-            else:
-                _extract_texts(cfg, ds, encoder, fields, todo, parts, rank)
-    except BaseException:
-        if created and not any(parts.glob("part-*.npz")):  # nothing to resume from: leave nothing behind
-            shutil.rmtree(parts, ignore_errors=True)
-        raise
-    # The one collective wait: every rank's parts are written. It can last as long as the slowest rank's
-    # extraction, hence the long --dist-timeout. After it only rank 0 works (the merge, minutes to hours
-    # for a ~100 GB store) and the other ranks exit now instead of idling in a second barrier.
-    barrier(world)
-    if rank != 0:
-        return ExtractResult(out, len(ds), {}, time.time() - start)
-    skipped = _merge(out, parts, ds, fields, n_chunks, cfg, spec, encoder)
-    return ExtractResult(out, len(ds), skipped, time.time() - start)
+        n_chunks = -(-len(ds) // cfg.chunk_size)
+        todo = [c for c in range(n_chunks) if c % world == rank and not _part_path(parts, c).exists()]
+        try:
+            if todo:
+                if spec.modality == "image":
+                    _extract_images(cfg, ds, encoder, todo, parts, rank, world)
+                else:
+                    _extract_texts(cfg, ds, encoder, fields, todo, parts, rank)
+        except BaseException:
+            if created and not any(parts.glob("part-*.npz")):  # nothing to resume from: leave nothing behind
+                shutil.rmtree(parts, ignore_errors=True)
+            raise
+        # The one collective wait: every rank's parts are written. It can last as long as the slowest rank's
+        # extraction, hence the long --dist-timeout. After it only rank 0 works (the merge, minutes to hours
+        # for a ~100 GB store) and the other ranks exit now instead of idling in a second barrier.
+        barrier(world)
+        if rank != 0:
+            return ExtractResult(out, len(ds), {}, time.time() - start)
+        skipped = _merge(out, parts, ds, fields, n_chunks, cfg, spec, encoder)
+        return ExtractResult(out, len(ds), skipped, time.time() - start)
 
 
 def _progress(total: int, unit: str, cfg: ExtractConfig, rank: int):

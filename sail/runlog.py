@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from sail.artifacts import write_atomic
+
 
 class MetricsLog:
     """Append-only metrics.jsonl (rank 0). Resuming at step s drops lines logged after s, so the log
@@ -23,12 +25,11 @@ class MetricsLog:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        lines = self.path.read_text().splitlines() if self.path.is_file() else []
         if resume_step is None:
-            lines = []
+            records = []
         else:
-            lines = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-        self.path.write_text("".join(ln + "\n" for ln in lines))
+            records = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step] if self.path.is_file() else []
+        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in records))
 
     def log(self, record: dict) -> None:
         if self.enabled:
@@ -37,7 +38,17 @@ class MetricsLog:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+    """The records of a metrics.jsonl; a line cut short by a crash (or otherwise not a JSON object) is
+    skipped, since every other line still stands on its own."""
+    records = []
+    for ln in Path(path).read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(ln) if ln.strip() else None
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
 
 
 PANELS = [(("loss", "loss_ungated"), "training loss"), (("lr",), "learning rate"), (("t", "b"), "temperature t, bias b"),

@@ -366,3 +366,25 @@ def test_killed_writer_leaves_no_lock_behind(tmp_path):
     with Lock(tmp_path / "d"):  # no wait, no error: the OS released the dead process's lock
         pass
     assert time.time() - start < 5
+
+
+def test_second_extraction_of_one_store_is_refused(tmp_path, tiny_text, capsys):
+    out = tmp_path / "feats" / "txt.h5"
+    holder = _hold(out.parent, name=".txt.h5.lock")
+    try:
+        assert main(["extract", "--model", str(tiny_text), "--data", "sample", "--out", str(out), "--workers", "0"]) == 2
+        _one_error_line(capsys, "in use by another sail extraction of txt.h5", f"pid {holder.pid}")
+        assert sorted(os.listdir(out.parent)) == [".txt.h5.lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_metrics_line_cut_short_by_a_crash_is_skipped(tmp_path):
+    from sail.runlog import MetricsLog, read_metrics
+
+    f = tmp_path / "metrics.jsonl"
+    f.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 3, "lo')
+    assert read_metrics(f) == [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.4}]
+    MetricsLog(f, resume_step=1)  # resuming at step 1 keeps step 1 only, and the file is whole again
+    assert f.read_text() == '{"step": 1, "loss": 0.5}\n'
