@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from sail.artifacts import write_json
 from sail.columns import TextColumn
 from sail.errors import SailError
 
@@ -520,12 +521,9 @@ def shard_index(shard: Path, cache: bool = True) -> ShardIndex:
     index = _build_shard_index(path, st.st_size, st.st_mtime_ns)
     if cached is not None:
         try:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_name(f"{cached.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"version": SHARD_INDEX_VERSION, **asdict(index)}))
-            os.replace(tmp, cached)
-        except OSError:
-            pass  # a read-only cache only costs re-indexing next time
+            write_json(cached, {"version": SHARD_INDEX_VERSION, **asdict(index)}, indent=None)
+        except SailError:
+            pass  # a read-only (or full) cache only costs re-indexing next time
     return index
 
 

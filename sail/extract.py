@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 import sail
 from sail import zoo
-from sail.artifacts import Lock, write_json
+from sail.artifacts import Lock, write_atomic, write_json
 from sail.data import DEFAULT_MAX_PIXELS, Dataset, ImageError, load_image, open_dataset
 from sail.distributed import barrier, init_distributed, local_device
 from sail.encoders import default_batch_size, load_encoder, model_revision, num_params, pick_device, resolve_model
@@ -153,12 +153,11 @@ def _part_path(parts: Path, chunk: int) -> Path:
 
 
 def _save_part(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    import io
+
+    buf = io.BytesIO()  # one part is a few MB: built in memory, then written atomically
+    np.savez(buf, **arrays)
+    write_atomic(path, buf.getvalue())
 
 
 # Everything that determines a store's numbers; two extractions agreeing on all of it are the same one.
