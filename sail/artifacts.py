@@ -184,6 +184,8 @@ class Lock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
+                if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                    return fd  # a filesystem without locks (some NFS): work on unguarded rather than refuse
                 os.close(fd)
                 if e.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
                     raise SailError(f"{self.directory} is in use by another sail {self.what} ({self._holder()}); "

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 import sail
 from sail import zoo
-from sail.artifacts import Lock, write_atomic, write_json
+from sail.artifacts import Lock, read_json, write_atomic, write_json
 from sail.data import DEFAULT_MAX_PIXELS, Dataset, ImageError, load_image, open_dataset
 from sail.distributed import barrier, init_distributed, local_device
 from sail.encoders import default_batch_size, load_encoder, model_revision, num_params, pick_device, resolve_model
@@ -207,7 +207,11 @@ def _check_existing(out: Path, ident: dict, revision: str, overwrite: bool = Fal
         raise SailError(f"{out} exists but is not a usable feature store ({e}); pass --overwrite to replace it, "
                         "or choose another --out") from None
     with s:
-        stored = _stored_identity(s, ident)
+        try:
+            stored = _stored_identity(s, ident)
+        except (ValueError, TypeError):  # an identity attribute that is not JSON
+            raise SailError(f"{out} exists but its identity attribute is damaged; pass --overwrite to replace it, "
+                            "or choose another --out") from None
         their_revision = str(s.attrs.get("model_revision", "hub:unknown"))
     diff = [f"{k}: {stored.get(k)!r} there, {ident[k]!r} here" for k in STORE_IDENTITY
             if k != "source" and stored.get(k) != ident[k]]
@@ -223,7 +227,13 @@ def _open_parts(parts: Path, ident: dict, rank: int, overwrite: bool = False) ->
     """Create (rank 0) or reopen the parts folder; True if this call created it."""
     meta = parts / "meta.json"
     if meta.exists():
-        theirs = json.loads(meta.read_text())
+        try:
+            theirs = read_json(meta, what="unfinished extraction record",
+                               todo="pass --overwrite to start the extraction over, or delete the folder")
+        except SailError:
+            if not overwrite:
+                raise
+            theirs = {}  # damaged: --overwrite starts over below
         if theirs != ident and overwrite and rank == 0:  # --overwrite: an unfinished other extraction goes too
             shutil.rmtree(parts)
             return _open_parts(parts, ident, rank)
