@@ -7,7 +7,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 from typing import Optional
 
 import typer
@@ -523,6 +525,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if isinstance(rc, int):  # click returns typer.Exit's code instead of raising it here
             return rc
     except SailError as e:
+        if os.environ.get("SAIL_DEBUG", "").strip() not in ("", "0"):  # the debug switch: the full chain
+            traceback.print_exception(e)
         typer.echo(f"error: {e}", err=True)
         return 2
     except KeyboardInterrupt:

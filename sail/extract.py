@@ -23,6 +23,7 @@ size chosen from the model's parameter count.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -130,8 +131,52 @@ class _ImageItems(torch.utils.data.Dataset):
 def _collate(items):
     rows = [i for i, _, _ in items]
     ok = [x is not None for _, x, _ in items]
-    pixels = torch.stack([x for _, x, _ in items if x is not None]) if any(ok) else None
+    good = [x for _, x, _ in items if x is not None]
+    if len({tuple(x.shape) for x in good}) > 1:  # preprocessing gave varying sizes: the main process says so
+        pixels = good
+    else:
+        pixels = torch.stack(good) if good else None
     return rows, ok, pixels, [r for _, _, r in items]
+
+
+def _check_pixels(pixels, rows, ok, ds: Dataset, encoder) -> None:
+    """One size per batch: a list (from _collate) means the preprocessing returned varying sizes."""
+    if not isinstance(pixels, list):
+        return
+    keys = [r for r, k in zip(rows, ok) if k]
+    first = tuple(pixels[0].shape)
+    j = next(i for i, x in enumerate(pixels) if tuple(x.shape) != first)
+    raise SailError(f"encoder {encoder.spec.source}: preprocessing returned {first} for sample {ds.ids[keys[0]]!r} but "
+                    f"{tuple(pixels[j].shape)} for sample {ds.ids[keys[j]]!r}; it must return one size for every "
+                    "image (resize and crop to a fixed size)")
+
+
+# Reasons a row's features are not stored (counted in the store's skipped list and the summary).
+NON_FINITE = "encoder returned NaN or inf"
+OVERFLOW = "float16 overflow (a value beyond 65504)"
+
+
+def _screen(pooled: torch.Tensor) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Features as they enter the store: float16 rows, which rows are finite, and why the others are not.
+    Checked after the cast, because a finite float32 value beyond 65504 becomes inf in the store."""
+    pooled = pooled.float()
+    finite32 = torch.isfinite(pooled).all(1)
+    half = pooled.to(torch.float16)
+    finite16 = torch.isfinite(half).all(1)
+    half[~finite16] = 0
+    ok = finite16.cpu().numpy()
+    reasons = ["" if k else OVERFLOW if f else NON_FINITE for k, f in zip(ok, finite32.cpu().numpy())]
+    return half.cpu().numpy(), ok, reasons
+
+
+def _check_some_finite(spec_source: str, n_encoded: int, n_finite: int, seen: dict, where: str) -> None:
+    """All-non-finite is a broken encoder, not bad samples: refuse before writing anything of it."""
+    if n_finite:
+        seen["finite"] = True
+    elif n_encoded and not seen["finite"]:
+        raise SailError(f"encoder {spec_source} returned NaN or inf features for every one of the {n_encoded} "
+                        f"samples it encoded ({where}); check the model's weights, precision (--precision fp32) "
+                        "and preprocessing")
 
 
 def _chunk_batches(chunks: list[int], chunk_size: int, n: int, batch_size: int) -> list[list[int]]:
@@ -152,11 +197,16 @@ def _part_path(parts: Path, chunk: int) -> Path:
 
 def _save_part(path: Path, arrays: dict[str, np.ndarray]) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:  # full disk, file-size limit, quota: the finished parts stay, the half-written one goes
+        tmp.unlink(missing_ok=True)
+        raise SailError(f"cannot write {path} ({e.strerror or e}); free space (or raise the file-size limit) and "
+                        "rerun the same command: the finished chunks are kept") from None
 
 
 # Everything that determines a store's numbers; two extractions agreeing on all of it are the same one.
@@ -334,38 +384,63 @@ def _extract_images(cfg, ds: Dataset, encoder, todo: list[int], parts: Path, ran
         batch_sampler=batches, collate_fn=_collate, num_workers=workers, pin_memory=encoder.device.type == "cuda",
         prefetch_factor=4 if workers else None, persistent_workers=False)
     pending: dict[int, dict] = {}  # chunk -> rows filled so far
-    bar = _progress(sum(len(b) for b in batches), "img", cfg, rank)
-    for rows, ok, pixels, reasons in loader:
-        chunk = rows[0] // cfg.chunk_size
-        lo = chunk * cfg.chunk_size
-        size = min(len(ds), lo + cfg.chunk_size) - lo
-        buf = pending.setdefault(chunk, {"feat": np.zeros((size, encoder.dim), np.float16),
-                                         "valid": np.zeros(size, bool), "reason": [""] * size,
-                                         "done": 0, "patch": None})
-        if pixels is not None:
-            pooled, patches = encoder.encode_pixels(pixels, cfg.patch_tokens)
-            sel = np.array([r - lo for r, k in zip(rows, ok) if k])
-            buf["feat"][sel] = pooled.to(torch.float16).cpu().numpy()  # cast on the device: half the copy
-            buf["valid"][sel] = True
-            if patches is not None:
-                if buf["patch"] is None:
-                    buf["patch"] = np.zeros((size,) + tuple(patches.shape[1:]), np.float16)
-                buf["patch"][sel] = patches.to(torch.float16).cpu().numpy()
-        for r, k, why in zip(rows, ok, reasons):
-            if not k:
-                buf["reason"][r - lo] = why
-        buf["done"] += len(rows)
-        bar.update(len(rows))
-        if buf["done"] == size:
-            arrays = {"feat/image": buf["feat"], "valid/image": buf["valid"], "reason/image": np.array(buf["reason"])}
-            if cfg.patch_tokens:
-                if buf["patch"] is None:  # every image of the chunk failed: keep the shape known
-                    n_patch = _num_patches(encoder)
-                    buf["patch"] = np.zeros((size, n_patch, encoder.hidden), np.float16)
-                arrays["patch/image"] = buf["patch"]
-            _save_part(_part_path(parts, chunk), arrays)
-            del pending[chunk]
-    bar.close()
+    seen = {"finite": len(todo) < -(-len(ds) // cfg.chunk_size)}  # a resumed run already has finite parts
+    with _progress(sum(len(b) for b in batches), "img", cfg, rank) as bar, _worker_deaths(workers):
+        for rows, ok, pixels, reasons in loader:
+            _check_pixels(pixels, rows, ok, ds, encoder)
+            _image_batch(cfg, ds, encoder, pending, seen, parts, rows, ok, pixels, reasons)
+            bar.update(len(rows))
+
+
+def _image_batch(cfg, ds: Dataset, encoder, pending: dict, seen: dict, parts: Path, rows, ok, pixels, reasons) -> None:
+    """A batch's features into its chunk's buffer; a complete chunk is written as a part."""
+    chunk = rows[0] // cfg.chunk_size
+    lo = chunk * cfg.chunk_size
+    size = min(len(ds), lo + cfg.chunk_size) - lo
+    buf = pending.setdefault(chunk, {"feat": np.zeros((size, encoder.dim), np.float16),
+                                     "valid": np.zeros(size, bool), "reason": [""] * size,
+                                     "done": 0, "patch": None, "encoded": 0, "finite": 0})
+    if pixels is not None:
+        pooled, patches = encoder.encode_pixels(pixels, cfg.patch_tokens)
+        sel = np.array([r - lo for r, k in zip(rows, ok) if k])
+        feat, finite, why_not = _screen(pooled)  # cast on the device: half the copy
+        buf["feat"][sel], buf["valid"][sel] = feat, finite
+        buf["encoded"], buf["finite"] = buf["encoded"] + len(sel), buf["finite"] + int(finite.sum())
+        for r, why in zip(sel, why_not):
+            if why:
+                buf["reason"][r] = why
+        if patches is not None:
+            if buf["patch"] is None:
+                buf["patch"] = np.zeros((size,) + tuple(patches.shape[1:]), np.float16)
+            buf["patch"][sel] = patches.to(torch.float16).cpu().numpy()
+    for r, k, why in zip(rows, ok, reasons):
+        if not k:
+            buf["reason"][r - lo] = why
+    buf["done"] += len(rows)
+    if buf["done"] == size:
+        _check_some_finite(encoder.spec.source, buf["encoded"], buf["finite"], seen,
+                           f"samples {ds.ids[lo]!r} to {ds.ids[lo + size - 1]!r}")
+        arrays = {"feat/image": buf["feat"], "valid/image": buf["valid"], "reason/image": np.array(buf["reason"])}
+        if cfg.patch_tokens:
+            if buf["patch"] is None:  # every image of the chunk failed: keep the shape known
+                n_patch = _num_patches(encoder)
+                buf["patch"] = np.zeros((size, n_patch, encoder.hidden), np.float16)
+            arrays["patch/image"] = buf["patch"]
+        _save_part(_part_path(parts, chunk), arrays)
+        del pending[chunk]
+
+
+@contextlib.contextmanager
+def _worker_deaths(workers: int):
+    """A decoding worker killed (out of memory, a crashing decoder) is one line, not a traceback or a hang:
+    the DataLoader notices the dead worker and raises; the chunks written so far are kept."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not workers or "DataLoader worker" not in str(e):
+            raise
+        raise SailError(f"an image decoding worker died ({str(e).splitlines()[0][:160]}); often out of memory: "
+                        "rerun the same command with fewer --workers (finished chunks are kept)") from None
 
 
 def _num_patches(encoder) -> int:
@@ -375,23 +450,29 @@ def _num_patches(encoder) -> int:
 
 
 def _extract_texts(cfg, ds: Dataset, encoder, fields: list[str], todo: list[int], parts: Path, rank: int) -> None:
-    bar = _progress(sum(min(len(ds), (c + 1) * cfg.chunk_size) - c * cfg.chunk_size for c in todo) * len(fields),
-                    "text", cfg, rank)
-    for chunk in todo:
-        lo, hi = chunk * cfg.chunk_size, min(len(ds), (chunk + 1) * cfg.chunk_size)
-        arrays = {}
-        for f in fields:
-            texts = ds.captions[f][lo:hi]
-            valid = np.array([bool(t.strip()) for t in texts])
-            feat = np.zeros((hi - lo, encoder.dim), np.float16)
-            if valid.any():
-                feat[valid] = encoder.encode_texts([t for t, v in zip(texts, valid) if v], cfg.batch_size)
-            arrays[f"feat/{f}"] = feat
-            arrays[f"valid/{f}"] = valid
-            arrays[f"reason/{f}"] = np.array(["" if v else "empty caption" for v in valid])
-            bar.update(hi - lo)
-        _save_part(_part_path(parts, chunk), arrays)
-    bar.close()
+    total = sum(min(len(ds), (c + 1) * cfg.chunk_size) - c * cfg.chunk_size for c in todo) * len(fields)
+    seen = {"finite": len(todo) < -(-len(ds) // cfg.chunk_size)}  # a resumed run already has finite parts
+    with _progress(total, "text", cfg, rank) as bar:
+        for chunk in todo:
+            lo, hi = chunk * cfg.chunk_size, min(len(ds), (chunk + 1) * cfg.chunk_size)
+            arrays = {}
+            for f in fields:
+                texts = ds.captions[f][lo:hi]
+                valid = np.array([bool(t.strip()) for t in texts])
+                feat = np.zeros((hi - lo, encoder.dim), np.float16)
+                reason = np.array(["" if v else "empty caption" for v in valid], dtype=object)
+                if valid.any():
+                    encoded = encoder.encode_texts([t for t, v in zip(texts, valid) if v], cfg.batch_size)
+                    half, finite, why_not = _screen(torch.from_numpy(np.asarray(encoded)))
+                    _check_some_finite(encoder.spec.source, len(half), int(finite.sum()), seen,
+                                       f"field {f}, samples {ds.ids[lo]!r} to {ds.ids[hi - 1]!r}")
+                    feat[valid], reason[valid] = half, why_not
+                    valid[valid] = finite
+                arrays[f"feat/{f}"] = feat
+                arrays[f"valid/{f}"] = valid
+                arrays[f"reason/{f}"] = reason.astype(str)
+                bar.update(hi - lo)
+            _save_part(_part_path(parts, chunk), arrays)
 
 
 def _merge(out: Path, parts: Path, ds: Dataset, fields: list[str], n_chunks: int, cfg, spec, encoder) -> dict:
