@@ -86,6 +86,14 @@ class ExtractConfig:
             raise SailError(f"--preprocess must be fast or hf, not {self.preprocess!r}")
 
 
+class ExtractInterrupted(KeyboardInterrupt):
+    """Ctrl-C during an extraction: the store it was making and how many of its chunks are kept."""
+
+    def __init__(self, out: Path, kept: int, total: int):
+        super().__init__(f"interrupted with {kept} of {total} chunks of {out} written")
+        self.out, self.kept, self.total = out, kept, total
+
+
 @dataclass
 class ExtractResult:
     path: Path
@@ -341,15 +349,20 @@ def extract(cfg: ExtractConfig, dataset: Dataset | None = None) -> ExtractResult
 
     n_chunks = -(-len(ds) // cfg.chunk_size)
     todo = [c for c in range(n_chunks) if c % world == rank and not _part_path(parts, c).exists()]
+    todo_rows = sum(min(len(ds), (c + 1) * cfg.chunk_size) - c * cfg.chunk_size for c in todo)
     try:
+        _check_room(out, _store_bytes(ds, fields, encoder, cfg.patch_tokens), todo_rows / len(ds))
         if todo:
             if spec.modality == "image":
                 _extract_images(cfg, ds, encoder, todo, parts, rank, world)
             else:
                 _extract_texts(cfg, ds, encoder, fields, todo, parts, rank)
-    except BaseException:
+    except BaseException as e:
         if created and not any(parts.glob("part-*.npz")):  # nothing to resume from: leave nothing behind
             shutil.rmtree(parts, ignore_errors=True)
+        if isinstance(e, KeyboardInterrupt):
+            kept = len(list(parts.glob("part-*.npz"))) if parts.exists() else 0
+            raise ExtractInterrupted(out, kept, n_chunks) from None
         raise
     # The one collective wait: every rank's parts are written. It can last as long as the slowest rank's
     # extraction, hence the long --dist-timeout. After it only rank 0 works (the merge, minutes to hours
@@ -382,7 +395,7 @@ def _extract_images(cfg, ds: Dataset, encoder, todo: list[int], parts: Path, ran
     loader = torch.utils.data.DataLoader(
         _ImageItems(ds.images, encoder.preprocess, cfg.max_pixels, getattr(encoder, "draft_short_side", lambda: None)()),
         batch_sampler=batches, collate_fn=_collate, num_workers=workers, pin_memory=encoder.device.type == "cuda",
-        prefetch_factor=4 if workers else None, persistent_workers=False)
+        prefetch_factor=4 if workers else None, persistent_workers=False, timeout=WORKER_TIMEOUT if workers else 0)
     pending: dict[int, dict] = {}  # chunk -> rows filled so far
     seen = {"finite": len(todo) < -(-len(ds) // cfg.chunk_size)}  # a resumed run already has finite parts
     with _progress(sum(len(b) for b in batches), "img", cfg, rank) as bar, _worker_deaths(workers):
@@ -430,6 +443,8 @@ def _image_batch(cfg, ds: Dataset, encoder, pending: dict, seen: dict, parts: Pa
         del pending[chunk]
 
 
+WORKER_TIMEOUT = 1800  # seconds without a batch from the workers: a stuck worker, not a slow one
+
 @contextlib.contextmanager
 def _worker_deaths(workers: int):
     """A decoding worker killed (out of memory, a crashing decoder) is one line, not a traceback or a hang:
@@ -437,7 +452,7 @@ def _worker_deaths(workers: int):
     try:
         yield
     except RuntimeError as e:
-        if not workers or "DataLoader worker" not in str(e):
+        if not workers or not ("DataLoader worker" in str(e) or "DataLoader timed out" in str(e)):
             raise
         raise SailError(f"an image decoding worker died ({str(e).splitlines()[0][:160]}); often out of memory: "
                         "rerun the same command with fewer --workers (finished chunks are kept)") from None
@@ -475,6 +490,39 @@ def _extract_texts(cfg, ds: Dataset, encoder, fields: list[str], todo: list[int]
             _save_part(_part_path(parts, chunk), arrays)
 
 
+def _store_bytes(ds: Dataset, fields: list[str], encoder, patch_tokens: bool) -> int:
+    """About what the store will take: float16 features, validity, ids (and patch tokens), plus HDF5's overhead."""
+    n = len(ds)
+    per_row = len(fields) * (2 * encoder.dim + 1) + 64  # 64: an id and a skipped entry, heap entries included
+    if patch_tokens and encoder.modality == "image":
+        try:
+            per_row += 2 * _num_patches(encoder) * encoder.hidden
+        except (AttributeError, TypeError):
+            pass
+    return int(n * per_row * 1.02) + 32 * 1024
+
+
+def _check_room(out: Path, store_bytes: int, parts_share: float) -> None:
+    """Refuse up front what the disk or the file-size limit cannot hold: HDF5 failing mid-write leaves
+    errors it cannot recover from (and can crash the process), so the store is never started without room.
+    Needed: the store, plus the parts still to write (`parts_share` of the store's size)."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft != resource.RLIM_INFINITY and store_bytes > soft:
+        raise SailError(f"{out} will need about {_mb(store_bytes)} but this process may not write files over "
+                        f"{_mb(soft)} (ulimit -f); raise the limit and rerun the same command (finished chunks are kept)")
+    need = store_bytes + int(parts_share * store_bytes)
+    free = shutil.disk_usage(out.parent if out.parent.exists() else Path.cwd()).free
+    if need > free:
+        raise SailError(f"{out} needs about {_mb(need)} free but {out.parent} has {_mb(free)}; free space (or "
+                        "choose another --out) and rerun the same command (finished chunks are kept)")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.0f} KiB"
+
+
 def _merge(out: Path, parts: Path, ds: Dataset, fields: list[str], n_chunks: int, cfg, spec, encoder) -> dict:
     missing = [c for c in range(n_chunks) if not _part_path(parts, c).exists()]
     if missing:
@@ -483,6 +531,7 @@ def _merge(out: Path, parts: Path, ds: Dataset, fields: list[str], n_chunks: int
     if cfg.patch_tokens and spec.modality == "image":
         with np.load(_part_path(parts, 0)) as z:
             patch_shapes = {"image": tuple(z["patch/image"].shape[1:])}
+    _check_room(out, _store_bytes(ds, fields, encoder, cfg.patch_tokens), 0.0)  # the disk may have filled since
     writer = StoreWriter(out, ds.ids, {f: encoder.dim for f in fields}, patch_shapes)
     skipped: list[tuple[str, str, str]] = list(ds.skipped)  # what reading the source lost (truncated shards)
     try:
