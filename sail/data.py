@@ -347,6 +347,9 @@ def _text_array(col, name: str, path: Path, what: str):
 
     if pa.types.is_null(col.type):
         return pa.nulls(len(col), pa.string())
+    if pa.types.is_dictionary(col.type) and (pa.types.is_string(col.type.value_type)
+                                             or pa.types.is_large_string(col.type.value_type)):
+        col = col.cast(col.type.value_type)  # pandas `category` text written to Parquet: the same strings
     if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
         first = pc.index(pc.is_valid(col), True).as_py()
         value = json.dumps(col[first].as_py(), default=str)[:60]
