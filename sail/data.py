@@ -433,7 +433,7 @@ def open_manifest(path: Path, columns: list[str] | None, id_column: str = "id",
         missing = [c for c in wanted if c not in header]
         if missing:
             raise SailError(f"{path} has no column(s) {', '.join(missing)}; its columns are {', '.join(header)}"
-                            " (choose with --columns / --id-column / --image-column)")
+                            " (sail extract chooses them with --columns / --id-column / --image-column)")
         # no image column: a text-only manifest; image extraction then says which column is missing
         chosen["image"] = image_column if image_column in header else ""
         chosen["captions"] = list(columns) if columns is not None else [c for c in CAPTION_COLUMNS if c in header]
@@ -605,8 +605,8 @@ def _shard_samples(shards: list[Path], allow_truncated: bool):
         out.append((shard, index, samples))
     if bad and not allow_truncated:
         more = f" (and {len(bad) - 1} more truncated shard(s))" if len(bad) > 1 else ""
-        raise SailError(f"truncated shard {bad[0]}{more}; re-download it, or pass --allow-truncated "
-                        "to record it and skip what is missing")
+        raise SailError(f"truncated shard {bad[0]}{more}; re-download it (or, with sail extract, pass "
+                        "--allow-truncated to record it and skip what is missing)")
     return out, skipped
 
 

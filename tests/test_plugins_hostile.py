@@ -450,3 +450,20 @@ def test_a_network_failure_is_not_reported_as_offline_mode(monkeypatch, tmp_path
     assert "check your network" in msg
     with pytest.raises(SailError, match="offline mode is on"):
         resolve_pretrained("someone/run", cache_dir=tmp_path, local_files_only=True)
+
+
+def test_advice_names_the_command_that_has_the_option(tmp_path):
+    from sail.data import open_dataset
+
+    (tmp_path / "m.csv").write_text("key,text\na,b\n")
+    with pytest.raises(SailError, match=r"has no column\(s\) id; .*sail extract chooses them with --columns"):
+        open_dataset(str(tmp_path / "m.csv"))
+
+
+def test_only_module_colon_names_are_read_as_specs():
+    from sail import zoo
+
+    for spec in ("pkg.mod:fn", "pkg.mod:fn(size=", "pkg:fn(a=1) b"):
+        assert zoo.looks_like_spec(spec)
+    for other in ("facebook/dinov2-large", "/tmp/x:y", "dinov2-l", "https://host/x:y", "./a:b", "org/name:rev"):
+        assert not zoo.looks_like_spec(other)
