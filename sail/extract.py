@@ -133,7 +133,7 @@ class _ImageItems(torch.utils.data.Dataset):
         except ImageError as e:
             return i, None, str(e)
         except Exception as e:  # a preprocessor failing on an odd image is a bad image, not a crash
-            return i, None, f"preprocessing failed: {str(e).splitlines()[0][:160] if str(e) else type(e).__name__}"
+            return i, None, f"{PREPROCESS_FAILED}: {str(e).splitlines()[0][:160] if str(e) else type(e).__name__}"
 
 
 def _collate(items):
@@ -159,6 +159,9 @@ def _check_pixels(pixels, rows, ok, ds: Dataset, encoder) -> None:
                     "image (resize and crop to a fixed size)")
 
 
+PREPROCESS_FAILED = "preprocessing failed"
+
+
 # Reasons a row's features are not stored (counted in the store's skipped list and the summary).
 NON_FINITE = "encoder returned NaN or inf"
 OVERFLOW = "float16 overflow (a value beyond 65504)"
@@ -175,6 +178,14 @@ def _screen(pooled: torch.Tensor) -> tuple[np.ndarray, np.ndarray, list[str]]:
     ok = finite16.cpu().numpy()
     reasons = ["" if k else OVERFLOW if f else NON_FINITE for k, f in zip(ok, finite32.cpu().numpy())]
     return half.cpu().numpy(), ok, reasons
+
+
+def _check_preprocessed_some(spec_source: str, reasons: list[str], n_encoded: int, seen: dict, where: str) -> None:
+    """A preprocess that fails on every image is a broken plugin, not a chunk of bad images."""
+    if n_encoded or seen["finite"] or not all(r.startswith(PREPROCESS_FAILED) for r in reasons):
+        return
+    raise SailError(f"encoder {spec_source}: preprocessing failed on every image ({where}), e.g. "
+                    f"{reasons[0][len(PREPROCESS_FAILED):].lstrip(': ')}; fix the preprocess function")
 
 
 def _check_some_finite(spec_source: str, n_encoded: int, n_finite: int, seen: dict, where: str) -> None:
@@ -431,8 +442,9 @@ def _image_batch(cfg, ds: Dataset, encoder, pending: dict, seen: dict, parts: Pa
             buf["reason"][r - lo] = why
     buf["done"] += len(rows)
     if buf["done"] == size:
-        _check_some_finite(encoder.spec.source, buf["encoded"], buf["finite"], seen,
-                           f"samples {ds.ids[lo]!r} to {ds.ids[lo + size - 1]!r}")
+        where = f"samples {ds.ids[lo]!r} to {ds.ids[lo + size - 1]!r}"
+        _check_preprocessed_some(encoder.spec.source, buf["reason"], buf["encoded"], seen, where)
+        _check_some_finite(encoder.spec.source, buf["encoded"], buf["finite"], seen, where)
         arrays = {"feat/image": buf["feat"], "valid/image": buf["valid"], "reason/image": np.array(buf["reason"])}
         if cfg.patch_tokens:
             if buf["patch"] is None:  # every image of the chunk failed: keep the shape known

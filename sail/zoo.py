@@ -210,7 +210,7 @@ class CustomImageEncoder:
 
         probe = call_plugin(spec.source, "preprocess(image)", self._preprocess, Image.new("RGB", (32, 32), (128, 128, 128)))
         if not isinstance(probe, torch.Tensor) or probe.dim() != 3:
-            raise SailError(f"{spec.source}: preprocess(image) must return a (3, H, W) tensor, "
+            raise SailError(f"encoder {spec.source}: preprocess(image) must return a (3, H, W) tensor, "
                             f"got {type(probe).__name__} {tuple(getattr(probe, 'shape', ()))}")
         self.dim = _probe_dim(self.encode_pixels(probe[None])[0], spec.source)
         self.input_shape = tuple(probe.shape)
@@ -260,7 +260,7 @@ class CustomTextEncoder:
             with self._precision.autocast():
                 if isinstance(tokens, dict):
                     tokens = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in tokens.items()}
-                    feats = call_plugin(self.spec.source, "model(**tokens)", self.model, **tokens)
+                    feats = call_plugin(self.spec.source, "model(**tokens)", lambda t=tokens: self.model(**t))
                 else:
                     tokens = tokens.to(self.device) if isinstance(tokens, torch.Tensor) else tokens
                     feats = call_plugin(self.spec.source, "model(tokens)", self.model, tokens)

@@ -92,6 +92,18 @@ def fails_to_build(size: int = 8):
     raise RuntimeError("cannot find checkpoint /weights/net.pt")
 
 
+class PickyPre(Pre):
+    def __call__(self, image):
+        if image.size != (32, 32):                                  # only sail's probe image passes
+            raise ValueError("expects a 32 x 32 image")
+        return super().__call__(image)
+
+
+@encoder("image")
+def picky():
+    return Net(4), PickyPre()
+
+
 class KillerPre(Pre):
     def __call__(self, image):
         import os, signal
@@ -187,6 +199,7 @@ def one_error_line(err: str) -> str:
     ("hostile_encoders:growing", "preprocessing returned (3, 8, 8) for sample 'k0' but (3, 9, 9) for sample 'k2'"),
     ('hostile_encoders:img(mode="int")', "returned torch.int64 features; they must be floating point"),
     ('hostile_encoders:img(mode="rows")', "one row per input (B = 3); got Tensor (1, 4)"),
+    ("hostile_encoders:picky", "preprocessing failed on every image (samples 'k0' to 'k3'), e.g. expects a 32 x 32"),
     ('hostile_encoders:img(mode="nan_all")', "returned NaN or inf features for every one of the 4 samples it encoded "
                                              "(samples 'k0' to 'k3')"),
 ])
