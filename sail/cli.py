@@ -7,7 +7,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 from typing import Optional
 
 import typer
@@ -91,20 +93,33 @@ def extract(
 
     Example: sail extract --model dinov2-l --data cc3m/shards/
     """
-    from sail.extract import ExtractConfig, extract as run
+    from sail.extract import ExtractConfig, ExtractInterrupted, extract as run
 
-    result = run(ExtractConfig(model=model, data=data, columns=_split(columns), out=out, features_root=features_root, pooling=pooling,
-                               patch_tokens=patch_tokens, max_length=max_length, modality=modality,
-                               batch_size=batch_size, chunk_size=chunk_size, workers=workers, device=device,
-                               id_column=id_column, image_column=image_column, split=split,
-                               allow_truncated=allow_truncated, max_pixels=max_pixels, encoding=encoding,
-                               trust_remote_code=trust_remote_code,
-                               precision=precision, preprocess=preprocess, dist_timeout=dist_timeout,
-                               overwrite=overwrite))
-    import os
-
+    try:
+        result = run(ExtractConfig(model=model, data=data, columns=_split(columns), out=out, features_root=features_root, pooling=pooling,
+                                   patch_tokens=patch_tokens, max_length=max_length, modality=modality,
+                                   batch_size=batch_size, chunk_size=chunk_size, workers=workers, device=device,
+                                   id_column=id_column, image_column=image_column, split=split,
+                                   allow_truncated=allow_truncated, max_pixels=max_pixels, encoding=encoding,
+                                   trust_remote_code=trust_remote_code,
+                                   precision=precision, preprocess=preprocess, dist_timeout=dist_timeout,
+                                   overwrite=overwrite))
+    except ExtractInterrupted as e:  # caught here: typer turns a KeyboardInterrupt into a silent exit 130
+        _extract_interrupted(e)
     if int(os.environ.get("RANK", "0")) == 0:
         typer.echo(result.summary())
+
+
+def _extract_interrupted(e) -> None:
+    """Ctrl-C in `sail extract`: what is kept and the exact command that finishes the store."""
+    import shlex
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        prefix = f"torchrun --nproc_per_node {world} -m sail.cli" if world > 1 else "sail"
+        typer.echo(f"interrupted; {e.kept} of {e.total} chunks of {e.out} are written and kept. Resume with:\n"
+                   f"  {prefix} {shlex.join(_ARGV)}", err=True)
+    raise typer.Exit(130)
 
 
 # ~65 lines: one typer option per AlignConfig field, then one call.
@@ -530,6 +545,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if isinstance(rc, int):  # click returns typer.Exit's code instead of raising it here
             return rc
     except SailError as e:
+        if os.environ.get("SAIL_DEBUG", "").strip() not in ("", "0"):  # the debug switch: the full chain
+            traceback.print_exception(e)
         typer.echo(f"error: {e}", err=True)
         return 2
     except KeyboardInterrupt:

@@ -348,6 +348,9 @@ def _text_array(col, name: str, path: Path, what: str):
 
     if pa.types.is_null(col.type):
         return pa.nulls(len(col), pa.string())
+    if pa.types.is_dictionary(col.type) and (pa.types.is_string(col.type.value_type)
+                                             or pa.types.is_large_string(col.type.value_type)):
+        col = col.cast(col.type.value_type)  # pandas `category` text written to Parquet: the same strings
     if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
         first = pc.index(pc.is_valid(col), True).as_py()
         value = json.dumps(col[first].as_py(), default=str)[:60]
@@ -431,7 +434,7 @@ def open_manifest(path: Path, columns: list[str] | None, id_column: str = "id",
         missing = [c for c in wanted if c not in header]
         if missing:
             raise SailError(f"{path} has no column(s) {', '.join(missing)}; its columns are {', '.join(header)}"
-                            " (choose with --columns / --id-column / --image-column)")
+                            " (sail extract chooses them with --columns / --id-column / --image-column)")
         # no image column: a text-only manifest; image extraction then says which column is missing
         chosen["image"] = image_column if image_column in header else ""
         chosen["captions"] = list(columns) if columns is not None else [c for c in CAPTION_COLUMNS if c in header]
@@ -600,8 +603,8 @@ def _shard_samples(shards: list[Path], allow_truncated: bool):
         out.append((shard, index, samples))
     if bad and not allow_truncated:
         more = f" (and {len(bad) - 1} more truncated shard(s))" if len(bad) > 1 else ""
-        raise SailError(f"truncated shard {bad[0]}{more}; re-download it, or pass --allow-truncated "
-                        "to record it and skip what is missing")
+        raise SailError(f"truncated shard {bad[0]}{more}; re-download it (or, with sail extract, pass "
+                        "--allow-truncated to record it and skip what is missing)")
     return out, skipped
 
 

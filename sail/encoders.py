@@ -87,7 +87,7 @@ def resolve_model(model: str, modality: str | None = None, trust_remote_code: bo
         raise SailError(f"--modality must be image or text, not {modality!r}")
     from sail import zoo  # any encoder: package.module:function or a name registered under sail.encoders
 
-    if zoo.is_spec(model) or model in zoo.registered():
+    if zoo.looks_like_spec(model) and not Path(model).expanduser().exists() or model in zoo.registered():
         return zoo.resolve(model, modality)
     if model in ALIASES:
         a = ALIASES[model]

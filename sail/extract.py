@@ -23,6 +23,7 @@ size chosen from the model's parameter count.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -87,6 +88,14 @@ class ExtractConfig:
             raise SailError(f"--preprocess must be fast or hf, not {self.preprocess!r}")
 
 
+class ExtractInterrupted(KeyboardInterrupt):
+    """Ctrl-C during an extraction: the store it was making and how many of its chunks are kept."""
+
+    def __init__(self, out: Path, kept: int, total: int):
+        super().__init__(f"interrupted with {kept} of {total} chunks of {out} written")
+        self.out, self.kept, self.total = out, kept, total
+
+
 @dataclass
 class ExtractResult:
     path: Path
@@ -126,14 +135,69 @@ class _ImageItems(torch.utils.data.Dataset):
         except ImageError as e:
             return i, None, str(e)
         except Exception as e:  # a preprocessor failing on an odd image is a bad image, not a crash
-            return i, None, f"preprocessing failed: {str(e).splitlines()[0][:160] if str(e) else type(e).__name__}"
+            return i, None, f"{PREPROCESS_FAILED}: {str(e).splitlines()[0][:160] if str(e) else type(e).__name__}"
 
 
 def _collate(items):
     rows = [i for i, _, _ in items]
     ok = [x is not None for _, x, _ in items]
-    pixels = torch.stack([x for _, x, _ in items if x is not None]) if any(ok) else None
+    good = [x for _, x, _ in items if x is not None]
+    if len({tuple(x.shape) for x in good}) > 1:  # preprocessing gave varying sizes: the main process says so
+        pixels = good
+    else:
+        pixels = torch.stack(good) if good else None
     return rows, ok, pixels, [r for _, _, r in items]
+
+
+def _check_pixels(pixels, rows, ok, ds: Dataset, encoder) -> None:
+    """One size per batch: a list (from _collate) means the preprocessing returned varying sizes."""
+    if not isinstance(pixels, list):
+        return
+    keys = [r for r, k in zip(rows, ok) if k]
+    first = tuple(pixels[0].shape)
+    j = next(i for i, x in enumerate(pixels) if tuple(x.shape) != first)
+    raise SailError(f"encoder {encoder.spec.source}: preprocessing returned {first} for sample {ds.ids[keys[0]]!r} but "
+                    f"{tuple(pixels[j].shape)} for sample {ds.ids[keys[j]]!r}; it must return one size for every "
+                    "image (resize and crop to a fixed size)")
+
+
+PREPROCESS_FAILED = "preprocessing failed"
+
+
+# Reasons a row's features are not stored (counted in the store's skipped list and the summary).
+NON_FINITE = "encoder returned NaN or inf"
+OVERFLOW = "float16 overflow (a value beyond 65504)"
+
+
+def _screen(pooled: torch.Tensor) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Features as they enter the store: float16 rows, which rows are finite, and why the others are not.
+    Checked after the cast, because a finite float32 value beyond 65504 becomes inf in the store."""
+    pooled = pooled.float()
+    finite32 = torch.isfinite(pooled).all(1)
+    half = pooled.to(torch.float16)
+    finite16 = torch.isfinite(half).all(1)
+    half[~finite16] = 0
+    ok = finite16.cpu().numpy()
+    reasons = ["" if k else OVERFLOW if f else NON_FINITE for k, f in zip(ok, finite32.cpu().numpy())]
+    return half.cpu().numpy(), ok, reasons
+
+
+def _check_preprocessed_some(spec_source: str, reasons: list[str], n_encoded: int, seen: dict, where: str) -> None:
+    """A preprocess that fails on every image is a broken plugin, not a chunk of bad images."""
+    if n_encoded or seen["finite"] or not all(r.startswith(PREPROCESS_FAILED) for r in reasons):
+        return
+    raise SailError(f"encoder {spec_source}: preprocessing failed on every image ({where}), e.g. "
+                    f"{reasons[0][len(PREPROCESS_FAILED):].lstrip(': ')}; fix the preprocess function")
+
+
+def _check_some_finite(spec_source: str, n_encoded: int, n_finite: int, seen: dict, where: str) -> None:
+    """All-non-finite is a broken encoder, not bad samples: refuse before writing anything of it."""
+    if n_finite:
+        seen["finite"] = True
+    elif n_encoded and not seen["finite"]:
+        raise SailError(f"encoder {spec_source} returned NaN or inf features for every one of the {n_encoded} "
+                        f"samples it encoded ({where}); check the model's weights, precision (--precision fp32) "
+                        "and preprocessing")
 
 
 def _chunk_batches(chunks: list[int], chunk_size: int, n: int, batch_size: int) -> list[list[int]]:
@@ -302,15 +366,20 @@ def extract(cfg: ExtractConfig, dataset: Dataset | None = None) -> ExtractResult
 
         n_chunks = -(-len(ds) // cfg.chunk_size)
         todo = [c for c in range(n_chunks) if c % world == rank and not _part_path(parts, c).exists()]
+        todo_rows = sum(min(len(ds), (c + 1) * cfg.chunk_size) - c * cfg.chunk_size for c in todo)
         try:
+            _check_room(out, _store_bytes(ds, fields, encoder, cfg.patch_tokens), todo_rows / len(ds))
             if todo:
                 if spec.modality == "image":
                     _extract_images(cfg, ds, encoder, todo, parts, rank, world)
                 else:
                     _extract_texts(cfg, ds, encoder, fields, todo, parts, rank)
-        except BaseException:
+        except BaseException as e:
             if created and not any(parts.glob("part-*.npz")):  # nothing to resume from: leave nothing behind
                 shutil.rmtree(parts, ignore_errors=True)
+            if isinstance(e, KeyboardInterrupt):
+                kept = len(list(parts.glob("part-*.npz"))) if parts.exists() else 0
+                raise ExtractInterrupted(out, kept, n_chunks) from None
             raise
         # The one collective wait: every rank's parts are written. It can last as long as the slowest rank's
         # extraction, hence the long --dist-timeout. After it only rank 0 works (the merge, minutes to hours
@@ -343,40 +412,68 @@ def _extract_images(cfg, ds: Dataset, encoder, todo: list[int], parts: Path, ran
     loader = torch.utils.data.DataLoader(
         _ImageItems(ds.images, encoder.preprocess, cfg.max_pixels, getattr(encoder, "draft_short_side", lambda: None)()),
         batch_sampler=batches, collate_fn=_collate, num_workers=workers, pin_memory=encoder.device.type == "cuda",
-        prefetch_factor=4 if workers else None, persistent_workers=False)
+        prefetch_factor=4 if workers else None, persistent_workers=False, timeout=WORKER_TIMEOUT if workers else 0)
     pending: dict[int, dict] = {}  # chunk -> rows filled so far
-    bar = _progress(sum(len(b) for b in batches), "img", cfg, rank)
-    for rows, ok, pixels, reasons in loader:
-        chunk = rows[0] // cfg.chunk_size
-        lo = chunk * cfg.chunk_size
-        size = min(len(ds), lo + cfg.chunk_size) - lo
-        buf = pending.setdefault(chunk, {"feat": np.zeros((size, encoder.dim), np.float16),
-                                         "valid": np.zeros(size, bool), "reason": [""] * size,
-                                         "done": 0, "patch": None})
-        if pixels is not None:
-            pooled, patches = encoder.encode_pixels(pixels, cfg.patch_tokens)
-            sel = np.array([r - lo for r, k in zip(rows, ok) if k])
-            buf["feat"][sel] = pooled.to(torch.float16).cpu().numpy()  # cast on the device: half the copy
-            buf["valid"][sel] = True
-            if patches is not None:
-                if buf["patch"] is None:
-                    buf["patch"] = np.zeros((size,) + tuple(patches.shape[1:]), np.float16)
-                buf["patch"][sel] = patches.to(torch.float16).cpu().numpy()
-        for r, k, why in zip(rows, ok, reasons):
-            if not k:
-                buf["reason"][r - lo] = why
-        buf["done"] += len(rows)
-        bar.update(len(rows))
-        if buf["done"] == size:
-            arrays = {"feat/image": buf["feat"], "valid/image": buf["valid"], "reason/image": np.array(buf["reason"])}
-            if cfg.patch_tokens:
-                if buf["patch"] is None:  # every image of the chunk failed: keep the shape known
-                    n_patch = _num_patches(encoder)
-                    buf["patch"] = np.zeros((size, n_patch, encoder.hidden), np.float16)
-                arrays["patch/image"] = buf["patch"]
-            _save_part(_part_path(parts, chunk), arrays)
-            del pending[chunk]
-    bar.close()
+    seen = {"finite": len(todo) < -(-len(ds) // cfg.chunk_size)}  # a resumed run already has finite parts
+    with _progress(sum(len(b) for b in batches), "img", cfg, rank) as bar, _worker_deaths(workers):
+        for rows, ok, pixels, reasons in loader:
+            _check_pixels(pixels, rows, ok, ds, encoder)
+            _image_batch(cfg, ds, encoder, pending, seen, parts, rows, ok, pixels, reasons)
+            bar.update(len(rows))
+
+
+def _image_batch(cfg, ds: Dataset, encoder, pending: dict, seen: dict, parts: Path, rows, ok, pixels, reasons) -> None:
+    """A batch's features into its chunk's buffer; a complete chunk is written as a part."""
+    chunk = rows[0] // cfg.chunk_size
+    lo = chunk * cfg.chunk_size
+    size = min(len(ds), lo + cfg.chunk_size) - lo
+    buf = pending.setdefault(chunk, {"feat": np.zeros((size, encoder.dim), np.float16),
+                                     "valid": np.zeros(size, bool), "reason": [""] * size,
+                                     "done": 0, "patch": None, "encoded": 0, "finite": 0})
+    if pixels is not None:
+        pooled, patches = encoder.encode_pixels(pixels, cfg.patch_tokens)
+        sel = np.array([r - lo for r, k in zip(rows, ok) if k])
+        feat, finite, why_not = _screen(pooled)  # cast on the device: half the copy
+        buf["feat"][sel], buf["valid"][sel] = feat, finite
+        buf["encoded"], buf["finite"] = buf["encoded"] + len(sel), buf["finite"] + int(finite.sum())
+        for r, why in zip(sel, why_not):
+            if why:
+                buf["reason"][r] = why
+        if patches is not None:
+            if buf["patch"] is None:
+                buf["patch"] = np.zeros((size,) + tuple(patches.shape[1:]), np.float16)
+            buf["patch"][sel] = patches.to(torch.float16).cpu().numpy()
+    for r, k, why in zip(rows, ok, reasons):
+        if not k:
+            buf["reason"][r - lo] = why
+    buf["done"] += len(rows)
+    if buf["done"] == size:
+        where = f"samples {ds.ids[lo]!r} to {ds.ids[lo + size - 1]!r}"
+        _check_preprocessed_some(encoder.spec.source, buf["reason"], buf["encoded"], seen, where)
+        _check_some_finite(encoder.spec.source, buf["encoded"], buf["finite"], seen, where)
+        arrays = {"feat/image": buf["feat"], "valid/image": buf["valid"], "reason/image": np.array(buf["reason"])}
+        if cfg.patch_tokens:
+            if buf["patch"] is None:  # every image of the chunk failed: keep the shape known
+                n_patch = _num_patches(encoder)
+                buf["patch"] = np.zeros((size, n_patch, encoder.hidden), np.float16)
+            arrays["patch/image"] = buf["patch"]
+        _save_part(_part_path(parts, chunk), arrays)
+        del pending[chunk]
+
+
+WORKER_TIMEOUT = 1800  # seconds without a batch from the workers: a stuck worker, not a slow one
+
+@contextlib.contextmanager
+def _worker_deaths(workers: int):
+    """A decoding worker killed (out of memory, a crashing decoder) is one line, not a traceback or a hang:
+    the DataLoader notices the dead worker and raises; the chunks written so far are kept."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not workers or not ("DataLoader worker" in str(e) or "DataLoader timed out" in str(e)):
+            raise
+        raise SailError(f"an image decoding worker died ({str(e).splitlines()[0][:160]}); often out of memory: "
+                        "rerun the same command with fewer --workers (finished chunks are kept)") from None
 
 
 def _num_patches(encoder) -> int:
@@ -386,23 +483,62 @@ def _num_patches(encoder) -> int:
 
 
 def _extract_texts(cfg, ds: Dataset, encoder, fields: list[str], todo: list[int], parts: Path, rank: int) -> None:
-    bar = _progress(sum(min(len(ds), (c + 1) * cfg.chunk_size) - c * cfg.chunk_size for c in todo) * len(fields),
-                    "text", cfg, rank)
-    for chunk in todo:
-        lo, hi = chunk * cfg.chunk_size, min(len(ds), (chunk + 1) * cfg.chunk_size)
-        arrays = {}
-        for f in fields:
-            texts = ds.captions[f][lo:hi]
-            valid = np.array([bool(t.strip()) for t in texts])
-            feat = np.zeros((hi - lo, encoder.dim), np.float16)
-            if valid.any():
-                feat[valid] = encoder.encode_texts([t for t, v in zip(texts, valid) if v], cfg.batch_size)
-            arrays[f"feat/{f}"] = feat
-            arrays[f"valid/{f}"] = valid
-            arrays[f"reason/{f}"] = np.array(["" if v else "empty caption" for v in valid])
-            bar.update(hi - lo)
-        _save_part(_part_path(parts, chunk), arrays)
-    bar.close()
+    total = sum(min(len(ds), (c + 1) * cfg.chunk_size) - c * cfg.chunk_size for c in todo) * len(fields)
+    seen = {"finite": len(todo) < -(-len(ds) // cfg.chunk_size)}  # a resumed run already has finite parts
+    with _progress(total, "text", cfg, rank) as bar:
+        for chunk in todo:
+            lo, hi = chunk * cfg.chunk_size, min(len(ds), (chunk + 1) * cfg.chunk_size)
+            arrays = {}
+            for f in fields:
+                texts = ds.captions[f][lo:hi]
+                valid = np.array([bool(t.strip()) for t in texts])
+                feat = np.zeros((hi - lo, encoder.dim), np.float16)
+                reason = np.array(["" if v else "empty caption" for v in valid], dtype=object)
+                if valid.any():
+                    encoded = encoder.encode_texts([t for t, v in zip(texts, valid) if v], cfg.batch_size)
+                    half, finite, why_not = _screen(torch.from_numpy(np.asarray(encoded)))
+                    _check_some_finite(encoder.spec.source, len(half), int(finite.sum()), seen,
+                                       f"field {f}, samples {ds.ids[lo]!r} to {ds.ids[hi - 1]!r}")
+                    feat[valid], reason[valid] = half, why_not
+                    valid[valid] = finite
+                arrays[f"feat/{f}"] = feat
+                arrays[f"valid/{f}"] = valid
+                arrays[f"reason/{f}"] = reason.astype(str)
+                bar.update(hi - lo)
+            _save_part(_part_path(parts, chunk), arrays)
+
+
+def _store_bytes(ds: Dataset, fields: list[str], encoder, patch_tokens: bool) -> int:
+    """About what the store will take: float16 features, validity, ids (and patch tokens), plus HDF5's overhead."""
+    n = len(ds)
+    per_row = len(fields) * (2 * encoder.dim + 1) + 64  # 64: an id and a skipped entry, heap entries included
+    if patch_tokens and encoder.modality == "image":
+        try:
+            per_row += 2 * _num_patches(encoder) * encoder.hidden
+        except (AttributeError, TypeError):
+            pass
+    return int(n * per_row * 1.02) + 32 * 1024
+
+
+def _check_room(out: Path, store_bytes: int, parts_share: float) -> None:
+    """Refuse up front what the disk or the file-size limit cannot hold: HDF5 failing mid-write leaves
+    errors it cannot recover from (and can crash the process), so the store is never started without room.
+    Needed: the store, plus the parts still to write (`parts_share` of the store's size)."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft != resource.RLIM_INFINITY and store_bytes > soft:
+        raise SailError(f"{out} will need about {_mb(store_bytes)} but this process may not write files over "
+                        f"{_mb(soft)} (ulimit -f); raise the limit and rerun the same command (finished chunks are kept)")
+    need = store_bytes + int(parts_share * store_bytes)
+    free = shutil.disk_usage(out.parent if out.parent.exists() else Path.cwd()).free
+    if need > free:
+        raise SailError(f"{out} needs about {_mb(need)} free but {out.parent} has {_mb(free)}; free space (or "
+                        "choose another --out) and rerun the same command (finished chunks are kept)")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.0f} KiB"
 
 
 def _merge(out: Path, parts: Path, ds: Dataset, fields: list[str], n_chunks: int, cfg, spec, encoder) -> dict:
@@ -413,6 +549,7 @@ def _merge(out: Path, parts: Path, ds: Dataset, fields: list[str], n_chunks: int
     if cfg.patch_tokens and spec.modality == "image":
         with np.load(_part_path(parts, 0)) as z:
             patch_shapes = {"image": tuple(z["patch/image"].shape[1:])}
+    _check_room(out, _store_bytes(ds, fields, encoder, cfg.patch_tokens), 0.0)  # the disk may have filled since
     writer = StoreWriter(out, ds.ids, {f: encoder.dim for f in fields}, patch_shapes)
     skipped: list[tuple[str, str, str]] = list(ds.skipped)  # what reading the source lost (truncated shards)
     try:

@@ -51,10 +51,16 @@ def resolve_pretrained(name_or_path: str | Path, revision: str | None = None, ca
     except (RepositoryNotFoundError, RevisionNotFoundError) as e:
         raise SailError(local + f"it is not on the Hugging Face Hub "
                         f"({type(e).__name__}); check the path, the id and revision, or log in for a private repo") from None
-    except LocalEntryNotFoundError:
+    except LocalEntryNotFoundError as e:
         where = f"cache {cache_dir}" if cache_dir else "the Hugging Face cache"
-        raise SailError(local + f"it is not in {where} and offline mode is on "
-                        "(HF_HUB_OFFLINE=1); check the path, or download it once online") from None
+        if offline or type(e.__cause__).__name__ == "OfflineModeIsEnabled":
+            raise SailError(local + f"it is not in {where} and offline mode is on "
+                            "(HF_HUB_OFFLINE=1); check the path, or download it once online") from None
+        # not offline: the Hub could not be reached (no network, a proxy, Hub downtime), and no cached copy
+        cause = e.__cause__ or e
+        raise SailError(local + f"the Hub could not be reached ({type(cause).__name__}: "
+                        f"{str(cause).splitlines()[0][:160]}) and it is not in {where}; check your network "
+                        "or proxy, or pass a local directory") from None
     except (HfHubHTTPError, OSError, ValueError) as e:
         raise SailError(local + f"it cannot be fetched ({str(e).splitlines()[0][:160]}); check the path or your network") from None
     return Path(folder)

@@ -121,7 +121,7 @@ class SAILModel(torch.nn.Module):
                         im = load_image(str(im))
                     except ImageError as e:
                         raise SailError(f"cannot embed {im}: {e}") from None
-                pixels.append(self.vision.preprocess(im.convert("RGB")))
+                pixels.append(self.vision.preprocess(as_pil(im).convert("RGB")))
             pooled, _ = self.vision.encode_pixels(torch.stack(pixels))
             out.append(pooled)
         return torch.cat(out) if out else torch.zeros(0, self.heads.config["image_dim"])
@@ -129,14 +129,12 @@ class SAILModel(torch.nn.Module):
     @torch.no_grad()
     def encode_image(self, images: list, batch_size: int = 64) -> torch.Tensor:
         """One image (PIL image or path) or a sequence of them (list, tuple, a Dataset's images column)."""
-        if isinstance(images, (str, Path)) or not isinstance(images, Sequence):
-            images = [images]
+        images = image_list(images)
         return self.heads.encode_image(self.image_features(images, batch_size).to(self.device))
 
     @torch.no_grad()
     def encode_text(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
-        if isinstance(texts, str):
-            texts = [texts]
+        texts = text_list(texts)
         feats = torch.from_numpy(self.text.encode_texts(list(texts), batch_size)) if texts else torch.zeros(0, self.heads.config["text_dim"])
         return self.heads.encode_text(feats.to(self.device))
 
@@ -152,6 +150,63 @@ class SAILModel(torch.nn.Module):
         if self.loss == "info-nce":
             return logits.softmax(dim=-1)
         return torch.sigmoid(logits + self.heads.logit_bias)
+
+
+IMAGE_INPUTS = ("a PIL image, a file path, an H x W x 3 (or H x W) uint8 numpy array, a 3 x H x W tensor "
+                "(uint8, or float in [0, 1]), or a list of those / an N x ... batch of arrays")
+
+
+def image_list(images) -> list:
+    """What encode_image accepts, as a list of single images; anything else is one TypeError saying what it takes."""
+    from PIL import Image
+
+    if isinstance(images, (str, Path, Image.Image)):
+        return [images]
+    if isinstance(images, (np.ndarray, torch.Tensor)):
+        if images.ndim == 4:  # a batch: N x H x W x 3 arrays or N x 3 x H x W tensors
+            return list(images)
+        return [images]
+    if isinstance(images, Sequence) and not isinstance(images, (bytes, bytearray)):
+        return list(images)
+    raise TypeError(f"encode_image takes {IMAGE_INPUTS}; got {type(images).__name__}")
+
+
+def as_pil(im):
+    """One image as PIL: numpy arrays are H x W x C (uint8, or float in [0, 1]); tensors are C x H x W."""
+    from PIL import Image
+
+    if isinstance(im, Image.Image):
+        return im
+    if isinstance(im, torch.Tensor):
+        if im.ndim == 3 and im.shape[0] in (1, 3):
+            im = im.permute(1, 2, 0)  # C x H x W -> H x W x C
+        elif im.ndim != 2:
+            raise TypeError(f"encode_image takes {IMAGE_INPUTS}; got a tensor of shape {tuple(im.shape)}")
+        im = im.detach().cpu().numpy()
+    if not isinstance(im, np.ndarray):
+        raise TypeError(f"encode_image takes {IMAGE_INPUTS}; got {type(im).__name__}")
+    if im.ndim == 3 and im.shape[-1] == 1:
+        im = im[..., 0]
+    if not (im.ndim == 2 or (im.ndim == 3 and im.shape[-1] in (3, 4))):
+        raise TypeError(f"encode_image takes {IMAGE_INPUTS}; got an array of shape {im.shape}")
+    if im.dtype != np.uint8:
+        if not np.issubdtype(im.dtype, np.floating) or im.size and not (0 <= np.nanmin(im) and np.nanmax(im) <= 1):
+            raise TypeError(f"encode_image takes {IMAGE_INPUTS}; got {im.dtype} values outside [0, 1]")
+        im = np.round(np.nan_to_num(im) * 255).astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(im))
+
+
+def text_list(texts) -> list[str]:
+    """A string or a sequence of strings; None, bytes or non-string items are one TypeError."""
+    if isinstance(texts, str):
+        return [texts]
+    if texts is None or isinstance(texts, (bytes, bytearray)) or not isinstance(texts, (Sequence, np.ndarray)):
+        raise TypeError(f"encode_text takes a string or a list of strings; got {type(texts).__name__}")
+    texts = list(texts)
+    bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+    if bad is not None:
+        raise TypeError(f"encode_text takes a string or a list of strings; item {bad} is {type(texts[bad]).__name__}")
+    return texts
 
 
 def project_store(heads: AlignmentHeads, features: np.ndarray, modality: str, batch: int = 8192,

@@ -63,6 +63,12 @@ def is_spec(model: str) -> bool:
     return bool(_SPEC.match(model.strip())) if isinstance(model, str) else False
 
 
+def looks_like_spec(model: str) -> bool:
+    """`module:function...` even if malformed (an unclosed parenthesis, a space): it gets the spec's own
+    error, not "unknown model" advice about aliases and Hugging Face ids."""
+    return isinstance(model, str) and bool(re.match(r"^\s*[A-Za-z_][\w.]*:[A-Za-z_(]", model)) and "://" not in model
+
+
 def parse_spec(spec: str) -> tuple[str, str, dict]:
     """'pkg.mod:fn(a=1, b="x")' -> ('pkg.mod', 'fn', {'a': 1, 'b': 'x'}); literal values only."""
     m = _SPEC.match(spec.strip())
@@ -73,10 +79,12 @@ def parse_spec(spec: str) -> tuple[str, str, dict]:
     if m["args"] and m["args"].strip():
         try:
             call = ast.parse(f"f({m['args']})", mode="eval").body
-            if call.args:
+            if not isinstance(call, ast.Call) or call.args:
                 raise ValueError("positional arguments")
+            if any(kw.arg is None for kw in call.keywords):
+                raise ValueError("**mapping")
             kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
-        except (SyntaxError, ValueError) as e:
+        except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError) as e:
             raise SailError(f"cannot read the arguments of {spec!r} ({e}); use key=value pairs with literal "
                             "values, e.g. pkg.mod:fn(size=128)") from None
     return m["module"], m["function"], kwargs
@@ -91,9 +99,49 @@ def _function(spec: str):
                         "provides it") from None
     except AttributeError:
         raise SailError(f"module {module!r} has no function {name!r} (encoder {spec!r})") from None
+    except Exception as e:  # the module itself fails while importing: the plugin's error, named
+        call_plugin(spec, f"importing {module}", _reraise, e)
     if not callable(fn):
         raise SailError(f"{module}:{name} is not a function")
     return fn, kwargs
+
+
+def _check_keywords(fn, kwargs: dict, spec: str) -> None:
+    """A misspelt keyword names the spec and the keywords the function takes, before anything runs."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # builtins and some C callables have none: let the call decide
+        return
+    params = sig.parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    known = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = [k for k in kwargs if k not in known]
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        takes = f"it takes {', '.join(known)}" if known else "it takes no arguments"
+        raise SailError(f"encoder {spec}: no keyword argument {unknown[0]!r} ({takes}){hint}")
+
+
+def _reraise(e: BaseException):
+    raise e
+
+
+def call_plugin(spec: str, what: str, fn, *args, **kwargs):
+    """The one boundary around user code: an exception raised inside the plugin becomes a SailError that
+    names the spec and the step and carries the plugin's own message; the original stays its __cause__,
+    which the CLI prints with SAIL_DEBUG=1."""
+    try:
+        return fn(*args, **kwargs)
+    except SailError:
+        raise
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else "no message"
+        raise SailError(f"encoder {spec}: {what} raised {type(e).__name__}: {msg} "
+                        "(set SAIL_DEBUG=1 for its traceback)") from e
 
 
 def spec_name(spec: str) -> str:
@@ -155,17 +203,16 @@ class CustomImageEncoder:
         from sail.precision import resolve_precision
 
         self._precision = resolve_precision("auto", device)  # the one inference policy (fp32 on CPU)
-        fn, kwargs = _function(spec.source)
-        self.spec, self.device = spec, device
-        model, self._preprocess = _unpack(fn(**kwargs), spec.source)
-        self.model = model.eval().requires_grad_(False).to(device) if isinstance(model, torch.nn.Module) else model
+        self.spec, self.device, self.dim = spec, device, None
+        model, self._preprocess = _build(spec.source)
+        self.model = _to_device(model, device, spec.source)
         from PIL import Image
 
-        probe = self._preprocess(Image.new("RGB", (32, 32), (128, 128, 128)))
+        probe = call_plugin(spec.source, "preprocess(image)", self._preprocess, Image.new("RGB", (32, 32), (128, 128, 128)))
         if not isinstance(probe, torch.Tensor) or probe.dim() != 3:
-            raise SailError(f"{spec.source}: preprocess(image) must return a (3, H, W) tensor, "
+            raise SailError(f"encoder {spec.source}: preprocess(image) must return a (3, H, W) tensor, "
                             f"got {type(probe).__name__} {tuple(getattr(probe, 'shape', ()))}")
-        self.dim = int(self.encode_pixels(probe[None])[0].shape[1])
+        self.dim = _probe_dim(self.encode_pixels(probe[None])[0], spec.source)
         self.input_shape = tuple(probe.shape)
         self.hidden = self.dim
 
@@ -184,8 +231,8 @@ class CustomImageEncoder:
         if patch_tokens:
             raise SailError(f"{self.spec.source} is a custom encoder: --patch-tokens needs a Hugging Face ViT")
         with self._precision.autocast():
-            out = self.model(pixels.to(self.device))
-        return _as_features(out, self.spec.source, len(pixels)), None
+            out = call_plugin(self.spec.source, "model(pixels)", self.model, pixels.to(self.device))
+        return _as_features(out, self.spec.source, len(pixels), self.dim), None
 
 
 class CustomTextEncoder:
@@ -196,11 +243,10 @@ class CustomTextEncoder:
         from sail.precision import resolve_precision
 
         self._precision = resolve_precision("auto", device)  # the one inference policy (fp32 on CPU)
-        fn, kwargs = _function(spec.source)
-        self.spec, self.device, self.max_length = spec, device, max_length
-        model, self._tokenize = _unpack(fn(**kwargs), spec.source)
-        self.model = model.eval().requires_grad_(False).to(device) if isinstance(model, torch.nn.Module) else model
-        self.dim = int(self.encode_texts(["a probe"]).shape[1])
+        self.spec, self.device, self.max_length, self.dim = spec, device, max_length, None
+        model, self._tokenize = _build(spec.source)
+        self.model = _to_device(model, device, spec.source)
+        self.dim = _probe_dim(torch.from_numpy(self.encode_texts(["a probe"])), spec.source)
 
     @property
     def preprocessing(self) -> dict:
@@ -210,14 +256,16 @@ class CustomTextEncoder:
     def encode_texts(self, texts: list[str], batch_size: int = 256) -> np.ndarray:
         out = []
         for i in range(0, len(texts), batch_size):
-            tokens = self._tokenize(list(texts[i:i + batch_size]))
+            tokens = call_plugin(self.spec.source, "preprocess(texts)", self._tokenize, list(texts[i:i + batch_size]))
             with self._precision.autocast():
                 if isinstance(tokens, dict):
-                    feats = self.model(**{k: v.to(self.device) for k, v in tokens.items()})
+                    tokens = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in tokens.items()}
+                    feats = call_plugin(self.spec.source, "model(**tokens)", lambda t=tokens: self.model(**t))
                 else:
-                    feats = self.model(tokens.to(self.device) if isinstance(tokens, torch.Tensor) else tokens)
-            out.append(_as_features(feats, self.spec.source, len(texts[i:i + batch_size])).cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, getattr(self, "dim", 0)), np.float32)
+                    tokens = tokens.to(self.device) if isinstance(tokens, torch.Tensor) else tokens
+                    feats = call_plugin(self.spec.source, "model(tokens)", self.model, tokens)
+            out.append(_as_features(feats, self.spec.source, len(texts[i:i + batch_size]), self.dim).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.dim or 0), np.float32)
 
 
 def _unpack(result, source: str):
@@ -226,13 +274,42 @@ def _unpack(result, source: str):
     return result
 
 
-def _as_features(out, source: str, n: int) -> torch.Tensor:
-    if isinstance(out, (tuple, list)):
+def _build(source: str):
+    """Call the encoder function with the spec's keywords: (model, preprocess), checked."""
+    fn, kwargs = _function(source)
+    _check_keywords(fn, kwargs, source)
+    return _unpack(call_plugin(source, "building the encoder", fn, **kwargs), source)
+
+
+def _to_device(model, device: torch.device, source: str):
+    if not isinstance(model, torch.nn.Module):
+        return model
+    return call_plugin(source, "moving the model to the device", lambda: model.eval().requires_grad_(False).to(device))
+
+
+def _as_features(out, source: str, n: int, dim: int | None = None) -> torch.Tensor:
+    """The model's output checked at the boundary: (n, D) floating point, D the same for every batch.
+    Non-finite values pass through: extract counts those rows as skipped where they enter the store."""
+    if isinstance(out, (tuple, list)) and out:
         out = out[0]
+    shape = tuple(getattr(out, "shape", ()))
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or len(out) != n:
-        raise SailError(f"{source}: the model must return pooled features (B, D); got "
-                        f"{type(out).__name__} {tuple(getattr(out, 'shape', ()))}")
+        raise SailError(f"encoder {source}: the model must return pooled features (B, D) with one row per input "
+                        f"(B = {n}); got {type(out).__name__} {shape}")
+    if not out.is_floating_point():
+        raise SailError(f"encoder {source}: the model returned {out.dtype} features; they must be floating point")
+    if dim is not None and out.shape[1] != dim:
+        raise SailError(f"encoder {source}: the model returned {out.shape[1]}-d features for this batch but {dim}-d "
+                        "for the first; it must give the same D for every batch")
     return out.float()
+
+
+def _probe_dim(features: torch.Tensor, source: str) -> int:
+    """D from the probe input; an encoder whose probe features are not finite is broken, not unlucky."""
+    if not torch.isfinite(features).all():
+        raise SailError(f"encoder {source}: the model returned NaN or infinite features for a plain probe input; "
+                        "check its weights and preprocessing")
+    return int(features.shape[1])
 
 
 def load_custom(spec, device: torch.device, max_length: int | None = None):
