@@ -14,8 +14,10 @@ import os
 import torch
 
 
-def init_distributed(timeout: datetime.timedelta | None = None) -> tuple[int, int]:
-    """(rank, world) under torchrun, initialising the process group once (nccl on GPU, gloo on CPU).
+def init_distributed(timeout: datetime.timedelta | None = None, device: torch.device | str | None = None
+                     ) -> tuple[int, int]:
+    """(rank, world) under torchrun, initialising the process group once: nccl for a CUDA `device`, gloo for
+    any other (None: CUDA when it is available), so `--device cpu` on a GPU host runs on gloo.
 
     timeout: how long a collective (a barrier) may wait; None keeps torch's default (10 min for NCCL).
     """
@@ -26,8 +28,15 @@ def init_distributed(timeout: datetime.timedelta | None = None) -> tuple[int, in
 
     if not dist.is_initialized():
         kwargs = {"timeout": timeout} if timeout is not None else {}
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", **kwargs)
+        dist.init_process_group(backend_for(device), **kwargs)
     return dist.get_rank(), dist.get_world_size()
+
+
+def backend_for(device: torch.device | str | None) -> str:
+    """nccl for a CUDA device, gloo otherwise; None means CUDA when it is available."""
+    if device is None:
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
 def current() -> tuple[int, int]:
@@ -76,8 +85,9 @@ def setup(device: str = "auto") -> tuple[int, int, torch.device]:
     under torchrun on GPUs; `device` "auto" | "cpu" | "cuda" ... as sail.encoders.pick_device reads it)."""
     from sail.encoders import pick_device
 
-    rank, world = init_distributed()
-    return rank, world, local_device(pick_device(device), rank, world)
+    chosen = pick_device(device)
+    rank, world = init_distributed(device=chosen)
+    return rank, world, local_device(chosen, rank, world)
 
 
 def cleanup() -> None:
