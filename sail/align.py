@@ -431,7 +431,8 @@ def align(cfg: AlignConfig, resume: bool = False) -> AlignResult:
                 state=lambda step: {"epoch": step // steps_per_epoch},
                 must_log=lambda step: val_image is not None and step % cfg.eval_every == 0)
     try:
-        step = train_loop(loop, _endless(batches, start, steps_per_epoch), step_fn, on_log, stop)
+        with prec.scope():  # TF32 as the precision wants, for this run only
+            step = train_loop(loop, _endless(batches, start, steps_per_epoch), step_fn, on_log, stop)
     finally:
         stop.restore()
         bar.close()

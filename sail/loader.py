@@ -227,6 +227,17 @@ class _Scratch:
         self.arrays: dict[str, np.ndarray] = {}
         self.maps: dict[str, MappedField | None] = {}  # by the key of _read_source
 
+    def close(self) -> None:
+        """Close the mapped store files (and the mappings, unless an array still views them: then the
+        mapping goes with that array)."""
+        for m in self.maps.values():
+            if m is not None:
+                m.file.close()
+                m.rows = None
+                with contextlib.suppress(BufferError):
+                    m.mm.close()
+        self.maps.clear()
+
     def get(self, key: str, rows: int, dim: int) -> np.ndarray:
         a = self.arrays.get(key)
         if a is None or a.shape[0] < rows or a.shape[1] != dim:
@@ -377,6 +388,8 @@ class StreamingBatches:
                         return
         except BaseException as e:  # surface reader errors in the training loop
             put((None, None, e))
+        finally:
+            scratch.close()
 
     # ---- the consumer
     def epoch(self, epoch: int, start_step: int = 0):

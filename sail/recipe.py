@@ -143,7 +143,8 @@ def train_towers(run: Run, towers, optimizer, scheduler, ds, columns: list[str],
     stop = StopRequest()
     towers.train()
     try:
-        train_loop(loop, items(), step_fn, on_log, stop)
+        with run.precision.scope():  # TF32 as the precision wants, for this run only
+            train_loop(loop, items(), step_fn, on_log, stop)
     finally:
         stop.restore()
         bar.close()
