@@ -217,3 +217,11 @@ def test_ctrl_c_on_one_of_two_gloo_ranks_stops_both_at_the_same_step_and_resumes
     b = load_file(str(load_checkpoint(tmp_path / "cut").path / "model.safetensors"))
     assert load_checkpoint(tmp_path / "cut").step == total
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_process_group_backend_follows_the_device_asked_for():
+    from sail.distributed import backend_for
+
+    assert backend_for("cpu") == "gloo" and backend_for(torch.device("cuda", 1)) == "nccl"
+    assert backend_for("cuda") == "nccl"  # even where this machine has no GPU: the choice is the device's
+    assert backend_for(None) == ("nccl" if torch.cuda.is_available() else "gloo")

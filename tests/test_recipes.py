@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -382,3 +383,45 @@ def test_a_manifest_in_another_encoding(tmp_path, capsys):
     _main("alip")(_argv("alip", tmp_path / "u", steps=3, data=tmp_path / "u.csv"))
     _main("alip")(_argv("alip", tmp_path / "l", steps=3, data=tmp_path / "l.csv", encoding="latin-1"))
     assert [r["loss"] for r in _train_records(tmp_path / "l")] == [r["loss"] for r in _train_records(tmp_path / "u")]
+
+
+# ---------------------------------------------------------------------------------------------- hopeless runs end
+
+
+def test_a_batch_that_can_never_be_usable_is_one_error_line_at_once(tmp_path, capsys):
+    from sail.cli import main
+
+    start = time.time()
+    rc = main(["recipe", "alip", *_argv("alip", tmp_path / "run", batch_size=1, steps=4)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == ["error: --batch-size 1 is too small: a contrastive batch needs at least 2 pairs per "
+                               "process (2 for 1 process)"]
+    assert time.time() - start < 30 and not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_a_wrong_image_root_ends_in_one_error_naming_the_images(tmp_path):
+    from sail.data import open_dataset
+
+    ds = open_dataset("sample", columns=["caption", "long_caption"])
+    manifest = tmp_path / "data.csv"
+    with open(manifest, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "image", "caption", "long_caption"])
+        for i in range(64):  # the images exist, but not under the root the manifest names
+            writer.writerow([ds.ids[i], str(tmp_path / "elsewhere" / f"{i}.png"), ds.captions["caption"][i],
+                             ds.captions["long_caption"][i]])
+    start = time.time()
+    with pytest.raises(SailError, match=r"^no usable batch in 10 tries: the images of whole batches failed to load "
+                                        r"\(last: missing file\); check the image paths"):
+        _main("alip")(_argv("alip", tmp_path / "run", steps=4, data=manifest, holdout=0.0, batch_size=8))
+    assert time.time() - start < 60
+
+
+@pytest.mark.parametrize("value, expected", [("5.7", None), ("6.0", 6), ("7", 7)])
+def test_step_counts_refuse_fractions(value, expected):
+    if expected is None:
+        with pytest.raises(SailError, match=r"--steps needs a whole number, got '5.7'"):
+            load_config(["--config", "alip-tiny", "--steps", value])
+    else:
+        steps = load_config(["--config", "alip-tiny", "--steps", value])["steps"]
+        assert steps == expected and isinstance(steps, int)
