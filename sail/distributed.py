@@ -2,7 +2,7 @@
 
     rank, world = init_distributed()   # (0, 1) outside torchrun
     device = local_device(pick_device("auto"), rank, world)   # or both at once: rank, world, device = setup("auto")
-    model = wrap_ddp(towers, device)   # towers itself in one process; BatchNorm -> SyncBatchNorm on GPUs
+    sync_batchnorm(towers, device)   # BatchNorm -> SyncBatchNorm under torchrun on GPUs
     barrier(world)
 """
 
@@ -64,20 +64,16 @@ def local_device(device: torch.device, rank: int, world: int) -> torch.device:
     return device
 
 
-def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """DistributedDataParallel around `module` under torch.distributed, else `module` itself.
-
-    On GPUs, `module`'s BatchNorm layers are first converted in place to SyncBatchNorm, so batch statistics
-    are those of the global batch (ALIGN's EfficientNet) and W processes train like one. torch's
+def sync_batchnorm(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Under torch.distributed on GPUs, `module`'s BatchNorm layers become SyncBatchNorm in place, so batch
+    statistics are those of the global batch (ALIGN's EfficientNet) and W processes train like one. torch's
     SyncBatchNorm runs on GPUs only: on CPU (gloo) each rank keeps its own batch statistics, as one process
-    does per micro-batch with accum_steps (sail.gradcache)."""
-    if current()[1] == 1:
-        return module
-    if device.type == "cuda":
+    does per micro-batch with accum_steps (sail.step.contrastive_backward). Gradients are averaged by
+    sail.step.all_reduce_gradients (no DDP wrapper: one gradient sync for heads and towers)."""
+    if current()[1] > 1 and device.type == "cuda":
         converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
         assert converted is module, "convert_sync_batchnorm swaps children in place unless the root is a BatchNorm"
-    ids = [device.index] if device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
+    return module
 
 
 def setup(device: str = "auto") -> tuple[int, int, torch.device]:

@@ -8,7 +8,7 @@ training loop (step, logging, checkpoints, evaluation hooks), the zero-shot chec
 A recipe builds its towers, optimizer, schedule and loss_fn(x, y, scale) -> (loss, {name: scalar tensor}) (scale: the temperature t) and
 hands them to train_towers, which runs them through sail.engine.train_loop, the loop `sail align` runs too
 (finite-loss guard, "no usable batch in N tries" error, Ctrl-C agreed by all ranks and checkpointed, one save):
-  batch (sail.recipe_data) -> tokenize the text columns -> sail.gradcache.contrastive_backward (accum_steps
+  batch (sail.recipe_data) -> tokenize the text columns -> sail.step.contrastive_backward (accum_steps
   micro-batches, whole-batch negatives) -> grad clip -> optimizer / scheduler step -> towers.clamp_() ->
   one host sync for the step's logged scalars -> metrics.jsonl (sail.runlog) -> every eval_every steps the
   before_eval hook (ALIGN: BatchNorm recalibration, on every rank) and a zero-shot check on held-out rows
@@ -103,7 +103,10 @@ def train_towers(run: Run, towers, optimizer, scheduler, ds, columns: list[str],
     train_rows, held_rows = split_indices(ds.ids, cfg["holdout"])
     step, position = _resume(run, towers, optimizer, scheduler, extra_modules)
     log = MetricsLog(out / "metrics.jsonl", resume_step=step if step else None, enabled=run.rank == 0)
-    model = distributed.wrap_ddp(towers, device)  # towers itself when there is one process
+    from sail.step import broadcast_parameters
+
+    model = distributed.sync_batchnorm(towers, device)  # gradients averaged in the step (sail.step)
+    broadcast_parameters(towers)  # every rank starts from rank 0's weights
     data = PairData(ds.images, [ds.captions[c] for c in columns], towers.preprocessing, seed=cfg["seed"])
     batches = iterate_batches(data, train_rows, cfg["batch_size"], cfg["seed"], position, workers=cfg["workers"],
                               pin_memory=device.type == "cuda")
@@ -192,7 +195,7 @@ def _resume(run: Run, towers, optimizer, scheduler, extra_modules: dict) -> tupl
 def _train_step(run: Run, model, towers, optimizer, scheduler, loss_fn, pixels, texts) -> tuple[torch.Tensor, list]:
     """One optimizer step: (the logged scalars stacked on the device, their names); loss first, read by the
     engine's finite check and at log points with ONE host sync."""
-    from sail.gradcache import contrastive_backward
+    from sail.step import contrastive_backward
 
     cfg, device = run.cfg, run.device
     tokens = towers.tokenize([text for column in texts for text in column])  # columns stacked: (C*B, L)
