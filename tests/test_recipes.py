@@ -425,3 +425,25 @@ def test_step_counts_refuse_fractions(value, expected):
     else:
         steps = load_config(["--config", "alip-tiny", "--steps", value])["steps"]
         assert steps == expected and isinstance(steps, int)
+
+
+def test_ctrl_c_checkpoints_the_step_and_prints_the_command_that_resumes(tmp_path, capsys, monkeypatch):
+    import sail.engine as E
+    from sail.checkpoint import load_checkpoint
+    from sail.cli import main
+
+    class StopBeforeStep3(E.StopRequest):
+        calls = 0
+
+        def check(self):
+            StopBeforeStep3.calls += 1
+            if StopBeforeStep3.calls > 2:
+                raise E.GracefulStop
+
+    monkeypatch.setattr(E, "StopRequest", StopBeforeStep3)
+    out = tmp_path / "run"
+    rc = main(["recipe", "alip", *_argv("alip", out, steps=6, checkpoint_every=100)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 130 and err[0].startswith(f"interrupted at step 2 of {out}; the last checkpoint is step 2")
+    assert err[-1].strip().startswith("sail recipe alip --config alip-tiny") and err[-1].endswith("--resume")
+    assert load_checkpoint(out).step == 2 and not (out / "model.safetensors").exists()
