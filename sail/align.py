@@ -24,8 +24,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,10 +31,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sail.artifacts import Lock, read_json, write_json
-from sail.checkpoint import check_resume, load_checkpoint, save_checkpoint
-from sail.distributed import init_distributed, local_device
-from sail.encoders import pick_device
+from sail.artifacts import read_json, write_json
+from sail.checkpoint import check_resume
+from sail.distributed import setup
+from sail.engine import GracefulStop, Interrupted, Loop, StopRequest, restore, train_loop
 from sail.errors import SailError
 from sail.heads import AlignmentHeads
 from sail.loader import MemoryBatches, PairedFeatures, StreamingBatches
@@ -44,7 +42,7 @@ from sail.optim import build_optimizer, cosine_with_warmup
 from sail.precision import Precision, resolve_precision
 from sail.runlog import MetricsLog, plot_curves
 from sail.stability import GradientBalance
-from sail.step import auto_chunk_size, broadcast_parameters, train_step
+from sail.step import auto_chunk_size, broadcast_parameters, free_memory, train_step
 from sail.store import FeatureStore
 
 LOSSES = ("sigmoid", "multi-positive", "info-nce")
@@ -142,46 +140,10 @@ class AlignResult:
         return "\n".join([f"run {self.run_dir} ({self.steps} steps)"] + [f"  {k:<{w}}  {v}" for k, v in rows])
 
 
-class AlignInterrupted(KeyboardInterrupt):
-    """Ctrl-C during `sail align`: where the run stopped and the step a resume starts from."""
-
-    def __init__(self, run_dir: Path, step: int, checkpoint_step: int | None):
-        super().__init__(f"interrupted at step {step}")
-        self.run_dir, self.step, self.checkpoint_step = run_dir, step, checkpoint_step
-
-
-class _GracefulStop(KeyboardInterrupt):
-    pass
-
-
-class _StopRequest:
-    """The first Ctrl-C asks the loop to stop after the step in flight (weights, optimizer and step count
-    stay consistent, so a checkpoint can be written); a second one interrupts at once."""
-
-    def __init__(self):
-        import signal
-        import threading
-
-        self.requested, self._previous = False, None
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nstopping after this step (Ctrl-C again to stop at once)", flush=True)
-
-    def check(self) -> None:
-        if self.requested:
-            raise _GracefulStop
-
-    def restore(self) -> None:
-        if self._previous is not None:
-            import signal
-
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+# Ctrl-C: where the run stopped and the step a resume starts from (sail.engine's, under align's old names)
+AlignInterrupted = Interrupted
+_GracefulStop = GracefulStop
+_StopRequest = StopRequest
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -219,27 +181,6 @@ def _check_loss_impl(cfg: AlignConfig, device: torch.device) -> None:
     if cfg.loss == "info-nce" and cfg.loss_impl == "triton":
         raise SailError("--loss-impl triton is for the sigmoid and multi-positive losses; info-nce runs in torch")
     losses.check_impl(cfg.loss_impl, device)
-
-
-def _track_nonfinite(bad: torch.Tensor, loss: torch.Tensor, step: int) -> None:
-    """Remember, on the device, the first step whose loss was not finite and that loss (no host sync)."""
-    first = (bad[0] == 0) & ~torch.isfinite(loss)
-    bad.copy_(torch.where(first, torch.stack([torch.full_like(bad[0], step), loss.to(bad.dtype)]), bad))
-
-
-def _check_finite(bad: torch.Tensor, heads: AlignmentHeads, run: Path, weights: bool) -> None:
-    """At a log point: stop on a non-finite loss (and, before a checkpoint, on non-finite weights), naming
-    the last good checkpoint."""
-    step, value = bad.tolist()
-    what = f"loss became {value} at step {int(step)}" if step else None
-    if what is None and weights:
-        finite = torch.stack([torch.isfinite(p).all() for p in heads.parameters()]).all()
-        what = None if bool(finite) else "the weights became non-finite"
-    if what is None:
-        return
-    good = load_checkpoint(run)
-    where = f"the last good checkpoint is {good.path} (step {good.step})" if good else "no checkpoint was written yet"
-    raise SailError(f"{what}; {where}; try a lower --lr or a larger --batch/temperature")
 
 
 @torch.no_grad()
@@ -402,8 +343,7 @@ def _prepare_data(cfg: AlignConfig, run: Path, saved: dict | None, say, rank: in
 def align(cfg: AlignConfig, resume: bool = False) -> AlignResult:
     """Train heads on the stores in `cfg` into cfg.out (the module doc); `resume` continues a run there."""
     cfg.validate()
-    rank, world = init_distributed()
-    device = local_device(pick_device(cfg.device), rank, world)
+    rank, world, device = setup(cfg.device)  # the process group's backend follows the device asked for
     prec = resolve_precision(cfg.precision, device)
     _check_loss_impl(cfg, device)
     if cfg.batch % world:
@@ -441,84 +381,77 @@ def align(cfg: AlignConfig, resume: bool = False) -> AlignResult:
         f"{cfg.head} heads ({heads.num_parameters() / 1e6:.2f}M params), loss {cfg.loss}, "
         f"features {'on ' + device.type if mode == 'memory' else 'streamed'}")
 
-    # ---- loop. Nothing in a step waits for the device: the step's statistics accumulate on the device and
-    # are read every --log-every steps (and at validation and checkpoint steps), where a non-finite loss
-    # also stops the run; so up to --log-every steps may pass after a NaN before the run stops.
+    # ---- the loop is sail.engine's (guards, log points, agreed Ctrl-C, checkpoints). Nothing in a step waits
+    # for the device: its statistics accumulate on the device and are read at log points, where a non-finite
+    # loss also stops the run; so up to --log-every steps may pass after a NaN before the run stops.
     bar = tqdm(total=total, initial=start, disable=not cfg.progress or rank != 0, unit="step", dynamic_ncols=True)
     balance = GradientBalance(batch, cfg.loss)  # warns once if negatives swamp positives; probed at log points
-    step, last = start, {}
+    last, probed, latest = {}, {}, []
     stop = _StopRequest()
     loss_fn = functools.partial(_loss, cfg)
     # chunk size fixed once per run: querying free memory inside the step could wait for the device
     chunk = cfg.chunk_size or auto_chunk_size(heads, batch // world, device)
     acc = torch.zeros(5, device=device)  # sums since the last log of [loss, t, b, pos cosine, neg cosine]
-    bad = torch.zeros(2, dtype=torch.float64, device=device)  # [first step with a non-finite loss (0: none), loss]
-    since, tick = 0, time.perf_counter()
+
+    def step_fn(item, step: int) -> torch.Tensor:
+        image, texts = item
+        probed.clear()
+        probe = None
+        if rank == 0 and balance.enabled and ((step + 1) % cfg.log_every == 0 or step + 1 == total):
+            def probe(x, y, scale, bias, at=step + 1):  # positives' share of the gradient, at log points
+                probed.update(balance(x, y, float(scale), float(bias), at))
+        opt.zero_grad(set_to_none=True)
+        stats = train_step(heads, image, texts, loss_fn, precision=prec, chunk_size=chunk,
+                           scaler=scaler if scaler.is_enabled() else None, probe=probe)
+        if scaler.is_enabled():
+            scaler.step(opt)  # unscales; skips the step when a gradient overflowed
+            scaler.update()
+        else:
+            opt.step()
+        sched.step()
+        heads.clamp_()
+        acc.add_(stats)
+        latest[:] = [stats]
+        return stats
+
+    def on_log(step: int, since: int, seconds: float, checkpoint: bool) -> None:
+        sums = acc.tolist()  # the host sync, once per log interval
+        row = _log_row(step, sums, since, latest[0], cfg.loss, opt.param_groups[0]["lr"], batch * since / seconds)
+        row.update(probed)
+        acc.zero_()
+        if rank == 0 and val_image is not None and (step % cfg.eval_every == 0 or step == total):
+            row.update(_validate(heads, val_image, val_texts[0], device, prec))
+        last.update(row)
+        log.log(row)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", t=f"{row['t']:.1f}", b=f"{row['b']:.2f}",
+                        pairs_s=f"{row['pairs_per_s']:.0f}", refresh=False)
+
+    loop = Loop(run, heads, opt, sched, total, start, scaler=scaler, log_every=cfg.log_every,
+                checkpoint_every=cfg.checkpoint_every, world=world, bar=bar,
+                hint="try a lower --lr or a larger --batch/temperature",
+                state=lambda step: {"epoch": step // steps_per_epoch},
+                must_log=lambda step: val_image is not None and step % cfg.eval_every == 0)
     try:
-        while step < total:
-            epoch, offset = divmod(step, steps_per_epoch)
-            for image, texts in batches.epoch(epoch, offset):
-                if step >= total:
-                    break
-                stop.check()  # a first Ctrl-C stops here, between steps
-                log_next = (step + 1) % cfg.log_every == 0 or step + 1 == total
-                probed = {}
-                probe = None
-                if rank == 0 and balance.enabled and log_next:  # positives' share of the gradient, at log points
-                    def probe(x, y, scale, bias, at=step + 1):
-                        probed.update(balance(x, y, float(scale), float(bias), at))
-                opt.zero_grad(set_to_none=True)
-                stats = train_step(heads, image, texts, loss_fn, precision=prec, chunk_size=chunk,
-                                   scaler=scaler if scaler.is_enabled() else None, probe=probe)
-                if scaler.is_enabled():
-                    scaler.step(opt)  # unscales; skips the step when a gradient overflowed
-                    scaler.update()
-                else:
-                    opt.step()
-                sched.step()
-                heads.clamp_()
-                step += 1
-                since += 1
-                acc += stats
-                _track_nonfinite(bad, stats[0], step)
-                validate = rank == 0 and val_image is not None and (step % cfg.eval_every == 0 or step == total)
-                checkpoint = step % cfg.checkpoint_every == 0 and step < total
-                bar.update(1)
-                if not (step % cfg.log_every == 0 or step == total or validate or checkpoint):
-                    continue
-                sums = acc.tolist()  # the host sync, once per log interval
-                _check_finite(bad, heads, run, checkpoint)
-                now = time.perf_counter()
-                row = _log_row(step, sums, since, stats, cfg.loss, opt.param_groups[0]["lr"], batch * since / (now - tick))
-                row.update(probed)
-                acc.zero_()
-                since, tick = 0, now
-                if validate:
-                    row.update(_validate(heads, val_image, val_texts[0], device, prec))
-                last.update(row)
-                log.log(row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", t=f"{row['t']:.1f}", b=f"{row['b']:.2f}",
-                                pairs_s=f"{row['pairs_per_s']:.0f}", refresh=False)
-                if checkpoint and rank == 0:
-                    state = {"epoch": epoch, **({"grad_scaler": scaler.state_dict()} if scaler.is_enabled() else {})}
-                    save_checkpoint(run, step, heads, opt, sched, state)
-                if world > 1 and checkpoint:
-                    torch.distributed.barrier()
-                tick = time.perf_counter()  # validation and checkpoints do not count against pairs/s
-    except KeyboardInterrupt as e:
-        bar.close()
-        # a graceful stop checkpoints the steps since the last checkpoint, unless a NaN/Inf loss reached the weights
-        graceful = isinstance(e, _GracefulStop) and rank == 0 and step > start and not bad[0].item()
-        raise _interrupted(run, step, graceful, heads, opt, sched, steps_per_epoch) from None
+        with prec.scope():  # TF32 as the precision wants, for this run only
+            step = train_loop(loop, _endless(batches, start, steps_per_epoch), step_fn, on_log, stop)
     finally:
         stop.restore()
         bar.close()
         batches.close()
-
     if rank == 0:
-        _check_finite(bad, heads, run, True)  # the last steps since the last log point, before saving
-        return _finish(run, step, heads, opt, sched, steps_per_epoch, extra, cfg.loss, last)
+        return _finish(run, step, heads, extra, cfg.loss, last)
     return AlignResult(run, step, {})
+
+
+def _endless(batches: MemoryBatches | StreamingBatches, start: int, steps_per_epoch: int):
+    """(image, texts) batches from step `start` on, epoch after epoch (an epoch may yield fewer than
+    steps_per_epoch batches: the next one then starts where the step count says)."""
+    step = start
+    while True:
+        epoch, offset = divmod(step, steps_per_epoch)
+        for item in batches.epoch(epoch, offset):
+            step += 1
+            yield item
 
 
 def _write_settings(run: Path, cfg: AlignConfig, data: _Data, mode: str) -> None:
@@ -559,9 +492,7 @@ def _build_heads(cfg: AlignConfig, data: _Data, total: int, device: torch.device
     scaler = prec.grad_scaler()  # dynamic loss scaling for fp16, a pass-through otherwise
     if ck is None:
         return heads, opt, sched, scaler, 0
-    ck.restore(heads, opt, sched)
-    if scaler.is_enabled() and "grad_scaler" in ck.state:
-        scaler.load_state_dict(ck.state["grad_scaler"])
+    restore(ck, heads, opt, sched, scaler)
     return heads, opt, sched, scaler, ck.step
 
 
@@ -574,22 +505,11 @@ def _log_row(step: int, sums: list[float], since: int, stats: torch.Tensor, loss
             "pos_logit": scale * sums[3] / since + bias, "neg_logit": scale * sums[4] / since + bias}
 
 
-def _interrupted(run: Path, step: int, graceful: bool, heads, opt, sched, steps_per_epoch: int) -> AlignInterrupted:
-    """The AlignInterrupted to raise after Ctrl-C; a graceful stop first checkpoints a step not yet saved."""
-    ck = load_checkpoint(run)
-    if graceful and (ck is None or ck.step < step):
-        save_checkpoint(run, step, heads, opt, sched, {"epoch": step // steps_per_epoch})
-        ck = load_checkpoint(run)
-    return AlignInterrupted(run, step, ck.step if ck else None)
-
-
-def _finish(run: Path, step: int, heads, opt, sched, steps_per_epoch: int, extra: dict, loss: str,
-            last: dict) -> AlignResult:
-    """Rank 0 after the last step: the model, a final checkpoint, curves and summary.json."""
+def _finish(run: Path, step: int, heads, extra: dict, loss: str, last: dict) -> AlignResult:
+    """Rank 0 after the last step (its checkpoint is written): the model, curves and summary.json."""
     heads.save_pretrained(run, extra_config=extra, metadata={
         "image_model": str(extra["image_encoder"]["model_id"]), "text_model": str(extra["text_encoder"]["model_id"]),
         "loss": loss})
-    save_checkpoint(run, step, heads, opt, sched, {"epoch": step // max(1, steps_per_epoch)})
     plot_curves(run / "metrics.jsonl", run / "curves.png")
     metrics = {k: v for k, v in last.items() if k not in ("step",)}
     write_json(run / "summary.json", {"steps": step, **metrics}, indent=1)
@@ -600,8 +520,4 @@ def _fits(nbytes: int, device: torch.device) -> bool:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return nbytes < 0.6 * free
-    try:
-        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return True
-    return nbytes < 0.5 * avail
+    return nbytes < 0.5 * free_memory(device)  # MemAvailable, as the chunk size reads it

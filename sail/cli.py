@@ -487,9 +487,13 @@ def recipe(ctx: typer.Context, name: str = typer.Argument(..., help="alip or ali
     Shipped configs: alip-tiny, alip-vit-b32, alip-vit-b16, align-tiny, align-efficientnet-b7. The same
     command with --resume continues the run in --out from its newest checkpoint.
     """
+    from sail.engine import Interrupted
     from sail.recipe import run_recipe
 
-    run_recipe(name, list(ctx.args))
+    try:
+        run_recipe(name, list(ctx.args))
+    except Interrupted as e:  # the engine's Ctrl-C: where the run stands and the command that resumes it
+        _interrupted(e)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

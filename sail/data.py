@@ -14,11 +14,13 @@ labels) plus a name and a content hash used to tie a feature store to the data i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
 import tarfile
+import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -74,6 +76,28 @@ DEFAULT_MAX_PIXELS = 100_000_000  # larger images are skipped ("too large"), lik
 BACKGROUND = (255, 255, 255)  # what transparent pixels are composited on
 
 
+_PIL_LIFT = {"lock": threading.Lock(), "users": 0, "saved": None}
+
+
+@contextlib.contextmanager
+def _pil_limit_lifted():
+    """PIL's MAX_IMAGE_PIXELS off while any load in this process needs it off (threads overlap: counted),
+    restored by the last one out."""
+    state = _PIL_LIFT
+    with state["lock"]:
+        if state["users"] == 0:
+            state["saved"] = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = None
+        state["users"] += 1
+    try:
+        yield
+    finally:
+        with state["lock"]:
+            state["users"] -= 1
+            if state["users"] == 0:
+                Image.MAX_IMAGE_PIXELS = state["saved"]
+
+
 def load_image(ref: str | os.PathLike | None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                draft: int | None = None) -> Image.Image:
     """Decode one image fully (so truncated files fail here, not later) and return it as RGB.
@@ -98,10 +122,10 @@ def load_image(ref: str | os.PathLike | None, max_pixels: int | None = DEFAULT_M
             with open(ref, "rb") as f:  # read whole: PIL would keep the file open after a failed decode
                 data = f.read()
         source = io.BytesIO(data)
-        if Image.MAX_IMAGE_PIXELS and (not max_pixels or max_pixels >= 2 * Image.MAX_IMAGE_PIXELS):
-            # PIL's own process-wide guard (an error above twice its limit) would refuse what the caller allows
-            Image.MAX_IMAGE_PIXELS = max_pixels or None
-        with warnings.catch_warnings():
+        # PIL's own guard (an error above twice its limit) would refuse what the caller allows: lifted while
+        # this image decodes, then put back (PIL's limit is process-wide: not ours to change for good)
+        lift = Image.MAX_IMAGE_PIXELS and (not max_pixels or max_pixels >= 2 * Image.MAX_IMAGE_PIXELS)
+        with _pil_limit_lifted() if lift else contextlib.nullcontext(), warnings.catch_warnings():
             # the pixel limit is ours (below); PIL's DecompressionBombWarning, and its warnings about odd
             # EXIF or TIFF tags, would only break the progress bar: a usable image is used, a bad one fails
             warnings.simplefilter("ignore")

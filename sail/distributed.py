@@ -2,7 +2,7 @@
 
     rank, world = init_distributed()   # (0, 1) outside torchrun
     device = local_device(pick_device("auto"), rank, world)   # or both at once: rank, world, device = setup("auto")
-    model = wrap_ddp(towers, device)   # towers itself in one process; BatchNorm -> SyncBatchNorm on GPUs
+    sync_batchnorm(towers, device)   # BatchNorm -> SyncBatchNorm under torchrun on GPUs
     barrier(world)
 """
 
@@ -14,8 +14,10 @@ import os
 import torch
 
 
-def init_distributed(timeout: datetime.timedelta | None = None) -> tuple[int, int]:
-    """(rank, world) under torchrun, initialising the process group once (nccl on GPU, gloo on CPU).
+def init_distributed(timeout: datetime.timedelta | None = None, device: torch.device | str | None = None
+                     ) -> tuple[int, int]:
+    """(rank, world) under torchrun, initialising the process group once: nccl for a CUDA `device`, gloo for
+    any other (None: CUDA when it is available), so `--device cpu` on a GPU host runs on gloo.
 
     timeout: how long a collective (a barrier) may wait; None keeps torch's default (10 min for NCCL).
     """
@@ -26,8 +28,15 @@ def init_distributed(timeout: datetime.timedelta | None = None) -> tuple[int, in
 
     if not dist.is_initialized():
         kwargs = {"timeout": timeout} if timeout is not None else {}
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", **kwargs)
+        dist.init_process_group(backend_for(device), **kwargs)
     return dist.get_rank(), dist.get_world_size()
+
+
+def backend_for(device: torch.device | str | None) -> str:
+    """nccl for a CUDA device, gloo otherwise; None means CUDA when it is available."""
+    if device is None:
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
 def current() -> tuple[int, int]:
@@ -55,20 +64,16 @@ def local_device(device: torch.device, rank: int, world: int) -> torch.device:
     return device
 
 
-def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """DistributedDataParallel around `module` under torch.distributed, else `module` itself.
-
-    On GPUs, `module`'s BatchNorm layers are first converted in place to SyncBatchNorm, so batch statistics
-    are those of the global batch (ALIGN's EfficientNet) and W processes train like one. torch's
+def sync_batchnorm(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Under torch.distributed on GPUs, `module`'s BatchNorm layers become SyncBatchNorm in place, so batch
+    statistics are those of the global batch (ALIGN's EfficientNet) and W processes train like one. torch's
     SyncBatchNorm runs on GPUs only: on CPU (gloo) each rank keeps its own batch statistics, as one process
-    does per micro-batch with accum_steps (sail.gradcache)."""
-    if current()[1] == 1:
-        return module
-    if device.type == "cuda":
+    does per micro-batch with accum_steps (sail.step.contrastive_backward). Gradients are averaged by
+    sail.step.all_reduce_gradients (no DDP wrapper: one gradient sync for heads and towers)."""
+    if current()[1] > 1 and device.type == "cuda":
         converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
         assert converted is module, "convert_sync_batchnorm swaps children in place unless the root is a BatchNorm"
-    ids = [device.index] if device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
+    return module
 
 
 def setup(device: str = "auto") -> tuple[int, int, torch.device]:
@@ -76,8 +81,9 @@ def setup(device: str = "auto") -> tuple[int, int, torch.device]:
     under torchrun on GPUs; `device` "auto" | "cpu" | "cuda" ... as sail.encoders.pick_device reads it)."""
     from sail.encoders import pick_device
 
-    rank, world = init_distributed()
-    return rank, world, local_device(pick_device(device), rank, world)
+    chosen = pick_device(device)
+    rank, world = init_distributed(device=chosen)
+    return rank, world, local_device(chosen, rank, world)
 
 
 def cleanup() -> None:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from sail.errors import SailError
-from sail.store import FeatureStore, MappedField, join
+from sail.store import FeatureStore, MappedField, close_pools, join
 
 
 @dataclass
@@ -227,6 +227,17 @@ class _Scratch:
         self.arrays: dict[str, np.ndarray] = {}
         self.maps: dict[str, MappedField | None] = {}  # by the key of _read_source
 
+    def close(self) -> None:
+        """Close the mapped store files (and the mappings, unless an array still views them: then the
+        mapping goes with that array)."""
+        for m in self.maps.values():
+            if m is not None:
+                m.file.close()
+                m.rows = None
+                with contextlib.suppress(BufferError):
+                    m.mm.close()
+        self.maps.clear()
+
     def get(self, key: str, rows: int, dim: int) -> np.ndarray:
         a = self.arrays.get(key)
         if a is None or a.shape[0] < rows or a.shape[1] != dim:
@@ -377,12 +388,14 @@ class StreamingBatches:
                         return
         except BaseException as e:  # surface reader errors in the training loop
             put((None, None, e))
+        finally:
+            scratch.close()
 
     # ---- the consumer
     def epoch(self, epoch: int, start_step: int = 0):
         """Batches start_step .. steps_per_epoch - 1 of `epoch`, each (B/W, Di) and K x (B/W, Dt) float16."""
         if self._worker is None or self._next != (epoch, start_step):
-            self.close()
+            self._stop_reader()
             q, stop = queue.Queue(maxsize=self.prefetch), threading.Event()
             t = threading.Thread(target=self._produce, args=(q, stop, epoch, start_step), daemon=True,
                                  name="sail-stream")
@@ -408,7 +421,11 @@ class StreamingBatches:
             yield image, texts
 
     def close(self) -> None:
-        """Stop the reader thread (it also stops by itself when the process exits)."""
+        """Stop the reader thread and its pools (they also stop by themselves when the process exits)."""
+        self._stop_reader()
+        close_pools()
+
+    def _stop_reader(self) -> None:
         if self._worker is not None:
             t, q, stop = self._worker
             stop.set()

@@ -66,6 +66,14 @@ IMPLS = ("auto", "torch", "triton")  # sigmoid / multi-positive: blockwise torch
 # autograd wrapper: gradients are computed in the forward pass, backward rescales them
 
 
+def _apply(kernel, *inputs) -> torch.Tensor:
+    """_StoredGradLoss on `inputs`; gradients are computed only when autograd will use them: under
+    torch.no_grad() an input that requires grad would otherwise still pay for (and hold) its gradient."""
+    if torch.is_grad_enabled():
+        return _StoredGradLoss.apply(kernel, *inputs)
+    return _StoredGradLoss.apply(lambda *args, want_grad: kernel(*args, want_grad=False), *inputs)
+
+
 class _StoredGradLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, kernel, *inputs):
@@ -361,7 +369,7 @@ def multi_positive_loss(image, texts, t, b, average="pairs", block_size=None, gr
             *inputs, average=average, block_size=block_size, group=group, want_grad=want_grad
         )
 
-    return _StoredGradLoss.apply(kernel, image, t, b, *texts)
+    return _apply(kernel, image, t, b, *texts)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -462,7 +470,7 @@ def info_nce_loss(image, text, t, label_smoothing=0.0, weights=None, block_size=
             *inputs, eps=eps, weights=weights, block_size=block_size, group=group, want_grad=want_grad
         )
 
-    return _StoredGradLoss.apply(kernel, image, text, t)
+    return _apply(kernel, image, text, t)
 
 
 # ---------------------------------------------------------------------------------------------------

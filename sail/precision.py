@@ -16,8 +16,9 @@ Policy (why each rule):
   same numbers on every machine matter more than speed; ask for `--precision bf16` to use AMX / AVX512-BF16.
 - fp16 only on CUDA and only with dynamic loss scaling (torch.amp.GradScaler): with the loss averaged over
   B^2 pairs the per-embedding gradients are ~3e-10 at B = 36864, below fp16's smallest subnormal (6e-8).
-- explicit fp32 is exact fp32 (TF32 off), the reference. TF32 is a process-wide torch setting; it is set
-  when a precision is resolved for a CUDA device.
+- explicit fp32 is exact fp32 (TF32 off), the reference. TF32 is a process-wide torch switch, so it is
+  only changed inside `prec.scope()` (and `prec.autocast()`, which enters it) and restored on leaving:
+  resolving a precision changes nothing for the rest of the process.
 Asking for what the hardware cannot do raises SailError naming what it can do.
 """
 
@@ -64,7 +65,7 @@ class Precision:
 
     name: str
     device: torch.device
-    tf32: bool = False  # fp32 matmuls may use TF32 (set process-wide by resolve_precision)
+    tf32: bool = False  # fp32 matmuls may use TF32 (inside scope() / autocast())
 
     @property
     def dtype(self) -> torch.dtype:
@@ -74,11 +75,28 @@ class Precision:
     def needs_loss_scaling(self) -> bool:
         return self.name == "fp16"
 
+    @contextlib.contextmanager
+    def scope(self):
+        """TF32 switched on or off as this precision wants while inside, then put back as it was."""
+        if self.device.type != "cuda":
+            yield
+            return
+        before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.tf32
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
     def autocast(self):
-        """Autocast to `dtype` on this device; a null context for fp32."""
-        if self.name == "fp32":
+        """Autocast to `dtype` on this device (inside `scope`); a null context for fp32 off CUDA."""
+        if self.device.type != "cuda" and self.name == "fp32":
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.scope())
+        if self.name != "fp32":
+            stack.enter_context(torch.autocast(self.device.type, dtype=self.dtype))
+        return stack
 
     def grad_scaler(self) -> torch.amp.GradScaler:
         """Dynamic loss scaling for fp16; a disabled (pass-through) scaler otherwise."""
@@ -117,7 +135,4 @@ def resolve_precision(requested: str = "auto", device="cpu") -> Precision:
     elif requested == "fp16" and not cuda:
         raise SailError(f"--precision fp16 needs a CUDA GPU; on {device.type} use bf16 (where native) or fp32")
     tf32 = cuda and cap >= (8, 0) and requested != "fp32"
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        torch.backends.cudnn.allow_tf32 = tf32
     return Precision(name, device, tf32)

@@ -6,8 +6,9 @@ training loop (step, logging, checkpoints, evaluation hooks), the zero-shot chec
     summary = train_towers(run, towers, optimizer, scheduler, ds, columns, loss_fn, extra_modules={"gates": g})
 
 A recipe builds its towers, optimizer, schedule and loss_fn(x, y, scale) -> (loss, {name: scalar tensor}) (scale: the temperature t) and
-hands them to train_towers; the loop is the same for every recipe:
-  batch (sail.recipe_data) -> tokenize the text columns -> sail.gradcache.contrastive_backward (accum_steps
+hands them to train_towers, which runs them through sail.engine.train_loop, the loop `sail align` runs too
+(finite-loss guard, "no usable batch in N tries" error, Ctrl-C agreed by all ranks and checkpointed, one save):
+  batch (sail.recipe_data) -> tokenize the text columns -> sail.step.contrastive_backward (accum_steps
   micro-batches, whole-batch negatives) -> grad clip -> optimizer / scheduler step -> towers.clamp_() ->
   one host sync for the step's logged scalars -> metrics.jsonl (sail.runlog) -> every eval_every steps the
   before_eval hook (ALIGN: BatchNorm recalibration, on every rank) and a zero-shot check on held-out rows
@@ -20,7 +21,6 @@ eval`), metrics.jsonl, curves.png, recipe-config.yaml, checkpoint-N/ + LATEST.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +28,7 @@ import torch
 
 from sail import distributed
 from sail.artifacts import write_atomic
-from sail.checkpoint import check_resume, save_checkpoint
+from sail.checkpoint import check_resume
 from sail.errors import SailError
 
 RESUME_KEYS = ("data", "batch_size", "steps", "seed", "vision", "text", "embed_dim", "projection", "image",
@@ -87,21 +87,27 @@ def start_run(cfg: dict, name: str) -> Run:
 # ----------------------------------------------------------------------------------------- the loop
 
 
+# ~70 lines on purpose: the recipe's parts (data, step, log row, evaluation) handed to sail.engine's loop.
 def train_towers(run: Run, towers, optimizer, scheduler, ds, columns: list[str], loss_fn,
                  extra_modules: dict | None = None, before_eval=None) -> dict:
     """Train `towers` for cfg["steps"] steps (see the module doc); returns a summary with "towers", "out",
     "first_loss", "last_loss" and the last zero-shot result. `columns`: the text columns per image."""
     from tqdm.auto import tqdm
 
+    from sail.engine import Loop, StopRequest, train_loop
     from sail.recipe_data import PairData, iterate_batches, split_indices
     from sail.runlog import MetricsLog
 
     cfg, out, device = run.cfg, run.out, run.device
     extra_modules = extra_modules or {}
+    _check_batch(cfg, run.world)
     train_rows, held_rows = split_indices(ds.ids, cfg["holdout"])
     step, position = _resume(run, towers, optimizer, scheduler, extra_modules)
     log = MetricsLog(out / "metrics.jsonl", resume_step=step if step else None, enabled=run.rank == 0)
-    model = distributed.wrap_ddp(towers, device)  # towers itself when there is one process
+    from sail.step import broadcast_parameters
+
+    model = distributed.sync_batchnorm(towers, device)  # gradients averaged in the step (sail.step)
+    broadcast_parameters(towers)  # every rank starts from rank 0's weights
     data = PairData(ds.images, [ds.captions[c] for c in columns], towers.preprocessing, seed=cfg["seed"])
     batches = iterate_batches(data, train_rows, cfg["batch_size"], cfg["seed"], position, workers=cfg["workers"],
                               pin_memory=device.type == "cuda")
@@ -109,36 +115,70 @@ def train_towers(run: Run, towers, optimizer, scheduler, ds, columns: list[str],
     bar = tqdm(total=cfg["steps"], initial=step, desc=run.name, disable=run.rank != 0 or not cfg["progress"],
                dynamic_ncols=True)
     summary = {"out": str(out), "towers": towers, "first_loss": None, "last_loss": None}
-    skipped, tick = 0, time.time()
-    towers.train()
-    while step < cfg["steps"]:
-        epoch, next_batch, pixels, texts, n_bad = next(batches)
-        skipped += n_bad
-        if pixels is None:  # too few good images left in this batch
-            continue
-        scalars = _train_step(run, model, towers, optimizer, scheduler, loss_fn, pixels, texts)
-        step, position, now = step + 1, (epoch, next_batch), time.time()
-        record = {"step": step, "epoch": epoch, **scalars, "skipped": skipped, "world": run.world,
-                  "images_per_s": pixels.shape[0] * run.world / max(now - tick, 1e-9)}
-        tick = now
+    seen = {"position": tuple(position), "skipped": 0, "reason": "", "epoch": position[0], "images": 0, "names": []}
+
+    def items():  # batches, None where no usable batch could be made; remembers where the data stands
+        for epoch, next_batch, pixels, texts, n_bad, reason in batches:
+            seen.update(position=(epoch, next_batch), epoch=epoch, skipped=seen["skipped"] + n_bad)
+            seen["reason"] = reason or seen["reason"]
+            yield None if pixels is None else (pixels, texts)
+
+    def step_fn(item, step: int) -> torch.Tensor:
+        pixels, texts = item
+        seen["images"], seen["lr"] = pixels.shape[0], optimizer.param_groups[0]["lr"]  # the rate this step uses
+        seen["values"], seen["names"] = _train_step(run, model, towers, optimizer, scheduler, loss_fn, pixels, texts)
+        return seen["values"]
+
+    def on_log(step: int, since: int, seconds: float, checkpoint: bool) -> None:
+        scalars = dict(zip(seen["names"], seen["values"].tolist()))  # the one host sync of the step
+        record = {"step": step, "epoch": seen["epoch"], "lr": seen["lr"], **scalars, "skipped": seen["skipped"],
+                  "world": run.world, "images_per_s": seen["images"] * run.world / max(seconds, 1e-9)}
         summary["first_loss"] = record["loss"] if summary["first_loss"] is None else summary["first_loss"]
         summary["last_loss"] = record["loss"]
         log.log(record)
-        bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", t=f"{record['t']:.2f}")
         if cfg["eval_every"] and (step % cfg["eval_every"] == 0 or step == cfg["steps"]):
             summary.update(evaluate(step, log, bar))
-        if step % cfg["checkpoint_every"] == 0 or step == cfg["steps"]:
-            save_checkpoint(out, step, towers, optimizer, scheduler, extra_modules=extra_modules, position=list(position),
-                            keep=cfg["keep_checkpoints"], collective=True)
-    bar.close()
+
+    loop = Loop(out, towers, optimizer, scheduler, cfg["steps"], step, extra_modules=extra_modules,
+                checkpoint_every=cfg["checkpoint_every"], keep=cfg["keep_checkpoints"], world=run.world, bar=bar,
+                hint="try a lower --optim.lr", position=lambda: list(seen["position"]),
+                unusable_cause=lambda: _unusable_cause(seen["reason"]))
+    stop = StopRequest()
+    towers.train()
+    try:
+        with run.precision.scope():  # TF32 as the precision wants, for this run only
+            train_loop(loop, items(), step_fn, on_log, stop)
+    finally:
+        stop.restore()
+        bar.close()
     _finish(run, towers, ds, before_eval)
     return summary
+
+
+def _check_batch(cfg: dict, world: int) -> None:
+    """Refuse settings that can never make a usable batch (or a schedule), before any data is read."""
+    steps = cfg["steps"]
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise SailError(f"--steps {steps} is invalid: give a whole number of steps, at least 1")
+    if cfg["batch_size"] < 2 * world:
+        raise SailError(f"--batch-size {cfg['batch_size']} is too small: a contrastive batch needs at least 2 pairs "
+                        f"per process ({2 * world} for {world} process{'es' if world > 1 else ''})")
+
+
+def _unusable_cause(reason: str) -> str:
+    """The likely cause of batches without 2 loadable images: the images themselves, named by the last failure."""
+    if reason:
+        return (f"the images of whole batches failed to load (last: {reason}); check the image paths or the "
+                "image root of the manifest")
+    return "every batch kept fewer than 2 pairs; raise --batch-size"
 
 
 def _resume(run: Run, towers, optimizer, scheduler, extra_modules: dict) -> tuple[int, tuple[int, int]]:
     """(step, data position) to start from, restoring a checkpoint under the resume rule; writes the config."""
     import yaml
+
+    from sail.engine import restore
 
     cfg = run.cfg
     free = tuple(k for k in cfg if k not in RESUME_KEYS)
@@ -149,17 +189,17 @@ def _resume(run: Run, towers, optimizer, scheduler, extra_modules: dict) -> tupl
         write_atomic(run.out / "recipe-config.yaml", yaml.safe_dump(cfg, sort_keys=False))
     if ck is None:
         return 0, (0, 0)
-    ck.restore(towers, optimizer, scheduler, extra_modules=extra_modules)
+    restore(ck, towers, optimizer, scheduler, extra_modules=extra_modules)
     return ck.step, tuple(ck.position)
 
 
-def _train_step(run: Run, model, towers, optimizer, scheduler, loss_fn, pixels, texts) -> dict:
-    """One optimizer step; the logged scalars come back with ONE host sync (stacked, then .tolist())."""
-    from sail.gradcache import contrastive_backward
+def _train_step(run: Run, model, towers, optimizer, scheduler, loss_fn, pixels, texts) -> tuple[torch.Tensor, list]:
+    """One optimizer step: (the logged scalars stacked on the device, their names); loss first, read by the
+    engine's finite check and at log points with ONE host sync."""
+    from sail.step import contrastive_backward
 
     cfg, device = run.cfg, run.device
     tokens = towers.tokenize([text for column in texts for text in column])  # columns stacked: (C*B, L)
-    lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
     optimizer.zero_grad(set_to_none=True)
     loss, logs = contrastive_backward(model, pixels.to(device, non_blocking=True), tokens["input_ids"].to(device),
                                       tokens["attention_mask"].to(device), loss_fn, cfg["accum_steps"],
@@ -171,8 +211,8 @@ def _train_step(run: Run, model, towers, optimizer, scheduler, loss_fn, pixels, 
     towers.clamp_()
     names = ["loss", "grad_norm", "t", *logs]
     values = torch.stack([v.detach().float().reshape(()).to(device) for v in
-                          (loss, grad_norm, towers.scale(), *logs.values())]).tolist()
-    return {"lr": lr, **dict(zip(names, values))}
+                          (loss, grad_norm, towers.scale(), *logs.values())])
+    return values, names
 
 
 def _evaluator(run: Run, towers, ds, held_rows: list[int], before_eval):

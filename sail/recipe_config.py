@@ -11,7 +11,8 @@ Rules
   (`--batch-size 8`). Values are read as YAML by OmegaConf (`--steps 10`, `--gates false`, `--lr 1e-3`,
   `--betas [0.9,0.98]`); a bare `--flag` is true (`--resume`).
 - A key that is not in the file is an error naming it, except inside the open `config` sections of the
-  towers (transformers kwargs: `--vision.config.hidden_dropout_prob 0.1`). A number cannot become text.
+  towers (transformers kwargs: `--vision.config.hidden_dropout_prob 0.1`). A number cannot become text, and a
+  whole number (steps, batch_size) cannot become a fraction (`--steps 5.7` is refused).
 """
 
 from __future__ import annotations
@@ -119,6 +120,10 @@ def _override(cfg, key: str, value: str, path: Path) -> None:
         raise SailError(f"--{key} needs a number, got {value!r}")
     if _is_number(old) and isinstance(old, float):
         new = float(new)
+    elif _is_number(old) and isinstance(new, float):  # a count (steps, batch size): 5.7 would train 5 steps, then crash
+        if not new.is_integer():
+            raise SailError(f"--{key} needs a whole number, got {value!r}")
+        new = int(new)
     try:
         with open_dict(node) if open_section else nullcontext():
             node[leaf] = new

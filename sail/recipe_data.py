@@ -2,7 +2,7 @@
 
     train, held = split_indices(ds.ids, holdout=0.25)          # by id hash: stable under reordering
     data = PairData(ds.images, [ds.captions["caption"]], towers.preprocessing, seed=0)
-    for epoch, next_batch, pixels, texts, skipped in iterate_batches(data, train, batch_size=32, seed=0):
+    for epoch, next_batch, pixels, texts, skipped, reason in iterate_batches(data, train, batch_size=32, seed=0):
         ...                                                   # texts: one list per column
 
 - batch_size is the GLOBAL batch (the papers' number); each of W processes takes batch_size / W rows
@@ -71,7 +71,8 @@ def _collate(items):
     kept = [(x, t) for x, t, _ in items if x is not None]
     pixels = torch.stack([x for x, _ in kept]) if kept else None
     texts = [list(col) for col in zip(*[t for _, t in kept])] if kept else []  # per column
-    return pixels, texts, len(items) - len(kept)
+    reason = next((why for x, _, why in items if x is None), "")  # the first failure: names a wrong image root
+    return pixels, texts, len(items) - len(kept), reason
 
 
 def epoch_batches(rows: list[int], batch_size: int, epoch: int, seed: int, rank: int, world: int) -> list:
@@ -85,7 +86,8 @@ def epoch_batches(rows: list[int], batch_size: int, epoch: int, seed: int, rank:
 
 def iterate_batches(data: PairData, rows: list[int], batch_size: int, seed: int, start: tuple[int, int] = (0, 0),
                     workers: int = 0, pin_memory: bool = False):
-    """Endless (epoch, next_batch, pixels, texts, skipped) from position `start` = (epoch, batch)."""
+    """Endless (epoch, next_batch, pixels, texts, skipped, reason) from position `start` = (epoch, batch);
+    pixels and texts are None where the batch kept fewer than 2 pairs, `reason` is its first image failure."""
     import torch.distributed as dist
 
     rank, world = current()
@@ -101,7 +103,7 @@ def iterate_batches(data: PairData, rows: list[int], batch_size: int, seed: int,
             data, batch_sampler=batches[first:], collate_fn=_collate, num_workers=workers,
             pin_memory=pin_memory, generator=torch.Generator().manual_seed(_mix(seed, epoch)),
             prefetch_factor=4 if workers else None)
-        for b, (pixels, texts, skipped) in enumerate(loader, start=first):
+        for b, (pixels, texts, skipped, reason) in enumerate(loader, start=first):
             n = 0 if pixels is None else pixels.shape[0]
             if world > 1:  # equal local batches on every rank
                 smallest = torch.tensor([n], dtype=torch.int64, device=_comm_device())
@@ -110,9 +112,9 @@ def iterate_batches(data: PairData, rows: list[int], batch_size: int, seed: int,
                 dist.all_reduce(bad)
                 n, skipped = int(smallest), int(bad)
             if n < 2:
-                yield epoch, b + 1, None, None, skipped
+                yield epoch, b + 1, None, None, skipped, reason
                 continue
-            yield epoch, b + 1, pixels[:n], [col[:n] for col in texts], skipped
+            yield epoch, b + 1, pixels[:n], [col[:n] for col in texts], skipped, reason
         epoch, first = epoch + 1, 0
 
 

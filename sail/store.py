@@ -324,6 +324,15 @@ _CHUNKS: dict[tuple, tuple[np.ndarray, int] | None] = {}  # (path, dataset, inod
 _POOL = None
 
 
+def close_pools() -> None:
+    """Shut down the read and read-ahead threads (started again on the next read): the end of a stream."""
+    global _POOL, _AHEAD
+    for pool in (_POOL, _AHEAD):
+        if pool is not None:
+            pool.shutdown(wait=True)
+    _POOL = _AHEAD = None
+
+
 def _chunk_offsets(store: FeatureStore, ds) -> tuple[np.ndarray, int] | None:
     """File byte offset of each row-chunk of an uncompressed, fully written, row-chunked float16 field
     (and the rows per chunk); None for any other layout (then h5py reads)."""

@@ -401,33 +401,44 @@ def build_towers(recipe: str, vision: dict, text: dict, embed_dim: int, image: d
                     max_length=int(text.get("max_length", 77)), head=head, temperature=temperature,
                     image_projection=(projection or {}).get("image"), text_projection=(projection or {}).get("text"),
                     init_scale=init_scale, max_scale=max_scale)
+    init = (projection or {}).get("init", "pretrained")
+    if init not in ("pretrained", "random"):
+        raise SailError(f"projection.init {init!r} is invalid; use pretrained (copy a CLIP checkpoint's projection) "
+                        "or random")
     for side, section, key in (("image", vision, "visual_projection.weight"), ("text", text, "text_projection.weight")):
         if towers.head_spec[side] == "clip" and section.get("pretrained"):
+            if init == "random":
+                print(f"note: the {side} projection starts random (projection.init: random), not from "
+                      f"{section['pretrained']}'s {key}")
+                continue
             _load_clip_projection(getattr(towers, f"{side}_head"), str(section["pretrained"]), key)
     return towers
 
 
-def _load_clip_projection(head: nn.Module, pretrained: str, key: str) -> bool:
+def _load_clip_projection(head: nn.Module, pretrained: str, key: str) -> None:
     """Copy a CLIPModel checkpoint's projection (`visual_projection.weight` / `text_projection.weight`,
-    (embed_dim, width), no bias) into a `clip` projection; False when the checkpoint has none (a bare
-    CLIPVisionModel / CLIPTextModel), which keeps CLIP's random init."""
+    (embed_dim, width), no bias) into a `clip` projection. A projection that cannot be loaded (no
+    safetensors weights reachable, or a bare CLIPVisionModel / CLIPTextModel without one) is an error: a
+    silently random projection would throw the checkpoint's alignment away; `projection.init: random` asks
+    for that explicitly."""
     from safetensors import safe_open
 
+    fix = "use a CLIPModel checkpoint with safetensors weights, or set projection.init: random"
     path = Path(pretrained) / "model.safetensors"
     if not path.is_file():
         try:
             from huggingface_hub import hf_hub_download
 
             path = Path(hf_hub_download(pretrained, "model.safetensors"))
-        except Exception:  # no safetensors weights reachable: nothing to copy
-            return False
+        except Exception as e:  # OSError, HTTP and hub errors: all mean "no weights reachable"
+            raise SailError(f"cannot load {key} from {pretrained}: no model.safetensors there "
+                            f"({type(e).__name__}); {fix}") from None
     with safe_open(str(path), framework="pt") as f:
         if key not in f.keys():
-            return False
+            raise SailError(f"cannot load {key} from {pretrained}: its model.safetensors has no such tensor; {fix}")
         weight = f.get_tensor(key)
     if weight.shape != head.proj.weight.shape:
         raise SailError(f"{pretrained}'s {key} is {tuple(weight.shape)} but the projection is "
                         f"{tuple(head.proj.weight.shape)}; set embed_dim to {weight.shape[0]}")
     with torch.no_grad():
         head.proj.weight.copy_(weight)
-    return True

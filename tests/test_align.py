@@ -376,3 +376,16 @@ def test_stores_with_repeated_or_empty_ids_are_refused(tmp_path):
         with pytest.raises(SailError, match=f"bad.h5.*{needle}|{needle}.*bad.h5"):
             align(_cfg(tmp_path, img, bad, steps=1))
         assert not (tmp_path / "run").exists()
+
+
+def test_a_streamed_run_leaves_no_file_open(tmp_path):
+    """-W error::ResourceWarning: the stream's mapped store files are closed with it (they were left to the
+    garbage collector, which warned from the reader thread)."""
+    img, txt = paired_stores(tmp_path, n=300)
+    r = subprocess.run([sys.executable, "-X", "dev", "-W", "error::ResourceWarning", "-m", "sail.cli", "align",
+                        "--image", str(img), "--text", str(txt), "--out", str(tmp_path / "run"), "--head", "linear",
+                        "--out-dim", "8", "--batch", "64", "--steps", "6", "--in-memory", "no", "--stream-block-rows",
+                        "64", "--val-fraction", "0.1", "--eval-every", "3"], capture_output=True, text=True,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "ResourceWarning" not in r.stderr and "Exception ignored" not in r.stderr, r.stderr[-2000:]

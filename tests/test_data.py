@@ -487,8 +487,10 @@ def test_pixel_limit_skips_with_a_reason_and_no_warning(tmp_path, monkeypatch, n
     # PIL's own guard: a warning above its limit, an error above twice it; our limit decides instead
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 90)
     assert load_image(path, max_pixels=1000).size == (20, 10)
+    assert Image.MAX_IMAGE_PIXELS == 90  # lifted for that load only: PIL's setting is the process's, not ours
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 150)
     assert load_image(path, max_pixels=None).size == (20, 10)
+    assert Image.MAX_IMAGE_PIXELS == 150
 
 
 def test_extract_cli_truncated_shard_and_pixel_limit(tmp_path, tiny_vision, capsys):

@@ -383,3 +383,22 @@ def test_consistency_gates_defaults_eval_and_ablation():
     off = ConsistencyGates(enabled=False)
     w_t, w_c = off(s * 0, s, s)
     assert w_t.tolist() == [1.0] * 4 and w_c.tolist() == [1.0] * 4
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "info-nce"])
+def test_no_gradients_are_computed_under_no_grad_even_for_inputs_that_require_grad(loss, monkeypatch):
+    import sail.losses as L
+
+    seen = []
+    for name in ("_multi_positive_kernel", "_info_nce_kernel"):
+        real = getattr(L, name)
+        monkeypatch.setattr(L, name, lambda *a, _real=real, **k: seen.append(k["want_grad"]) or _real(*a, **k))
+    x, y = unit(B, D, 0).requires_grad_(), unit(B, D, 1).requires_grad_()
+    log_t, b = scalars()
+    fn = (lambda: sigmoid_loss(x, y, log_t.exp(), b, impl="torch")) if loss == "sigmoid" else \
+        (lambda: info_nce_loss(x, y, log_t.exp()))
+    with torch.no_grad():
+        v = fn()
+    assert seen == [False] and not v.requires_grad
+    w = fn()
+    assert seen == [False, True] and w.requires_grad and v.item() == w.item()

@@ -36,7 +36,11 @@ def test_cuda_auto_follows_compute_capability(fake_cuda, cap, auto, tf32):
     assert (p.name, p.tf32) == (auto, tf32)
     assert p.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[auto]
     assert p.needs_loss_scaling == (auto == "fp16")
-    assert torch.backends.cuda.matmul.allow_tf32 == tf32 and torch.backends.cudnn.allow_tf32 == tf32
+    # TF32 is switched only inside the precision's scope, and put back on leaving it
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    with p.scope():
+        assert torch.backends.cuda.matmul.allow_tf32 == tf32 and torch.backends.cudnn.allow_tf32 == tf32
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
     assert native_bf16("cuda") == (cap >= (8, 0))
 
 
@@ -50,10 +54,14 @@ def test_cuda_bf16_refused_before_ampere_even_though_torch_emulates_it(fake_cuda
 
 def test_explicit_fp32_turns_tf32_off(fake_cuda):
     fake_cuda((8, 0))
-    assert resolve_precision("auto", "cuda").tf32 and torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True  # someone else's process-wide choice
+    assert resolve_precision("auto", "cuda").tf32
     p = resolve_precision("fp32", "cuda")
-    assert p.name == "fp32" and not p.tf32 and not torch.backends.cuda.matmul.allow_tf32
-    assert isinstance(p.autocast(), contextlib.nullcontext)
+    assert p.name == "fp32" and not p.tf32 and torch.backends.cuda.matmul.allow_tf32  # resolving changed nothing
+    with p.autocast():  # fp32 on CUDA: no autocast, TF32 off inside only
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.is_autocast_enabled("cuda")
+    assert torch.backends.cuda.matmul.allow_tf32
+    assert isinstance(resolve_precision("fp32", "cpu").autocast(), contextlib.nullcontext)
 
 
 def test_cpu_auto_is_fp32_and_bf16_needs_native_support(monkeypatch):

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -382,3 +383,99 @@ def test_a_manifest_in_another_encoding(tmp_path, capsys):
     _main("alip")(_argv("alip", tmp_path / "u", steps=3, data=tmp_path / "u.csv"))
     _main("alip")(_argv("alip", tmp_path / "l", steps=3, data=tmp_path / "l.csv", encoding="latin-1"))
     assert [r["loss"] for r in _train_records(tmp_path / "l")] == [r["loss"] for r in _train_records(tmp_path / "u")]
+
+
+# ---------------------------------------------------------------------------------------------- hopeless runs end
+
+
+def test_a_batch_that_can_never_be_usable_is_one_error_line_at_once(tmp_path, capsys):
+    from sail.cli import main
+
+    start = time.time()
+    rc = main(["recipe", "alip", *_argv("alip", tmp_path / "run", batch_size=1, steps=4)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == ["error: --batch-size 1 is too small: a contrastive batch needs at least 2 pairs per "
+                               "process (2 for 1 process)"]
+    assert time.time() - start < 30 and not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_a_wrong_image_root_ends_in_one_error_naming_the_images(tmp_path):
+    from sail.data import open_dataset
+
+    ds = open_dataset("sample", columns=["caption", "long_caption"])
+    manifest = tmp_path / "data.csv"
+    with open(manifest, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "image", "caption", "long_caption"])
+        for i in range(64):  # the images exist, but not under the root the manifest names
+            writer.writerow([ds.ids[i], str(tmp_path / "elsewhere" / f"{i}.png"), ds.captions["caption"][i],
+                             ds.captions["long_caption"][i]])
+    start = time.time()
+    with pytest.raises(SailError, match=r"^no usable batch in 10 tries: the images of whole batches failed to load "
+                                        r"\(last: missing file\); check the image paths"):
+        _main("alip")(_argv("alip", tmp_path / "run", steps=4, data=manifest, holdout=0.0, batch_size=8))
+    assert time.time() - start < 60
+
+
+@pytest.mark.parametrize("value, expected", [("5.7", None), ("6.0", 6), ("7", 7)])
+def test_step_counts_refuse_fractions(value, expected):
+    if expected is None:
+        with pytest.raises(SailError, match=r"--steps needs a whole number, got '5.7'"):
+            load_config(["--config", "alip-tiny", "--steps", value])
+    else:
+        steps = load_config(["--config", "alip-tiny", "--steps", value])["steps"]
+        assert steps == expected and isinstance(steps, int)
+
+
+def test_ctrl_c_checkpoints_the_step_and_prints_the_command_that_resumes(tmp_path, capsys, monkeypatch):
+    import sail.engine as E
+    from sail.checkpoint import load_checkpoint
+    from sail.cli import main
+
+    class StopBeforeStep3(E.StopRequest):
+        calls = 0
+
+        def check(self):
+            StopBeforeStep3.calls += 1
+            if StopBeforeStep3.calls > 2:
+                raise E.GracefulStop
+
+    monkeypatch.setattr(E, "StopRequest", StopBeforeStep3)
+    out = tmp_path / "run"
+    rc = main(["recipe", "alip", *_argv("alip", out, steps=6, checkpoint_every=100)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 130 and err[0].startswith(f"interrupted at step 2 of {out}; the last checkpoint is step 2")
+    assert err[-1].strip().startswith("sail recipe alip --config alip-tiny") and err[-1].endswith("--resume")
+    assert load_checkpoint(out).step == 2 and not (out / "model.safetensors").exists()
+
+
+def test_a_recipe_run_equals_a_plain_training_loop(tmp_path, monkeypatch):
+    """The engine changes nothing in what a recipe computes: ALIP's towers, optimizer, schedule and loss, taken
+    from the recipe, trained by a plain loop written here give bit-identical weights to `train_towers`."""
+    import sail.recipes.alip as alip
+    from sail.recipe_data import PairData, iterate_batches
+    from sail.step import contrastive_backward
+
+    args = dict(steps=3, batch_size=16, holdout=0.25)
+    alip.main(_argv("alip", tmp_path / "engine", **args))
+    parts = {}
+    monkeypatch.setattr(alip, "train_towers", lambda run, *a, **k: parts.update(run=run, args=a, kw=k))
+    alip.main(_argv("alip", tmp_path / "plain", **args))
+    towers, optimizer, scheduler, ds, columns, loss_fn = parts["args"]
+    cfg = parts["run"].cfg
+    train_rows, _ = split_indices(ds.ids, cfg["holdout"])
+    data = PairData(ds.images, [ds.captions[c] for c in columns], towers.preprocessing, seed=cfg["seed"])
+    batches = iterate_batches(data, train_rows, cfg["batch_size"], cfg["seed"])
+    towers.train()
+    for _ in range(3):
+        _, _, pixels, texts, _, _ = next(batches)
+        tokens = towers.tokenize([t for column in texts for t in column])
+        optimizer.zero_grad(set_to_none=True)
+        contrastive_backward(towers, pixels, tokens["input_ids"], tokens["attention_mask"], loss_fn, 1)
+        torch.nn.utils.clip_grad_norm_(towers.parameters(), cfg["optim"]["grad_clip"])
+        optimizer.step()
+        scheduler.step()
+        towers.clamp_()
+    saved = load_file(str(tmp_path / "engine" / "model.safetensors"))
+    live = {k: v for k, v in towers.state_dict().items() if k in saved}
+    assert live.keys() == saved.keys() and all(torch.equal(live[k], saved[k]) for k in saved)

@@ -299,3 +299,20 @@ def test_clip_projections_load_from_a_pretrained_clip_checkpoint(tmp_path):
         torch.testing.assert_close(towers.embed_images(pixels), F.normalize(expected, dim=-1))
     with pytest.raises(SailError, match=r"visual_projection.weight is \(12, 32\).*set embed_dim to 12"):
         build_towers("alip", vision, text, embed_dim=8, projection={"image": "clip", "text": "clip"})
+
+
+def test_a_clip_projection_that_cannot_load_is_an_error_unless_random_is_asked(tmp_path, capsys):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    CLIPVisionModel(CLIPVisionConfig(**CLIP_VISION["config"])).save_pretrained(tmp_path / "bare")  # no projection
+    vision = {"type": "clip", "pretrained": str(tmp_path / "bare")}
+    text = {**CLIP_TEXT, "tokenizer": "char"}
+    with pytest.raises(SailError, match=r"cannot load visual_projection.weight from .*bare: its model.safetensors "
+                                        r"has no such tensor; .*projection.init: random"):
+        build_towers("alip", vision, text, embed_dim=12, projection={"image": "clip", "text": "clip"})
+    towers = build_towers("alip", vision, text, embed_dim=12, projection={"image": "clip", "text": "clip",
+                                                                         "init": "random"})
+    assert towers.image_head.proj.weight.shape == (12, 32)
+    assert "note: the image projection starts random (projection.init: random)" in capsys.readouterr().out
+    with pytest.raises(SailError, match="projection.init 'zeros' is invalid"):
+        build_towers("alip", vision, text, embed_dim=12, projection={"image": "clip", "init": "zeros"})

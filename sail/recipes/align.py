@@ -17,7 +17,7 @@ from 1.0 (towers.scale() = 1 / sigma):
 gathered from every process. Paper settings: LAMB lr 1e-3, wd 1e-5, linear warm-up (10k steps) then
 linear decay to 0, global batch 16384, embedding 640 for B7.
 
-EfficientNet has BatchNorm: SyncBatchNorm under DDP on GPUs (sail.distributed.wrap_ddp); before each
+EfficientNet has BatchNorm: SyncBatchNorm under torchrun on GPUs (sail.distributed.sync_batchnorm); before each
 zero-shot check and the final save its running statistics are recomputed on `bn_recalibration` fixed
 training images (Towers.recalibrate_batchnorm; 0 = off).
 
