@@ -89,6 +89,10 @@ def resolve_model(model: str, modality: str | None = None, trust_remote_code: bo
 
     if zoo.is_spec(model) or model in zoo.registered():
         return zoo.resolve(model, modality)
+    if model.startswith("local:"):  # a run trained on a local directory names it so (see model_identity)
+        raise SailError(f"{model} was a local model directory on the machine that made this run; "
+                        "give the path of a copy of it")
+    model = _HF_TO_ALIAS.get(model, model)  # an alias's hub id loads like the alias (local copies, remote code)
     if model in ALIASES:
         a = ALIASES[model]
         source = (_local_minilm() or a.hf_id) if model == "minilm-l6" else a.hf_id
@@ -102,6 +106,38 @@ def resolve_model(model: str, modality: str | None = None, trust_remote_code: bo
                          bool(trust_remote_code))
     raise SailError(f"unknown model {model!r}: use an alias ({', '.join(ALIASES)}; see `sail models`), "
                     "a Hugging Face id like facebook/dinov2-large, or a local model directory")
+
+
+_HF_TO_ALIAS = {a.hf_id: name for name, a in ALIASES.items()}
+
+
+def model_identity(spec: ModelSpec) -> str:
+    """How a store or run names its encoder so that it loads on another machine: the hub id (also for an
+    alias, and for a directory inside the hub cache), the registered name or spec of a custom encoder, or
+    "local:<dir name>" for any other local directory (its content hash is the store's model_revision)."""
+    from sail import zoo
+
+    if zoo.is_spec(spec.source):
+        return spec.source
+    if spec.name in ALIASES and spec.source in (ALIASES[spec.name].hf_id, _local_minilm()):
+        return ALIASES[spec.name].hf_id
+    path = Path(spec.source)
+    if not path.is_dir():
+        return spec.source
+    if str(path.resolve()) == _local_minilm():
+        return ALIASES["minilm-l6"].hf_id
+    parts = path.resolve().parts  # .../models--org--name/snapshots/<commit>: a hub download
+    for i, part in enumerate(parts[:-2]):
+        if part.startswith("models--") and parts[i + 1] == "snapshots" and part.count("--") == 2:
+            return "/".join(part.split("--")[1:])
+    return "local:" + path.name
+
+
+def canonical_model_id(model_id: str | None, modality: str) -> str | None:
+    """A recorded model_id (a 0.2 run may hold a path) as `model_identity` names it today, for comparisons."""
+    if not model_id or str(model_id).startswith("local:") or not Path(str(model_id)).is_dir():
+        return model_id
+    return model_identity(resolve_model(str(model_id), modality))
 
 
 def _infer_modality(path: Path) -> str:

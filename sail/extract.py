@@ -39,7 +39,7 @@ import sail
 from sail import zoo
 from sail.data import DEFAULT_MAX_PIXELS, Dataset, ImageError, load_image, open_dataset
 from sail.distributed import barrier, init_distributed, local_device
-from sail.encoders import default_batch_size, load_encoder, model_revision, num_params, pick_device, resolve_model
+from sail.encoders import default_batch_size, load_encoder, model_identity, model_revision, num_params, pick_device, resolve_model
 from sail.errors import SailError
 from sail.precision import resolve_precision
 from sail.store import StoreWriter
@@ -168,7 +168,7 @@ STORE_IDENTITY = ("model_id", "modality", "pooling", "source", "source_hash", "f
 def _identity(cfg: ExtractConfig, spec, ds: Dataset, fields: list[str], weights_dtype: str) -> dict:
     """What makes two runs the same extraction; a mismatch with an existing store is an error."""
     image = spec.modality == "image"
-    return {"model_id": spec.source, "modality": spec.modality,
+    return {"model_id": model_identity(spec), "modality": spec.modality,
             "pooling": cfg.pooling if image and not zoo.is_spec(spec.source) else "model",
             "source": ds.source, "source_hash": ds.source_hash, "fields": fields,
             "patch_tokens": bool(cfg.patch_tokens) and image, "max_length": None if image else cfg.max_length,
@@ -416,7 +416,8 @@ def _merge(out: Path, parts: Path, ds: Dataset, fields: list[str], n_chunks: int
                         skipped.append((ds.ids[lo + k], f, str(z[f"reason/{f}"][k])))
             writer.write(lo, feats, valid, patches)
         attrs = {
-            "model_id": spec.source, "model_name": spec.name, "model_revision": model_revision(spec.source),
+            "model_id": model_identity(spec), "model_name": spec.name, "model_revision": model_revision(spec.source),
+            **({"model_path": spec.source} if Path(spec.source).is_dir() else {}),  # a hint; model_id is the identity
             "modality": spec.modality, "pooling": encoder.pooling,  # ImageEncoder.pooling is cfg.pooling
             "dim": encoder.dim, "dtype": "float16", "preprocessing": json.dumps(encoder.preprocessing, default=str),
             "max_length": getattr(encoder, "max_length", None) or -1, "source": ds.source,
