@@ -234,3 +234,105 @@ def test_cli_convert_both_ways(tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
     assert main(["convert", str(tmp_path / "run"), "--to", "official", "--out", str(tmp_path / "o.pt")]) == 0
     assert "--linear_type star --target_dimension 5 --width_factor 2" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ feature parity with the official encode.py
+
+
+def test_dinov2_concat_is_the_official_pooling(tiny_vision):
+    """Official ImageEmbedding (agg_mode concat): [last_hidden_state[:, 0] ; last_hidden_state[:, 1:].mean(1)]."""
+    from transformers import AutoImageProcessor, Dinov2Model
+
+    from sail.data import open_dataset
+    from sail.encoders import load_encoder, resolve_model
+
+    images = [open_dataset("sample").images[i] for i in (0, 5)]
+    pixels = AutoImageProcessor.from_pretrained(tiny_vision)(images=images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        hidden = Dinov2Model.from_pretrained(tiny_vision).eval()(pixel_values=pixels).last_hidden_state
+    want = torch.cat([hidden[:, 0], hidden[:, 1:].mean(dim=1)], dim=1)
+    enc = load_encoder(resolve_model(str(tiny_vision)), "cpu", "concat", preprocess="hf")
+    got, _ = enc.encode_pixels(torch.stack([enc.preprocess(im) for im in images]))
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_gte_alias_gives_the_official_cls_features(tiny_text):
+    """gte-l: official bos_pooling (first token, not normalised), texts cut at 1024 tokens; checked on a tiny
+    BERT of the same class standing in for gte-large-en-v1.5 (whose own sentence-transformers pooling differs)."""
+    import numpy as np
+    from transformers import AutoTokenizer, BertModel
+
+    from sail.encoders import ModelSpec, TextEncoder
+
+    texts = ["a dog on the grass", "two cats", "a red car parked by a tall building at night"]
+    tok = AutoTokenizer.from_pretrained(tiny_text / "_bert")
+    with torch.no_grad():
+        inputs = tok(texts, padding=True, truncation=True, max_length=1024, return_tensors="pt")
+        want = BertModel.from_pretrained(tiny_text / "_bert").eval()(**inputs).last_hidden_state[:, 0].numpy()
+    enc = TextEncoder(ModelSpec("gte-l", str(tiny_text), "text"), torch.device("cpu"))
+    assert enc.max_length == 1024 and enc.pooling == "official-sail:cls"
+    np.testing.assert_allclose(enc.encode_texts(texts, batch_size=2), want, atol=1e-5)
+    plain = TextEncoder(ModelSpec("tiny-bert", str(tiny_text), "text"), torch.device("cpu"))
+    assert not np.allclose(plain.encode_texts(texts), want, atol=1e-2)  # sentence-transformers' mean pooling
+
+
+def test_nv_embed_alias_calls_the_models_own_encode_like_official():
+    """NV-Embed-v2 is custom code: a stand-in with its interface checks the call the official encode.py makes
+    (model.encode(texts, instruction="", max_length=1024), outputs kept unnormalised, order kept)."""
+    import numpy as np
+
+    from sail.encoders import OFFICIAL_TEXT, TextEncoder
+
+    calls = []
+
+    class StandIn:
+        def encode(self, prompts, instruction="", max_length=4096):
+            calls.append((list(prompts), instruction, max_length))
+            return torch.tensor([[float(len(p)), 3.0] for p in prompts], dtype=torch.float16)
+
+    enc = TextEncoder.__new__(TextEncoder)
+    enc.model = [type("Wrapper", (), {"auto_model": StandIn()})()]
+    enc.official, enc.max_length, enc.dim, enc.device = OFFICIAL_TEXT["nv-embed-v2"], 1024, 2, torch.device("cpu")
+    out = enc.encode_texts(["a", "bbb", "cc"], batch_size=2)
+    assert calls == [(["a", "bbb"], "", 1024), (["cc"], "", 1024)]
+    np.testing.assert_array_equal(out, np.array([[1, 3], [3, 3], [2, 3]], np.float32))
+
+
+# ------------------------------------------------------------------ portable encoder identity
+
+
+def test_encoders_are_named_by_identity_not_path(tmp_path, tiny_vision):
+    from sail.encoders import ModelSpec, model_identity, resolve_model
+
+    assert model_identity(resolve_model("dinov2-l")) == "facebook/dinov2-large"
+    assert model_identity(resolve_model("minilm-l6")) == "sentence-transformers/all-MiniLM-L6-v2"
+    assert resolve_model("sentence-transformers/all-MiniLM-L6-v2", "text").source == resolve_model("minilm-l6").source
+    assert resolve_model("Alibaba-NLP/gte-large-en-v1.5", "text").name == "gte-l"
+    snap = tmp_path / "hub" / "models--facebook--dinov2-small" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    assert model_identity(ModelSpec("abc123", str(snap), "image")) == "facebook/dinov2-small"
+    assert model_identity(resolve_model(str(tiny_vision))) == "local:tiny-dino"
+    with pytest.raises(SailError, match="local model directory on the machine"):
+        resolve_model("local:tiny-dino")
+
+
+def test_store_and_run_from_a_local_encoder_record_no_path(tmp_path, tiny_vision):
+    from sail.extract import ExtractConfig, extract
+    from sail.model import SAILModel
+    from sail.store import FeatureStore
+
+    res = extract(ExtractConfig(model=str(tiny_vision), data="sample", out=str(tmp_path / "img.h5"), workers=0,
+                                progress=False, batch_size=64))
+    with FeatureStore(res.path) as s:
+        assert s.attrs["model_id"] == "local:tiny-dino" and s.attrs["model_revision"].startswith("local:")
+        assert s.attrs["model_path"] == str(tiny_vision.resolve())
+    heads = AlignmentHeads(64, 4, 3, "linear")
+    heads.save_pretrained(tmp_path / "run", extra_config={
+        "image_encoder": {"model_id": "local:tiny-dino", "pooling": "concat", "dim": 64, "store": str(res.path)},
+        "text_encoder": {"model_id": "sentence-transformers/all-MiniLM-L6-v2", "dim": 4}})
+    model = SAILModel.from_pretrained(tmp_path / "run", device="cpu")  # same machine: the store says where
+    assert model.image_model == str(tiny_vision.resolve()) and model.text_model.endswith("all-MiniLM-L6-v2")
+    (tmp_path / "img.h5").unlink()  # "another machine": no store, no directory -> told what to pass
+    model = SAILModel.from_pretrained(tmp_path / "run", device="cpu")
+    with pytest.raises(SailError, match="pass vision_model="):
+        model.vision
