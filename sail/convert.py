@@ -223,6 +223,10 @@ def _encoder_entry(model: str, modality: str, dim: int) -> dict:
 
     spec = resolve_model(model, modality)
     entry = {"model_id": model_identity(spec), "modality": modality, "dim": dim, "model_revision": "hub:unknown"}
+    if Path(spec.source).is_dir():  # a local copy: its identity is its content; the path is a hint for this machine
+        from sail.encoders import model_revision
+
+        entry.update(model_revision=model_revision(spec.source), model_path=spec.source)
     if modality == "image":
         entry["pooling"] = "concat"  # official DINOv2 features: [CLS ; mean of patch tokens]
     else:

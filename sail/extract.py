@@ -39,7 +39,8 @@ import sail
 from sail import zoo
 from sail.data import DEFAULT_MAX_PIXELS, Dataset, ImageError, load_image, open_dataset
 from sail.distributed import barrier, init_distributed, local_device
-from sail.encoders import default_batch_size, load_encoder, model_identity, model_revision, num_params, pick_device, resolve_model
+from sail.encoders import (canonical_model_id, default_batch_size, load_encoder, model_identity, model_revision,
+                           num_params, pick_device, resolve_model)
 from sail.errors import SailError
 from sail.precision import resolve_precision
 from sail.store import StoreWriter
@@ -208,6 +209,8 @@ def _check_existing(out: Path, ident: dict, revision: str, overwrite: bool = Fal
     with s:
         stored = _stored_identity(s, ident)
         their_revision = str(s.attrs.get("model_revision", "hub:unknown"))
+    if stored.get("model_id") != ident["model_id"]:  # a 0.2 store named its encoder by path: compare identities
+        stored["model_id"] = canonical_model_id(stored.get("model_id"), ident["modality"])
     diff = [f"{k}: {stored.get(k)!r} there, {ident[k]!r} here" for k in STORE_IDENTITY
             if k != "source" and stored.get(k) != ident[k]]
     if "hub:unknown" not in (revision, their_revision) and revision != their_revision:

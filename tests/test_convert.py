@@ -336,3 +336,18 @@ def test_store_and_run_from_a_local_encoder_record_no_path(tmp_path, tiny_vision
     model = SAILModel.from_pretrained(tmp_path / "run", device="cpu")
     with pytest.raises(SailError, match="pass vision_model="):
         model.vision
+
+
+def test_a_store_that_named_its_encoder_by_path_is_still_the_same_extraction(tmp_path, tiny_vision):
+    import h5py
+
+    from sail.extract import ExtractConfig, extract
+
+    cfg = ExtractConfig(model=str(tiny_vision), data="sample", out=str(tmp_path / "img.h5"), workers=0,
+                        progress=False, batch_size=64)
+    extract(cfg)
+    with h5py.File(tmp_path / "img.h5", "r+") as f:  # what 0.2 wrote: the absolute path
+        ident = json.loads(f.attrs["identity"])
+        ident["model_id"] = str(tiny_vision.resolve())
+        f.attrs["identity"] = json.dumps(ident)
+    assert extract(cfg).path == tmp_path / "img.h5"  # recognised as complete, not "a different extraction"
