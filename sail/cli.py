@@ -3,6 +3,7 @@
     sail models                      list the encoder aliases
     sail extract --model M --data D  cache embeddings in a feature store
     sail info STORE                  print everything a store says about itself
+    sail convert SRC --out DST       official SAIL checkpoints <-> sail runs
 """
 
 from __future__ import annotations
@@ -391,6 +392,32 @@ def eval_alignment(image: str = typer.Option(..., help="first store (e.g. image 
 
 
 # ----------------------------------------------------------------------------------------- hub
+
+
+@app.command()
+def convert(src: str = typer.Argument(..., metavar="SRC", help="official SAIL .pt, or a sail run directory"),
+            out: str = typer.Option(..., "--out", help="sail run directory (--to sail) or .pt file (--to official)"),
+            to: Optional[str] = typer.Option(None, "--to", help="sail | official (default: from SRC)"),
+            image_model: Optional[str] = typer.Option(None, "--image-model", help="the checkpoint's vision encoder (e.g. dinov2-l)"),
+            text_model: Optional[str] = typer.Option(None, "--text-model", help="its text encoder (gte-l, nv-embed-v2)"),
+            overwrite: bool = _OVERWRITE):
+    """Official SAIL checkpoints (lezhang7/SAIL) <-> sail runs; .pt files load as plain tensors only.
+
+    Example: sail convert sail_dinov2l_nv2.pt --out runs/sail-nv2 --image-model dinov2-l --text-model nv-embed-v2
+    """
+    from sail.convert import convert as run_convert
+
+    res = run_convert(src, out, to, image_model, text_model, overwrite)
+    if "flags" in res:
+        flags = " ".join(f"--{k} {v}" for k, v in res["flags"].items())
+        typer.echo(f"wrote {res['out']} (official AlignmentLayer, t={res['t']:.4g}, b={res['b']:.4g}); load it with "
+                   f"{flags} (SAIL-LLaVA: --vlhead_weights_path {res['out']})")
+    else:
+        lay = res["layout"]
+        typer.echo(f"wrote {res['out']}: {lay['official']} -> sail {lay['kind']} width {lay['width']}, "
+                   f"{lay['image_dim']}/{lay['text_dim']} -> {lay['out_dim']}, t={res['t']:.4g}, b={res['b']:.4g}"
+                   + ("" if image_model and text_model else "; name --image-model and --text-model to load it "
+                      "with SAILModel / sail eval"))
 
 
 @app.command()

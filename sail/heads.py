@@ -4,7 +4,8 @@ Frozen encoders are run once and cached; only these heads learn. Each head is La
 
     linear  Linear(in, out)
     mlp     Linear(in, width*in) - GELU - Linear(width*in, out)
-    glu     W_out( act(W_1 x) * (W_2 x) ),  hidden = width*in, act = ReLU6 (official "star" head) or SiLU
+    glu     W_out( act(W_1 x) * (W_2 x) ),  hidden = width*in, act = ReLU6 (official "star" head) or SiLU;
+            with clamp=c both branches are clipped to [-c, c] first (official star: c = 1e3; sail default: none)
 
 with xavier_uniform weights and zero biases (official init). Embeddings are L2-normalised.
 
@@ -37,7 +38,7 @@ FORMAT_VERSION = 1
 KINDS = ("linear", "mlp", "glu")
 ACTIVATIONS = {"relu6": nn.ReLU6, "silu": nn.SiLU, "gelu": nn.GELU}
 MAX_LOG_SCALE = math.log(100.0)  # SigLIP / SAIL clamp t <= 100
-CONFIG_KEYS = ("format", "format_version", "image_dim", "text_dim", "out_dim", "kind", "width", "activation")
+CONFIG_KEYS = ("format", "format_version", "image_dim", "text_dim", "out_dim", "kind", "width", "activation", "clamp")
 
 
 def _init_linear(layer: nn.Linear) -> nn.Linear:
@@ -69,9 +70,10 @@ class MLPHead(nn.Module):
 
 
 class GLUHead(nn.Module):
-    def __init__(self, in_dim: int, out_dim: int, width: int, activation: str):
+    def __init__(self, in_dim: int, out_dim: int, width: int, activation: str, clamp: float | None = None):
         super().__init__()
         hidden = width * in_dim
+        self.clamp = clamp  # official star clips both branches to +-1e3 (sail.convert sets it for imported heads)
         self.norm = nn.LayerNorm(in_dim)
         self.w1 = _init_linear(nn.Linear(in_dim, hidden))  # gate branch, goes through act
         self.w2 = _init_linear(nn.Linear(in_dim, hidden))  # linear branch
@@ -80,11 +82,15 @@ class GLUHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm(x)
-        return self.w_out(self.act(self.w1(h)) * self.w2(h))  # (N, hidden) * (N, hidden) -> (N, out)
+        a, b = self.w1(h), self.w2(h)
+        if self.clamp is not None:
+            a, b = a.clamp(-self.clamp, self.clamp), b.clamp(-self.clamp, self.clamp)
+        return self.w_out(self.act(a) * b)  # (N, hidden) * (N, hidden) -> (N, out)
 
 
-def make_head(kind: str, in_dim: int, out_dim: int, width: int = 4, activation: str = "relu6") -> nn.Module:
-    """One alignment head. `activation` is used by `glu` only (mlp is GELU as in the official code)."""
+def make_head(kind: str, in_dim: int, out_dim: int, width: int = 4, activation: str = "relu6",
+              clamp: float | None = None) -> nn.Module:
+    """One alignment head. `activation` and `clamp` are used by `glu` only (mlp is GELU as in the official code)."""
     if kind not in KINDS:
         raise SailError(f"unknown head kind {kind!r}; choose one of {', '.join(KINDS)}")
     if activation not in ACTIVATIONS:
@@ -92,11 +98,13 @@ def make_head(kind: str, in_dim: int, out_dim: int, width: int = 4, activation: 
     for name, value in (("in_dim", in_dim), ("out_dim", out_dim), ("width", width)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise SailError(f"head {name} must be a positive integer, got {value!r}")
+    if clamp is not None and not (isinstance(clamp, (int, float)) and not isinstance(clamp, bool) and clamp > 0):
+        raise SailError(f"head clamp must be a positive number or null, got {clamp!r}")
     if kind == "linear":
         return LinearHead(in_dim, out_dim)
     if kind == "mlp":
         return MLPHead(in_dim, out_dim, width)
-    return GLUHead(in_dim, out_dim, width, activation)
+    return GLUHead(in_dim, out_dim, width, activation, None if clamp is None else float(clamp))
 
 
 # Projections of the end-to-end recipes (sail.towers): the paper's choice for each tower, no LayerNorm.
@@ -155,14 +163,15 @@ class AlignmentHeads(nn.Module):
     """Image head + text head + learnable log-temperature `logit_scale` (log t) and bias `logit_bias` (b)."""
 
     def __init__(self, image_dim: int, text_dim: int, out_dim: int = 1024, kind: str = "glu", width: int = 4,
-                 activation: str = "relu6", init_scale: float = 20.0, init_bias: float = -10.0):
+                 activation: str = "relu6", init_scale: float = 20.0, init_bias: float = -10.0,
+                 clamp: float | None = None):
         super().__init__()
         if not init_scale > 0:
             raise SailError(f"init_scale is the temperature t and must be > 0, got {init_scale}")
         self.image_dim, self.text_dim, self.out_dim = image_dim, text_dim, out_dim
-        self.kind, self.width, self.activation = kind, width, activation
-        self.image_head = make_head(kind, image_dim, out_dim, width, activation)
-        self.text_head = make_head(kind, text_dim, out_dim, width, activation)
+        self.kind, self.width, self.activation, self.clamp = kind, width, activation, clamp
+        self.image_head = make_head(kind, image_dim, out_dim, width, activation, clamp)
+        self.text_head = make_head(kind, text_dim, out_dim, width, activation, clamp)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(init_scale)))
         self.logit_bias = nn.Parameter(torch.tensor(float(init_bias)))
         self.extra_config: dict = {}
@@ -212,9 +221,12 @@ class AlignmentHeads(nn.Module):
     # ------------------------------------------------------------------ save / load
     @property
     def config(self) -> dict:
-        return {"format": FORMAT, "format_version": FORMAT_VERSION, "image_dim": self.image_dim,
-                "text_dim": self.text_dim, "out_dim": self.out_dim, "kind": self.kind, "width": self.width,
-                "activation": self.activation}
+        config = {"format": FORMAT, "format_version": FORMAT_VERSION, "image_dim": self.image_dim,
+                  "text_dim": self.text_dim, "out_dim": self.out_dim, "kind": self.kind, "width": self.width,
+                  "activation": self.activation}
+        if self.clamp is not None:  # written only when set: runs without it keep their config.json unchanged
+            config["clamp"] = self.clamp
+        return config
 
     def save_pretrained(self, directory: str | Path, extra_config: dict | None = None,
                         metadata: dict | None = None) -> Path:
@@ -258,7 +270,7 @@ class AlignmentHeads(nn.Module):
         if missing:
             raise SailError(f"{config_path} lacks {', '.join(missing)}")
         heads = cls(config["image_dim"], config["text_dim"], config["out_dim"], config["kind"], config["width"],
-                    config["activation"])
+                    config["activation"], clamp=config.get("clamp"))
         try:
             tensors = load_file(str(weights_path), device=str(map_location))
         except (SafetensorError, OSError) as e:

@@ -35,6 +35,23 @@ def read_run_config(run_dir: str | Path) -> dict:
     return read_json(path, what="run config", todo="restore it, or train the run again")
 
 
+def _local_hint(encoder: dict) -> str | None:
+    """A run trained on a local model directory names it "local:<name>"; on the machine that made it the
+    directory is still where its feature store says (attribute model_path), so use it from there."""
+    if not str(encoder.get("model_id", "")).startswith("local:"):
+        return None
+    hint = encoder.get("model_path")
+    if not hint and encoder.get("store") and Path(encoder["store"]).is_file():
+        from sail.store import FeatureStore
+
+        try:
+            with FeatureStore(encoder["store"]) as store:
+                hint = store.attrs.get("model_path")
+        except SailError:
+            return None
+    return str(hint) if hint and Path(str(hint)).is_dir() else None
+
+
 class SAILModel(torch.nn.Module):
     def __init__(self, heads: AlignmentHeads, image_model: str, text_model: str, pooling: str = "concat",
                  max_length: int | None = None, device: str | torch.device = "auto", loss: str = "sigmoid"):
@@ -65,6 +82,7 @@ class SAILModel(torch.nn.Module):
         if not (vision_model or img.get("model_id")) or not (text_model or txt.get("model_id")):
             raise SailError(f"{run_dir}/config.json does not name its encoders; pass vision_model= and text_model=")
         max_length = txt.get("max_length")
+        vision_model, text_model = vision_model or _local_hint(img), text_model or _local_hint(txt)
         return cls(heads, vision_model or img["model_id"], text_model or txt["model_id"], img.get("pooling", "concat"),
                    None if max_length in (None, -1) else int(max_length), device, cfg.get("loss", "sigmoid"))
 
