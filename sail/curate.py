@@ -22,19 +22,21 @@ as `sail align`). The stages always run in this order, each on the pairs the pre
               is compared only with the pairs of its own (nearest) cluster, blockwise on the device.
               Guarantee: the result equals the O(n^2) greedy rule for every duplicate pair that lands in
               one cluster; a pair split by a cluster boundary is missed (both kept). --dedup-clusters 1 is
-              the exact rule. Planted copies (cosine near 1) share their nearest centroid unless they lie
-              on a boundary, which for tight duplicates is rare (tests/test_curate.py checks it).
+              the exact rule. A copy falls on the other side of a boundary only when its original lies
+              near that boundary: rare when the embeddings have cluster structure (real ones do), common
+              on structureless noise. tests/test_curate.py checks exactness on planted copies in
+              clustered data, and --dedup-clusters 1 against an O(n^2) reference on any data.
   3. balance  (--balance K --per-concept N): cluster the text embeddings into K concepts (faiss k-means)
               and keep at most N pairs per concept, a seeded random choice within each, so a few head
               concepts stop drowning the tail (MetaCLIP).
 
 Outputs, written atomically: OUT (kept ids, one per line, in store order), OUT.report.json (counts after
-each stage, cluster sizes, removed examples, the settings and seed) and OUT.clusters.png (cluster-size
-histograms). Every number is a function of (stores, run, settings, seed).
+each stage, cluster sizes, removed examples, the settings and seed, each stage's seconds) and OUT.clusters.png (cluster-size
+histograms). Every number but the seconds is a function of (stores, run, settings, seed).
 
 Cost model (n pairs, d dims, C dedup clusters, K concepts; benchmarks/curate.py measures it): each stage
 streams the stores in --chunk-rows slabs (memory: one slab plus per-pair ints and floats); k-means trains
-on <= 64 points per centroid; assignment is n*C*d multiply-adds; dedup compares within clusters,
+on <= 32 points per centroid (training: 10 iterations x 32 k^2 d); assignment is n*C*d multiply-adds; dedup compares within clusters,
 about n*(n/C)*d; balance assigns n*K*d. Peak memory beyond the slab is the largest cluster's features.
 """
 
@@ -42,6 +44,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -111,8 +114,18 @@ def _unit(x: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.nn.functional.normalize(t, dim=1)
 
 
+def _gather(store: FeatureStore, field: str, rows: np.ndarray) -> np.ndarray:
+    """Rows in any order as float16 (len(rows), D): one pread per run of consecutive rows (store.read would read
+    every touched HDF5 chunk whole, the whole store for a cluster's scattered rows)."""
+    uniq, inverse = np.unique(rows, return_inverse=True)
+    out = np.empty((len(uniq), store.dim(field)), dtype=np.float16)
+    if len(uniq):
+        store.read_sorted_into(field, uniq, out)
+    return out[inverse]
+
+
 def _read_unit(store: FeatureStore, field: str, rows: np.ndarray, device: torch.device) -> torch.Tensor:
-    return _unit(store.read(field, rows), device)
+    return _unit(_gather(store, field, rows), device)
 
 
 def _slabs(n: int, step: int):
@@ -136,8 +149,8 @@ def pair_scores(run: str, pairs: PairedFeatures, index: np.ndarray, chunk_rows: 
     out = np.empty(len(index), dtype=np.float32)
     for lo, hi in tqdm(list(_slabs(len(index), chunk_rows)), desc="curate: scoring", disable=not progress):
         sel = index[lo:hi]
-        x = project_store(heads, pairs.image_store.read("image", pairs.image_rows[sel]), "image", device=device)
-        y = project_store(heads, pairs.text_store.read(pairs.captions[0], pairs.text_rows[sel]), "text", device=device)
+        x = project_store(heads, _gather(pairs.image_store, "image", pairs.image_rows[sel]), "image", device=device)
+        y = project_store(heads, _gather(pairs.text_store, pairs.captions[0], pairs.text_rows[sel]), "text", device=device)
         out[lo:hi] = (x * y).sum(1).numpy()
     return out
 
@@ -148,7 +161,7 @@ def pair_scores(run: str, pairs: PairedFeatures, index: np.ndarray, chunk_rows: 
 def kmeans_assign(read, n: int, k: int, seed: int, iters: int, chunk_rows: int, dim: int,
                   progress: bool = False, what: str = "clusters") -> np.ndarray:
     """Spherical faiss k-means over n unit rows, `read(lo, hi)` giving rows [lo, hi) as unit float32 numpy:
-    trained (best of 3 seeded starts) on a seeded sample of <= 64 rows per centroid, then every row assigned in slabs. Returns the
+    trained on a seeded sample of 32 rows per centroid (at least 4096), then every row assigned in slabs. Returns the
     nearest centroid of each row (int64, (n,)). faiss runs on the GPU when it has one."""
     import faiss
 
@@ -156,18 +169,36 @@ def kmeans_assign(read, n: int, k: int, seed: int, iters: int, chunk_rows: int, 
     if k == 1:
         return np.zeros(n, dtype=np.int64)
     rng = np.random.default_rng([seed, 1])
-    sample = np.sort(rng.choice(n, size=min(n, 64 * k), replace=False))
+    size = min(n, max(32 * k, 4096))  # a floor, so that small concepts of a small k are seen at all
+    sample = np.sort(rng.choice(n, size=size, replace=False))
     x = np.concatenate([read(lo, hi)[sample[(sample >= lo) & (sample < hi)] - lo] for lo, hi in _slabs(n, chunk_rows)
                         if ((sample >= lo) & (sample < hi)).any()])
     gpu = hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
-    km = faiss.Kmeans(dim, k, niter=iters, seed=seed, spherical=True, gpu=gpu, max_points_per_centroid=64, nredo=3,
+    km = faiss.Kmeans(dim, k, niter=iters, seed=seed, spherical=True, gpu=gpu, max_points_per_centroid=-(-size // k),
                       min_points_per_centroid=1, verbose=False)
-    km.train(np.ascontiguousarray(x, dtype=np.float32))
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    km.train(x, init_centroids=_kmeans_pp(x, k, np.random.default_rng([seed, 3])))
     labels = np.empty(n, dtype=np.int64)
     for lo, hi in tqdm(list(_slabs(n, chunk_rows)), desc=f"curate: assigning {what}", disable=not progress):
         _, nearest = km.index.search(np.ascontiguousarray(read(lo, hi), dtype=np.float32), 1)
         labels[lo:hi] = nearest[:, 0]
     return labels
+
+
+def _kmeans_pp(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k-means++ seeding on unit rows (each next centre drawn with probability ~ its squared distance to the
+    nearest chosen one): faiss's uniform seeding often spends two centres on one big concept and merges
+    two small ones, which is exactly the tail a balance stage must keep apart. Drawn from <= 4k + 4096 of the
+    rows, so the k passes stay in cache (~4 k^2 d multiply-adds)."""
+    x = x[np.sort(rng.choice(len(x), size=min(len(x), 4 * k + 4096), replace=False))]
+    chosen = [int(rng.integers(len(x)))]
+    d2 = np.maximum(2 - 2 * x @ x[chosen[0]], 0)
+    for _ in range(1, k):
+        total = d2.sum()
+        i = int(rng.choice(len(x), p=d2 / total)) if total > 0 else int(rng.integers(len(x)))
+        chosen.append(i)
+        d2 = np.minimum(d2, np.maximum(2 - 2 * x @ x[i], 0))
+    return x[chosen].copy()
 
 
 # ------------------------------------------------------------------------------------------ stage 2: dedup
@@ -258,11 +289,12 @@ def _dedup(pairs: PairedFeatures, index: np.ndarray, priority: np.ndarray | None
 def cap_per_concept(labels: np.ndarray, cap: int, seed: int) -> np.ndarray:
     """Positions to keep: every position of a concept with <= cap members, else a seeded random `cap` of them
     (the generator is seeded by (seed, concept), so one concept's choice does not depend on the others)."""
+    by_concept = np.argsort(labels, kind="stable")
+    concepts, starts = np.unique(labels[by_concept], return_index=True)
     keep = []
-    for c in np.unique(labels):
-        members = np.flatnonzero(labels == c)
+    for c, members in zip(concepts, np.split(by_concept, starts[1:])):
         if len(members) > cap:
-            members = np.sort(np.random.default_rng([seed, 2, int(c)]).choice(members, size=cap, replace=False))
+            members = np.random.default_rng([seed, 2, int(c)]).choice(members, size=cap, replace=False)
         keep.append(members)
     return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
 
@@ -327,6 +359,7 @@ def curate(cfg: CurateConfig) -> CurateReport:
     index = np.arange(len(pairs))
     report = CurateReport(pairs=len(pairs), kept=len(pairs))
     scores = None
+    clock = time.perf_counter()
     if cfg.run is not None:
         scores = pair_scores(cfg.run, pairs, index, cfg.chunk_rows, device, cfg.progress)
     if cfg.min_score is not None:
@@ -335,15 +368,25 @@ def curate(cfg: CurateConfig) -> CurateReport:
         report.stages.append({"stage": "score", "min_score": cfg.min_score, "removed": int((~ok).sum()), "kept": int(ok.sum()),
                               "examples": [{"removed": str(pairs.ids[i]), "score": round(float(scores[i]), 4)} for i in low]})
         index = index[ok]
+        clock = _timed(report, clock)
     if cfg.dedup is not None and len(index):
         index, stage = _dedup(pairs, index, None if scores is None else scores[index], cfg, device)
         report.stages.append(stage)
+        clock = _timed(report, clock)
     if cfg.balance is not None and len(index):
         index, stage = _balance(pairs, index, cfg, device)
         report.stages.append(stage)
+        clock = _timed(report, clock)
     report.kept = len(index)
     _write(cfg, pairs.ids[index], report)
     return report
+
+
+def _timed(report: CurateReport, since: float) -> float:
+    """Record the last stage's wall seconds (the one number of the report that is not reproducible)."""
+    now = time.perf_counter()
+    report.stages[-1]["seconds"] = round(now - since, 3)
+    return now
 
 
 def _write(cfg: CurateConfig, ids: np.ndarray, report: CurateReport) -> None:

@@ -71,11 +71,10 @@ def test_exact_copies_keep_exactly_one_row_of_each_group():
 def _skewed_stores(tmp, rng, n_base=300, copies=150, noise=0.02, dim=24, concepts=None):
     """Image/text stores of n_base random pairs plus `copies` near copies of random base pairs (both views)."""
     base_i, base_t = rng.standard_normal((n_base, dim)), rng.standard_normal((n_base, dim))
-    if concepts is not None:  # text rows around a few far-apart concept centres
-        centres = 10 * rng.standard_normal((len(concepts), dim))
+    if concepts is not None:  # rows around a few far-apart concept centres (tight in text, looser in image)
         lab = np.repeat(np.arange(len(concepts)), concepts)
-        base_t = centres[lab] + 0.3 * rng.standard_normal((len(lab), dim))
-        base_i = rng.standard_normal((len(lab), dim))
+        base_t = 10 * rng.standard_normal((len(concepts), dim))[lab] + 0.3 * rng.standard_normal((len(lab), dim))
+        base_i = 3 * rng.standard_normal((len(concepts), dim))[lab] + rng.standard_normal((len(lab), dim))
         n_base = len(lab)
     src = rng.integers(0, n_base, copies)
     image = np.concatenate([base_i, base_i[src] + noise * rng.standard_normal((copies, dim))])
@@ -94,10 +93,13 @@ def _stored_unit(path, field):
 
 @pytest.mark.parametrize("on", ["image", "both"])
 @pytest.mark.parametrize("threshold", [0.9, 0.99])
-def test_curate_dedup_with_clusters_equals_the_reference_on_planted_duplicates(tmp_path, on, threshold):
-    img, txt, _ = _skewed_stores(tmp_path, np.random.default_rng(1))
+@pytest.mark.parametrize("clusters", [1, 5])
+def test_curate_dedup_equals_the_reference_on_planted_duplicates(tmp_path, on, threshold, clusters):
+    """1 cluster: the exact rule on any data. 5 clusters over 5 separated concepts: every duplicate pair lands
+    in one cluster, so the clustered result is still the exact one (the guarantee of sail.curate)."""
+    img, txt, _ = _skewed_stores(tmp_path, np.random.default_rng(1), concepts=[120, 80, 50, 30, 20])
     report = curate(CurateConfig(image=str(img), text=str(txt), out=str(tmp_path / "kept.ids"), dedup=threshold,
-                                 dedup_on=on, dedup_clusters=6, progress=False))
+                                 dedup_on=on, dedup_clusters=clusters, progress=False))
     image_ids, x = _stored_unit(img, "image")
     text_ids, t = _stored_unit(txt, "caption")
     t = t[FeatureStore(txt).row_of(image_ids)]  # texts in image-store order (the pairs' order)
