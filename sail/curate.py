@@ -218,14 +218,13 @@ def greedy_dedup(x: torch.Tensor, threshold: float, t: torch.Tensor | None = Non
     cut = threshold - TOLERANCE
     for lo in range(0, m, block):
         hi = min(m, lo + block)
-        kept = torch.from_numpy(np.flatnonzero(keep[:lo])).to(x.device)
+        kept = np.flatnonzero(keep[:lo])
         if len(kept):
-            s = _sim(x[lo:hi], x[kept], t[lo:hi] if t is not None else None, t[kept] if t is not None else None)
-            best, arg = s.max(dim=1)
-            hit = (best >= cut).cpu().numpy()
+            best, arg = _best_kept(x, t, lo, hi, kept)
+            hit = best >= cut
             keep[lo:hi][hit] = False
-            dup_of[lo:hi][hit] = kept.cpu().numpy()[arg.cpu().numpy()[hit]]
-            cos[lo:hi][hit] = best.cpu().numpy()[hit]
+            dup_of[lo:hi][hit] = kept[arg[hit]]
+            cos[lo:hi][hit] = best[hit]
         w = _sim(x[lo:hi], x[lo:hi], t[lo:hi] if t is not None else None, t[lo:hi] if t is not None else None)
         w = (torch.tril(w, diagonal=-1) >= cut).cpu().numpy()  # (b, b): earlier in-block neighbours
         alive = keep[lo:hi]  # a view: updating it updates keep
@@ -239,6 +238,21 @@ def greedy_dedup(x: torch.Tensor, threshold: float, t: torch.Tensor | None = Non
                                          None if t is None else t[lo + i:lo + i + 1],
                                          None if t is None else t[lo + js[0]:lo + js[0] + 1]))
     return keep, dup_of, cos
+
+
+def _best_kept(x: torch.Tensor, t: torch.Tensor | None, lo: int, hi: int, kept: np.ndarray,
+               cols: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+    """For rows [lo, hi): the highest similarity to any kept row and which (position in `kept`), over kept
+    rows `cols` at a time, so a big cluster never needs a (block, all kept) matrix."""
+    best = torch.full((hi - lo,), -2.0, device=x.device)
+    arg = torch.zeros(hi - lo, dtype=torch.long, device=x.device)
+    for c in range(0, len(kept), cols):
+        sel = torch.from_numpy(kept[c:c + cols]).to(x.device)
+        s = _sim(x[lo:hi], x[sel], None if t is None else t[lo:hi], None if t is None else t[sel])  # (b, cols)
+        value, where = s.max(dim=1)
+        better = value > best
+        best, arg = torch.where(better, value, best), torch.where(better, where + c, arg)
+    return best.cpu().numpy(), arg.cpu().numpy()
 
 
 def _sim(a: torch.Tensor, b: torch.Tensor, ta: torch.Tensor | None, tb: torch.Tensor | None) -> torch.Tensor:
