@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from sail.artifacts import read_json, write_json
 from sail.checkpoint import check_resume
+from sail.curate import restrict, subset_sha256
 from sail.distributed import setup
 from sail.engine import GracefulStop, Interrupted, Loop, StopRequest, restore, train_loop
 from sail.errors import SailError
@@ -87,10 +88,12 @@ class AlignConfig:
     chunk_size: int | None = None          # rows per head chunk (None: automatic from free memory)
     loss_impl: str = "auto"                # sigmoid losses: auto | torch | triton (fused GPU kernel)
     progress: bool = True
+    subset: str | None = None              # ids file (`sail curate`): train on those pairs only
 
     def resolved(self) -> dict:
         d = dataclasses.asdict(self)
         d["betas"] = list(d["betas"])
+        d["subset_sha256"] = subset_sha256(self.subset)  # the subset's identity: resume refuses a changed one
         return d
 
     def validate(self) -> None:
@@ -124,7 +127,7 @@ class AlignConfig:
 # Settings that may differ between a run and its resumption. The stores and the run directory are
 # compared by identity (see _store_identity), not by spelling; in_memory is replaced by the recorded mode.
 _RESUME_FREE = {"progress", "device", "precision", "loss_impl", "chunk_size", "block_size", "in_memory", "eval_every", "log_every", "checkpoint_every",
-                "out", "image", "text", "val_image", "val_text"}
+                "out", "image", "text", "val_image", "val_text", "subset"}
 _STORE_FLAGS = ("image", "text", "val_image", "val_text")
 
 
@@ -315,6 +318,9 @@ def _prepare_data(cfg: AlignConfig, run: Path, saved: dict | None, say, rank: in
                             f"({before['image']['model_id']} / {before['text']['model_id']}); re-extract or use another --out")
     stores = {"image": image_store, "text": text_store}
     pairs = _joined(image_store, text_store, captions, say)
+    if cfg.subset:
+        pairs = restrict(pairs, cfg.subset)
+        say(f"align: --subset {cfg.subset} keeps {len(pairs)} pairs")
     if cfg.val_image or cfg.val_text:
         if not (cfg.val_image and cfg.val_text):
             raise SailError("give both --val-image and --val-text, or neither")

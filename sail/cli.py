@@ -168,6 +168,7 @@ def align(
     chunk_size: Optional[int] = typer.Option(None, help="rows per head chunk (default: automatic from free memory)"),
     log_every: int = typer.Option(50, help="steps between reads of the loss/t/b statistics (and NaN checks)"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
+    subset: Optional[str] = typer.Option(None, help="train only on the pairs whose ids this file lists (`sail curate`)"),
 ):
     """Train alignment heads on cached features; writes config.json + model.safetensors.
 
@@ -185,7 +186,8 @@ def align(
                                      val_image=val_image, val_text=val_text, seed=seed, device=device, precision=precision,
                                      in_memory=in_memory, checkpoint_every=checkpoint_every, eval_every=eval_every,
                                      block_size=block_size, loss_impl=loss_impl, chunk_size=chunk_size, log_every=log_every,
-                                     stream_block_rows=stream_block_rows, stream_buffer_blocks=stream_buffer_blocks),
+                                     stream_block_rows=stream_block_rows, stream_buffer_blocks=stream_buffer_blocks,
+                                     subset=subset),
                          resume=resume)
     except AlignInterrupted as e:
         _interrupted(e)
@@ -502,6 +504,33 @@ def filter_align_cmd(manifest: str = typer.Argument(..., help="manifest to filte
                           min_short_side=min_short_side, max_aspect=max_aspect, max_texts_per_image=max_texts_per_image,
                           max_images_per_text=max_images_per_text, min_unigrams=min_unigrams,
                           max_unigrams=max_unigrams, vocab_size=vocab_size, encoding=encoding)
+    typer.echo(report.table())
+
+
+@app.command()
+def curate(image: str = typer.Option(..., help="image feature store (.h5)"),
+           text: str = typer.Option(..., help="text feature store (.h5) over the same ids"),
+           out: str = typer.Option(..., help="ids file to write (one id per line); also OUT.report.json, OUT.clusters.png"),
+           caption: Optional[str] = typer.Option(None, help="text field (default: the store's first)"),
+           min_score: Optional[float] = typer.Option(None, help="stage 1: keep pairs whose image-text cosine under --run is >= S"),
+           run: Optional[str] = typer.Option(None, help="aligned run for --min-score; also makes dedup keep the best-scored copy"),
+           dedup: Optional[float] = typer.Option(None, help="stage 2: remove pairs with cosine >= T to a kept pair"),
+           dedup_on: str = typer.Option("image", help="image | both (image AND text cosine >= T)"),
+           dedup_clusters: Optional[int] = typer.Option(None, help="k-means clusters compared within (default n/1000; 1 = exact)"),
+           balance: Optional[int] = typer.Option(None, help="stage 3: K text concepts (k-means)"),
+           per_concept: Optional[int] = typer.Option(None, help="stage 3: keep at most N pairs per concept"),
+           seed: int = typer.Option(0), device: str = typer.Option("auto", help="auto, cpu, cuda"),
+           overwrite: bool = _OVERWRITE):
+    """Curate pairs on cached features (score filter -> semantic dedup -> concept balance) into an ids file.
+
+    Example: sail curate --image features/cc3m/dinov2-l.h5 --text features/cc3m/gte-l.h5 --out cc3m.ids --dedup 0.95 --balance 2000 --per-concept 1000
+    """
+    from sail.curate import CurateConfig, curate as run_curate
+
+    _check_out(out, overwrite)
+    report = run_curate(CurateConfig(image=image, text=text, out=out, caption=caption, min_score=min_score, run=run,
+                                     dedup=dedup, dedup_on=dedup_on, dedup_clusters=dedup_clusters, balance=balance,
+                                     per_concept=per_concept, seed=seed, device=device))
     typer.echo(report.table())
 
 
