@@ -22,21 +22,25 @@ $(VENV)/.installed: pyproject.toml requirements/lock.txt requirements/lock-nodep
 
 # refresh the lock after a pyproject.toml change, keeping every pin that still fits (uv reads the old lock)
 lock: setup
-	$(BIN)/uv pip compile pyproject.toml requirements/lock.in --extra dev $(LOCK_FLAGS) -o requirements/lock.txt
-	$(BIN)/uv pip compile requirements/nodeps.in --no-deps $(LOCK_FLAGS) -o requirements/lock-nodeps.txt
+	$(BIN)/uv pip compile -q pyproject.toml requirements/lock.in --extra dev $(LOCK_FLAGS) -o requirements/lock.txt
+	$(BIN)/uv pip compile -q requirements/nodeps.in --no-deps $(LOCK_FLAGS) -o requirements/lock-nodeps.txt
 
 # move every pin to the newest release the ranges allow (then run `make test test-slow` before committing)
 lock-upgrade: setup
-	$(BIN)/uv pip compile pyproject.toml requirements/lock.in --extra dev $(LOCK_FLAGS) --upgrade -o requirements/lock.txt
+	$(BIN)/uv pip compile -q pyproject.toml requirements/lock.in --extra dev $(LOCK_FLAGS) --upgrade -o requirements/lock.txt
 
 demo: setup
 	$(BIN)/sail demo
 
+# the default tier on every core (pytest-xdist; a file's tests stay in one worker, so its module fixtures are built
+# once); `make test PYTEST_ARGS=--module-times` adds wall and CPU seconds per module (README "Tests")
+WORKERS ?= auto
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile $(PYTEST_ARGS)
 
+# the slow tier: torchrun, Triton's interpreter under gloo and its sm_90 compile, the wheel, Chromium, the real demo
 test-slow: setup
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -m slow -n $(WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/python benchmarks/loss.py --quick
