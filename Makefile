@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup demo test test-slow bench peers clean
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,11 @@ bench: setup
 	$(BIN)/python benchmarks/extract.py
 	$(BIN)/python benchmarks/loader.py
 	$(BIN)/python benchmarks/align_step.py
+
+# the peers benchmarks/gpu.py times sail against (pure-Python wheels; on the GPU machine:
+# pip install --no-deps benchmarks/peers/*.whl)
+peers:
+	$(PYTHON) -m pip download --no-deps -q -d benchmarks/peers siglip-kernel==0.1.2 open_clip_torch==3.3.0
 
 clean:
 	rm -rf $(VENV) runs features/*/
