@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_WHEELS ?= /opt/wheels
 LOCK_FLAGS = --python-version 3.11 --generate-hashes --find-links $(TORCH_WHEELS) --custom-compile-command 'make lock'
 
-.PHONY: setup demo test test-slow bench clean lock lock-upgrade
+.PHONY: setup demo test test-slow bench peers clean lock lock-upgrade
 
 setup: $(VENV)/.installed
 
@@ -47,6 +47,11 @@ bench: setup
 	$(BIN)/python benchmarks/extract.py
 	$(BIN)/python benchmarks/loader.py
 	$(BIN)/python benchmarks/align_step.py
+
+# the peers benchmarks/gpu.py times sail against (pure-Python wheels; on the GPU machine:
+# pip install --no-deps benchmarks/peers/*.whl)
+peers:
+	$(PYTHON) -m pip download --no-deps -q -d benchmarks/peers siglip-kernel==0.1.2 open_clip_torch==3.3.0
 
 clean:
 	rm -rf $(VENV) runs features/*/

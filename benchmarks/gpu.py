@@ -7,8 +7,12 @@
 
 Sections (one function each, registered in SECTIONS; add yours with `@section("name")`; each gets the
 shared context and returns a dict of figures, printed as a table and put in the final JSON line):
-- matmul: the bf16 (8192^3) and TF32 / fp32 matmul peaks measured in this run; other sections report
-  their share of the bf16 peak.
+- matmul: the bf16 peak (gpu_kernel.bf16_matmul_peak: the best bf16 torch.mm over a few large shapes, the one
+  definition every share refers to) and the TF32 / fp32 rates at 8192^3, measured in this run.
+- peers (benchmarks/gpu_peers.py): sail's loss (triton, torch) against siglip-kernel (its router and its best
+  backend) and open_clip's SigLipLoss on the same bf16 inputs at B = 36864 .. 1M, D = 1024 and 768, and
+  multi-positive K = 2 against SigLIP+; seconds, peak memory, share of peak; each against float64 first.
+  `make peers` fetches their wheels; install them on the GPU machine with `pip install --no-deps`.
 - loss: sail.losses.sigmoid_loss forward + backward at B = 65536, D = 1024 with bf16 and fp32
   embeddings (bf16 / fp32 time), and the bf16 loss's relative error and gradient cosine against float64.
 - step: a full training step (sail.step.train_step, glu 2048/1024 -> 1024 width 4, bf16 autocast, Lion)
@@ -28,7 +32,8 @@ shared context and returns a dict of figures, printed as a table and put in the 
   <= 10 s on an H100-class GPU. The first triton call autotunes the tile configs; the timed calls follow.
   `--sizes` sets its batch sizes (default 36864,262144,1048576), `--repeats` its timed calls.
 Without a CUDA device it prints why and exits with status 0 (nothing to measure), unless --smoke.
-Prints the figures, then one JSON line.
+Prints the figures, then one JSON line, and (on CUDA, or with --record) writes the one record the README's GPU
+table is generated from: benchmarks/results/gpu.json (`python benchmarks/gpu_table.py --readme README.md`).
 """
 
 from __future__ import annotations
@@ -97,21 +102,36 @@ class Context:
 
 @section("matmul")
 def matmul_peak(ctx: Context) -> dict:
+    """The run's bf16 peak (gpu_kernel.bf16_matmul_peak: the one definition every share refers to), and the
+    TF32 and fp32 rates at 8192^3 for comparison."""
+    from gpu_kernel import PEAK_SHAPES, bf16_matmul_peak
+
+    shapes = tuple(tuple(ctx.size(v, 256) for v in shape) for shape in PEAK_SHAPES[: ctx.size(len(PEAK_SHAPES), 1)])
+    peak, per_shape = bf16_matmul_peak(repeats=ctx.size(10, 2), shapes=shapes, device=ctx.device)
+    out = {"bf16_tflops": peak, "bf16_per_shape": per_shape}
     n = ctx.size(8192, 256)
-    out = {}
-    for name, dtype, tf32 in (("bf16", torch.bfloat16, False), ("tf32", torch.float32, True),
-                              ("fp32", torch.float32, False)):
+    for name, tf32 in (("tf32", True), ("fp32", False)):
         if ctx.device.type == "cpu" and name == "tf32":
             continue
         saved = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = tf32
-        a = torch.randn(n, n, device=ctx.device, dtype=dtype)
-        b = torch.randn(n, n, device=ctx.device, dtype=dtype)
-        sec = ctx.timed(lambda: torch.mm(a, b), repeats=5)
-        torch.backends.cuda.matmul.allow_tf32 = saved
-        out[f"{name}_tflops"] = 2 * n**3 / sec / 1e12
-        del a, b
+        try:
+            a = torch.randn(n, n, device=ctx.device)
+            b = torch.randn(n, n, device=ctx.device)
+            out[f"{name}_tflops"] = 2 * n**3 / ctx.timed(lambda: torch.mm(a, b), repeats=5) / 1e12
+            del a, b
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = saved
     return out
+
+
+@section("peers")
+def peers_section(ctx: Context) -> dict:
+    from gpu_peers import SIZES, peers
+
+    sizes = ctx.kernel_sizes or (SIZES if not ctx.smoke else (256, 512))
+    return peers(ctx.device, ctx.bf16_peak(), sizes=sizes, dims=ctx.size((1024, 768), (64, 48)),
+                 repeats=ctx.repeats, check_n=ctx.size(2048, 128))
 
 
 @section("loss")
@@ -358,7 +378,8 @@ def loss_kernel_section(ctx: Context) -> dict:
         return {"skipped": "the Triton kernel's timing needs CUDA (its CPU tests use TRITON_INTERPRET=1)"}
     from gpu_kernel import loss_kernel
 
-    return loss_kernel(sizes=ctx.kernel_sizes or (36864, 262144, 1048576), repeats=ctx.repeats)
+    return loss_kernel(sizes=ctx.kernel_sizes or (36864, 262144, 1048576), repeats=ctx.repeats,
+                       peak=ctx.bf16_peak() if math.isfinite(ctx.bf16_peak()) else None)
 
 
 @section("extraction")
@@ -376,6 +397,53 @@ def _flat(d, prefix=""):
             yield f"{prefix}{k}", v
 
 
+def _stack(device_name: str) -> dict:
+    """What the figures ran on: device, torch, triton, CUDA, driver, date, and the sail commit."""
+    import datetime
+    import subprocess
+
+    def run(*cmd):
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=20).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"device": device_name, "torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
+            "driver": run("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"),
+            "python": sys.version.split()[0], "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                timespec="seconds"), "sail_commit": run("git", "-C", str(Path(__file__).resolve().parents[1]),
+                                                        "rev-parse", "--short", "HEAD")}
+
+
+def build_record(results: dict, device_name: str, command: str, seconds: float) -> dict:
+    """The one record the README's GPU table is generated from (benchmarks/gpu_table.py): the stack, the run's bf16
+    peak (gpu_kernel.bf16_matmul_peak), a row per peer measurement, and every section's figures as measured."""
+    peers = results.get("peers", {})
+    return {"benchmark": "gpu", "command": command, "seconds": round(seconds, 1), "stack": _stack(device_name),
+            "bf16_peak_tflops": results.get("matmul", {}).get("bf16_tflops"),
+            "bf16_peak_definition": "best median bf16 torch.mm over gpu_kernel.PEAK_SHAPES in this run",
+            "peers": peers.get("rows", []), "peers_accuracy": peers.get("accuracy", {}),
+            "peers_missing": peers.get("missing", {}), "siglip_kernel_best_backend": peers.get("siglip_kernel_best_backend"),
+            "step": results.get("step", {}), "loader": results.get("loader", {}),
+            "extraction": results.get("extraction", {}),
+            "sections": {k: v for k, v in results.items() if k not in ("peers", "step", "loader", "extraction")}}
+
+
+def write_record(path: Path, record: dict) -> None:
+    """Write the record atomically (NaN becomes null: the file is strict JSON)."""
+    text = json.dumps(json.loads(json.dumps(record, default=str).replace("NaN", "null")), indent=1) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", default=None, help=f"comma-separated sections (default: all of {', '.join(SECTIONS)})")
@@ -383,7 +451,12 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", help="loss-kernel: comma-separated batch sizes (default 36864,262144,1048576)")
     p.add_argument("--repeats", type=int, default=3, help="loss-kernel: timed calls per configuration (median)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes on CPU: checks that every section runs")
+    p.add_argument("--record", type=Path, default=None,
+                   help="write the run's record here (default on CUDA: benchmarks/results/gpu.json; "
+                        "regenerate the README table with benchmarks/gpu_table.py)")
     args = p.parse_args(argv)
+    if args.record is None and not args.smoke:
+        args.record = Path(__file__).resolve().parent / "results" / "gpu.json"
     if not args.smoke and not torch.cuda.is_available():
         print("benchmarks/gpu.py: no CUDA device here, nothing to measure (run it on a GPU machine; "
               "--smoke checks the script on CPU)")
@@ -411,10 +484,16 @@ def main(argv=None) -> int:
             ctx.results[n] = {"error": f"{type(e).__name__}: {e}"[:300]}
         print(f"[{n}] ({time.perf_counter() - t0:.0f} s)")
         for k, v in _flat(ctx.results[n]):
+            if isinstance(v, list) and k.endswith("rows"):
+                continue  # printed as a table by the section itself
             print(f"  {k:<32} {v:.4g}" if isinstance(v, float) and math.isfinite(v) else f"  {k:<32} {v}")
     print(f"total {time.perf_counter() - start:.0f} s")
     clean = json.loads(json.dumps(ctx.results, default=str).replace("NaN", "null"))
     print(json.dumps({"benchmark": "gpu", "device": name, **clean}))
+    if args.record is not None:
+        command = "python benchmarks/gpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        write_record(args.record, build_record(ctx.results, name, command.strip(), time.perf_counter() - start))
+        print(f"record: {args.record}")
     return 1 if any("error" in r for r in ctx.results.values()) else 0
 
 

@@ -19,23 +19,29 @@ import torch.nn.functional as F
 
 
 def _sync_time(fn, repeats):
-    """Median wall seconds of fn() over repeats, synchronising the GPU around each call."""
+    """Median wall seconds of fn() over repeats, synchronising the GPU (when there is one) around each call."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     times = []
     for _ in range(repeats):
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
 
 
-def bf16_matmul_peak(repeats=10):
-    """Best bf16 torch.mm throughput (TFLOP/s) over a few large shapes: the 'peak' the loss is compared with."""
+# The one definition of "the bf16 peak" every GPU figure's share refers to (gpu.py's matmul section uses it too):
+# the best median bf16 torch.mm throughput over these shapes, measured in the same run.
+PEAK_SHAPES = ((8192, 8192, 8192), (16384, 16384, 1024), (16384, 1024, 16384), (4096, 16384, 16384))
+
+
+def bf16_matmul_peak(repeats=10, shapes=PEAK_SHAPES, device="cuda"):
+    """Best bf16 torch.mm throughput (TFLOP/s) over `shapes`: the 'peak' the loss is compared with."""
     best = {}
-    for m, n, k in [(8192, 8192, 8192), (16384, 16384, 1024), (16384, 1024, 16384), (4096, 16384, 16384)]:
-        a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        b = torch.randn(k, n, device="cuda", dtype=torch.bfloat16)
+    for m, n, k in shapes:
+        a = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+        b = torch.randn(k, n, device=device, dtype=torch.bfloat16)
         torch.mm(a, b)  # warm-up (cuBLAS heuristics, clocks)
         sec = _sync_time(lambda: torch.mm(a, b), repeats)
         best[f"{m}x{n}x{k}"] = 2 * m * n * k / sec / 1e12
@@ -81,12 +87,15 @@ def kernel_breakdown(n, dim, repeats):
     return out
 
 
-def loss_kernel(sizes=(36864, 262144, 1048576), dim=1024, repeats=3, torch_max=262144):
-    """Section loss-kernel: fused Triton sigmoid loss vs blockwise torch loss vs bf16 matmul peak."""
+def loss_kernel(sizes=(36864, 262144, 1048576), dim=1024, repeats=3, torch_max=262144, peak=None):
+    """Section loss-kernel: fused Triton sigmoid loss vs blockwise torch loss vs bf16 matmul peak (measured here
+    unless gpu.py's matmul section passes the run's own)."""
     from sail.losses import sigmoid_loss
 
-    peak, shapes = bf16_matmul_peak()
-    print(f"bf16 matmul peak {peak:.0f} TFLOP/s ({', '.join(f'{k}: {v:.0f}' for k, v in shapes.items())})")
+    shapes = None
+    if peak is None:
+        peak, shapes = bf16_matmul_peak()
+        print(f"bf16 matmul peak {peak:.0f} TFLOP/s ({', '.join(f'{k}: {v:.0f}' for k, v in shapes.items())})")
     torch.manual_seed(0)
 
     def inputs(n):
