@@ -444,6 +444,8 @@ def align(cfg: AlignConfig, resume: bool = False) -> AlignResult:
         stop.restore()
         bar.close()
         batches.close()
+    if rank == 0 and not last and val_image is not None:  # resumed after its last step: nothing trained, still measured
+        last.update(_validate(heads, val_image, val_texts[0], device, prec))
     if rank == 0:
         return _finish(run, step, heads, extra, cfg.loss, last)
     return AlignResult(run, step, {})

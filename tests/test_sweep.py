@@ -81,7 +81,7 @@ def test_rerun_skips_finished_and_resumes_interrupted(tmp_path, stores, monkeypa
     img, txt = stores
     cfg = sw.SweepConfig(out=str(tmp_path / "sw"), grid={"lr": [1e-3, 1e-2]},
                          fixed={**FIXED, "image": img, "text": txt}, progress=False)
-    # interrupt the first run after its last training step, before its weights are saved
+    # interrupt the first run after its last training step (checkpointed), before its weights are saved
     from sail.heads import AlignmentHeads
 
     real_save = AlignmentHeads.save_pretrained
@@ -94,12 +94,13 @@ def test_rerun_skips_finished_and_resumes_interrupted(tmp_path, stores, monkeypa
         sw.sweep(cfg)
     monkeypatch.setattr(AlignmentHeads, "save_pretrained", real_save)
     first = tmp_path / "sw" / "lr-0.001"
-    assert (first / "LATEST").read_text().strip().endswith("10") and not (first / "summary.json").exists()
+    assert (first / "LATEST").read_text().strip().endswith("20") and not (first / "summary.json").exists()
     calls = []
     real_align = sw.align
     monkeypatch.setattr(sw, "align", lambda c, resume=False: calls.append((Path(c.out).name, resume)) or real_align(c, resume))
     sw.sweep(cfg)
     assert calls == [("lr-0.001", True), ("lr-0.01", False)]
+    assert "val_i2t_R@1" in json.loads((first / "summary.json").read_text())  # measured although nothing was left to train
     alone = align(AlignConfig(**{**FIXED, "lr": 1e-3, "image": img, "text": txt, "out": str(tmp_path / "alone"),
                                  "progress": False}))
     a, b = load_file(first / "model.safetensors"), load_file(alone.run_dir / "model.safetensors")
