@@ -122,6 +122,13 @@ def test_balance_caps_every_concept_and_is_deterministic(tmp_path):
     curate(CurateConfig(out=str(tmp_path / "c.ids"), seed=1, **cfg))
     a, b, c = (read_subset(tmp_path / f"{k}.ids") for k in "abc")
     assert a == b and a != c
+
+    def numbers(k):  # the report but its timings and its own file name
+        r = json.loads((tmp_path / f"{k}.ids.report.json").read_text())
+        r["settings"].pop("out")
+        return [{k2: v for k2, v in st.items() if k2 != "seconds"} for st in r["stages"]], r["settings"], r["ids_sha256"]
+
+    assert numbers("a") == numbers("b")
     planted = np.repeat(np.arange(5), sizes)  # the concept of each planted row
     got = np.bincount([planted[order[int(i[1:])]] for i in a], minlength=5)
     assert got.tolist() == [30, 30, 30, 10, 5]
