@@ -430,6 +430,7 @@ def _histograms(stages: list[dict]) -> bytes:
         for sizes, label in zip(series, labels):
             ax.hist(sizes, bins=min(50, max(5, len(sizes))), alpha=0.6, label=label)
         ax.set(title=title, xlabel="pairs per cluster", ylabel="clusters")
+        ax.ticklabel_format(useOffset=False, style="plain")
         ax.legend()
     if not panels:
         axes[0][0].text(0.5, 0.5, "no clustering stage ran", ha="center")

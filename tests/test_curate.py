@@ -1,5 +1,6 @@
 """sail curate: dedup against a brute-force greedy reference, concept caps, score filter, ids files, --subset."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -121,6 +122,13 @@ def test_balance_caps_every_concept_and_is_deterministic(tmp_path):
     curate(CurateConfig(out=str(tmp_path / "c.ids"), seed=1, **cfg))
     a, b, c = (read_subset(tmp_path / f"{k}.ids") for k in "abc")
     assert a == b and a != c
+
+    def numbers(k):  # the report but its timings and its own file name
+        r = json.loads((tmp_path / f"{k}.ids.report.json").read_text())
+        r["settings"].pop("out")
+        return [{k2: v for k2, v in st.items() if k2 != "seconds"} for st in r["stages"]], r["settings"], r["ids_sha256"]
+
+    assert numbers("a") == numbers("b")
     planted = np.repeat(np.arange(5), sizes)  # the concept of each planted row
     got = np.bincount([planted[order[int(i[1:])]] for i in a], minlength=5)
     assert got.tolist() == [30, 30, 30, 10, 5]
@@ -170,7 +178,12 @@ def test_ids_file_round_trip_and_restrict(tmp_path):
     img, txt = paired_stores(tmp_path, n=50)
     pairs = PairedFeatures.from_stores(FeatureStore(img), FeatureStore(txt), ["caption"])
     pick = list(pairs.ids[[3, 1, 40, 7]])
-    write_ids(tmp_path / "x.ids", pick + ["id with space"][:0])
+    odd = ["id with space", " lead", "é ü", "tab\there"]
+    write_ids(tmp_path / "odd.ids", odd)
+    assert read_subset(tmp_path / "odd.ids") == odd
+    (tmp_path / "win.ids").write_bytes(b"a\r\nb\r\n\r\n")  # written on Windows, a blank line at the end
+    assert read_subset(tmp_path / "win.ids") == ["a", "b"]
+    write_ids(tmp_path / "x.ids", pick)
     assert read_subset(tmp_path / "x.ids") == pick
     sub = restrict(pairs, tmp_path / "x.ids")
     assert sorted(sub.ids) == sorted(pick) and len(sub) == 4
@@ -203,6 +216,11 @@ def test_align_trains_on_the_subset_and_resume_refuses_a_changed_one(tmp_path):
         align(cfg, resume=True)
     write_ids(tmp_path / "keep.ids", ids[::2][::-1])  # the same set in another order is the same subset
     assert align(cfg, resume=True).steps == 20
+    streamed = dataclasses.replace(cfg, out=str(tmp_path / "streamed"), in_memory="no")
+    align(streamed)
+    record = json.loads((tmp_path / "streamed" / "config.json").read_text())["train"]
+    assert record["pairs"] + record["val_pairs"] == 300
+    assert json.loads((tmp_path / "streamed" / "train_config.json").read_text())["batching"]["mode"] == "stream"
 
 
 def test_curate_refuses_bad_settings_in_one_line(tmp_path, capsys):
