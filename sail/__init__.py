@@ -25,10 +25,10 @@ _LAZY = {
 def __getattr__(name):
     if name in _LAZY:
         return getattr(import_module(_LAZY[name]), name)
-    # `import sail; sail.heads.AlignmentHeads`: any sub-module or sub-package (old names too) on first use
+    # `import sail; sail.PACKAGE.MODULE.NAME`: any sub-module or sub-package (old names too) on first use
     if not name.startswith("_") and (f"sail.{name}" in _moved.MOVED or find_spec(f"sail.{name}") is not None):
         return import_module(f"sail.{name}")
     raise AttributeError(f"module 'sail' has no attribute {name!r}")
 
 
-_moved.install()  # old module names (sail.heads, ...) import their new homes; see sail/moved.py
+_moved.install()  # old module names import their new homes; see sail/moved.py

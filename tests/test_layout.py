@@ -243,7 +243,7 @@ def test_rewrites_every_kind_of_reference():
            "python -m sail.clip_benchmark --help  # see sail/step.py and sail/recipe_config.py\n"
            "sail.recipes.align sail.recipe.run_recipe sail.data.open_dataset sail.encoders.pick_device\n")
     want = ("from sail.train.heads import AlignmentHeads\nimport sail.train.step\n"
-            "    from sail.train import heads, losses as L\n    from sail import __version__, data  # why\n"
+            "    from sail import __version__, data  # why\n    from sail.train import heads, losses as L\n"
             'monkeypatch.setattr("sail.train.step.train_step", f)\n'
             'efficientnet-lite0 = "sail.encoders.zoo:efficientnet_lite0"\n'
             "python -m sail.eval.clip_benchmark --help  # see sail/train/step.py and sail/recipes/config.py\n"
@@ -251,6 +251,14 @@ def test_rewrites_every_kind_of_reference():
     assert rw(src, True) == want
     assert rw(want, True) == want  # idempotent
     assert rw("[project.entry-points.\"sail.encoders\"]", False) == "[project.entry-points.\"sail.encoders\"]"
+    assert rw("import sail.heads  # relayout: keep\n", True) == "import sail.heads  # relayout: keep\n"
+
+
+def test_rewritten_imports_are_sorted_by_module():
+    src = "import os\nfrom sail.errors import E\nfrom sail.data import D\nfrom sail import heads\n\n" \
+          "def f():\n    from sail.store import S\n    from sail.cli import C\n"
+    assert relayout.rewrite(src, True) == "import os\nfrom sail.core.errors import E\nfrom sail.data import D\n" \
+        "from sail.train import heads\n\ndef f():\n    from sail.cli import C\n    from sail.data.store import S\n"
 
 
 def test_dry_run_plans_without_changing_anything():

@@ -191,11 +191,43 @@ def _from_sail(match: re.Match) -> str:
     return "\n".join(lines) + match["tail"]
 
 
+KEEP = "relayout: keep"  # a line that says this keeps its old names (it is about them)
+_SAIL_IMPORT = re.compile(r"(?:from|import) (sail[\w.]*)[^()\\]*$")
+
+
+def _rewrite_line(line: str, python: bool) -> str:
+    if KEEP in line:
+        return line
+    line = _DOTTED.sub(lambda m: RENAMED[m[1]], line)
+    return _PATHS.sub(lambda m: _PATH_TO[m[1]], line)
+
+
+def _sort_imports(lines: list[str]) -> list[str]:
+    """Re-sort each run of single-line `from sail... import` / `import sail...` statements of one indent by
+    module, as isort would: the new names no longer sort the way the old ones did."""
+    out, run, run_indent = [], [], None
+    for line in lines + [None]:  # None: the end, which closes the last run
+        stripped = line.lstrip() if line is not None else ""
+        indent = line[: len(line) - len(stripped)] if line is not None else None
+        is_import = _SAIL_IMPORT.match(stripped) is not None
+        if is_import and (not run or indent == run_indent):
+            run.append(line)
+            run_indent = indent
+            continue
+        out.extend(sorted(run, key=lambda s: _SAIL_IMPORT.match(s.lstrip()).group(1)))
+        run, run_indent = ([line], indent) if is_import else ([], None)
+        if not is_import and line is not None:
+            out.append(line)
+    return out
+
+
 def rewrite(text: str, python: bool) -> str:
-    text = _DOTTED.sub(lambda m: RENAMED[m[1]], text)
-    text = _PATHS.sub(lambda m: _PATH_TO[m[1]], text)
+    lines = [_rewrite_line(line, python) for line in text.splitlines(keepends=True)]
+    text = "".join(lines)
     if python or "```" in text:
         text = _FROM_SAIL.sub(_from_sail, text)
+    if python:
+        text = "".join(_sort_imports(text.splitlines(keepends=True)))
     return text
 
 
