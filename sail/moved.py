@@ -45,6 +45,7 @@ class _MovedFinder(importlib.abc.MetaPathFinder):
 
 
 def install() -> None:
-    """Put the finder on sys.meta_path once (after the normal finders: an old name has no file any more)."""
+    """Put the finder first on sys.meta_path, once: an old name is moved by definition, and a stale copy of
+    the flat layout (an editable install of an older checkout) must not answer for it."""
     if not any(isinstance(f, _MovedFinder) for f in sys.meta_path):
-        sys.meta_path.append(_MovedFinder())
+        sys.meta_path.insert(0, _MovedFinder())
