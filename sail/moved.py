@@ -40,8 +40,13 @@ class _MovedFinder(importlib.abc.MetaPathFinder):
         new = MOVED.get(fullname)
         if new is None:
             return None
-        real = importlib.util.find_spec(new)
-        return importlib.util.spec_from_loader(fullname, _AliasLoader(new), origin=real.origin if real else None)
+        try:
+            real = importlib.util.find_spec(new)
+        except ModuleNotFoundError:  # its package is missing too
+            real = None
+        if real is None:  # a table line for a module this checkout does not have: no such module
+            return None
+        return importlib.util.spec_from_loader(fullname, _AliasLoader(new), origin=real.origin)
 
 
 def install() -> None:

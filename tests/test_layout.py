@@ -277,3 +277,14 @@ def test_refuses_a_module_it_does_not_place(tmp_path):
     assert out.returncode == 1
     assert out.stdout == "error: sail/brand_new.py is not in tools/relayout.py MAPPING; add a line saying where it goes\n"
     assert (tmp_path / "sail/heads.py").exists()  # nothing moved
+
+
+def test_an_old_name_whose_module_is_absent_is_no_module(monkeypatch):
+    import sail
+
+    moved = sys.modules.get("sail.core.moved") or sys.modules["sail.moved"]
+    monkeypatch.setitem(moved.MOVED, "sail.not_here", "sail.train.not_here")
+    assert importlib.util.find_spec("sail.not_here") is None
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("sail.not_here")
+    assert sail.__name__ == "sail"
