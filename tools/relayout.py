@@ -123,6 +123,8 @@ MOVED_FILE = "sail/core/moved.py"
 TEXT_FILES = ("README.md", "Makefile", "pyproject.toml")
 TEXT_GLOBS = ("sail/**/*.py", "tests/**/*.py", "benchmarks/**/*.py", "tools/**/*.py", "sail/recipes/configs/*.yaml",
               "features/*.md")
+RECIPES_NOTE = ("Beside the recipes: runner.py (the loop behind `sail recipe`), config.py, batches.py (image-text "
+                "batches) and\nfilter.py (`sail filter`), the machinery they share.\n")
 MAP_START, MAP_END = "<!-- relayout: module map -->", "<!-- /relayout: module map -->"
 
 
@@ -347,6 +349,13 @@ def main(argv=None) -> int:
             print(f"rewrite {path.relative_to(root)}")
             if not args.dry_run:
                 path.write_text(new)
+    recipes = root / "sail/recipes/__init__.py"
+    if recipes.is_file() and RECIPES_NOTE.split(":")[0] not in recipes.read_text():
+        print("note in sail/recipes/__init__.py what moved beside the recipes")
+        if not args.dry_run:
+            text = recipes.read_text()
+            head, _, tail = text.rpartition('"""')
+            recipes.write_text(head.rstrip("\n") + "\n\n" + RECIPES_NOTE + '"""' + tail)
     moved = root / MOVED_FILE
     if moved.is_file() and moved_table(moved.read_text()) != moved.read_text():
         print(f"fill {MOVED_FILE}: {len(RENAMED)} old names")
