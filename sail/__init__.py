@@ -7,6 +7,9 @@
 """
 
 from importlib import import_module
+from importlib.util import find_spec
+
+from sail import moved as _moved
 
 __version__ = "0.1.0"
 
@@ -22,6 +25,10 @@ _LAZY = {
 def __getattr__(name):
     if name in _LAZY:
         return getattr(import_module(_LAZY[name]), name)
-    if name in {"metrics", "losses", "heads", "store", "optim", "data", "encoders"}:
+    # `import sail; sail.PACKAGE.MODULE.NAME`: any sub-module or sub-package (old names too) on first use
+    if not name.startswith("_") and (f"sail.{name}" in _moved.MOVED or find_spec(f"sail.{name}") is not None):
         return import_module(f"sail.{name}")
     raise AttributeError(f"module 'sail' has no attribute {name!r}")
+
+
+_moved.install()  # old module names import their new homes; see sail/moved.py

@@ -1,4 +1,5 @@
-"""torchrun support shared by extract, align and the recipes: one place that starts the process group.
+"""torchrun support shared by extract, align and the recipes: one place that picks the device and starts
+the process group.
 
     rank, world = init_distributed()   # (0, 1) outside torchrun
     device = local_device(pick_device("auto"), rank, world)   # or both at once: rank, world, device = setup("auto")
@@ -12,6 +13,8 @@ import datetime
 import os
 
 import torch
+
+from sail.errors import SailError
 
 
 def init_distributed(timeout: datetime.timedelta | None = None, device: torch.device | str | None = None
@@ -76,11 +79,27 @@ def sync_batchnorm(module: torch.nn.Module, device: torch.device) -> torch.nn.Mo
     return module
 
 
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        picked = torch.device(device)
+    except RuntimeError:
+        raise SailError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if picked.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SailError(f"--device {device}: CUDA is not available here (torch {torch.__version__}); use --device cpu")
+        if picked.index is not None and picked.index >= torch.cuda.device_count():
+            raise SailError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s); use cuda:0..."
+                            f"cuda:{torch.cuda.device_count() - 1}")
+    elif picked.type not in ("cpu", "mps"):
+        raise SailError(f"unsupported device {device!r}; use auto, cpu, cuda or cuda:N")
+    return picked
+
+
 def setup(device: str = "auto") -> tuple[int, int, torch.device]:
     """(rank, world, device): the process group (init_distributed) and this process's device (cuda:LOCAL_RANK
-    under torchrun on GPUs; `device` "auto" | "cpu" | "cuda" ... as sail.encoders.pick_device reads it)."""
-    from sail.encoders import pick_device
-
+    under torchrun on GPUs; `device` "auto" | "cpu" | "cuda" ... as pick_device above reads it)."""
     chosen = pick_device(device)
     rank, world = init_distributed(device=chosen)
     return rank, world, local_device(chosen, rank, world)

@@ -31,7 +31,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sail.distributed import pick_device  # noqa: F401 (its home is sail.distributed; callers import it here too)
 from sail.errors import SailError
+from sail.spec import ModelSpec  # noqa: F401 (shared with sail.zoo, which builds them for custom encoders)
 
 POOLINGS = ("concat", "cls", "mean")
 
@@ -70,16 +72,6 @@ OFFICIAL_TEXT = {
 
 IMAGE_MODEL_TYPES = {"dinov2", "dinov2_with_registers", "vit", "vit_mae", "deit", "beit", "clip_vision_model",
                      "siglip_vision_model", "convnext", "convnextv2", "swin", "dinov3_vit"}
-
-
-@dataclass
-class ModelSpec:
-    """What to load: a name for stores and runs, where from, which modality."""
-
-    name: str          # short name used in default paths (alias or last path component)
-    source: str        # HF id or local directory
-    modality: str      # "image" | "text"
-    trust_remote_code: bool = False
 
 
 def _local_minilm() -> str | None:
@@ -204,24 +196,6 @@ def _content_hash(root: str, files: tuple) -> str:
             for block in iter(lambda: f.read(1 << 24), b""):
                 h.update(block)
     return h.hexdigest()
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        picked = torch.device(device)
-    except RuntimeError:
-        raise SailError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
-    if picked.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SailError(f"--device {device}: CUDA is not available here (torch {torch.__version__}); use --device cpu")
-        if picked.index is not None and picked.index >= torch.cuda.device_count():
-            raise SailError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s); use cuda:0..."
-                            f"cuda:{torch.cuda.device_count() - 1}")
-    elif picked.type not in ("cpu", "mps"):
-        raise SailError(f"unsupported device {device!r}; use auto, cpu, cuda or cuda:N")
-    return picked
 
 
 def default_batch_size(n_params: int, device: torch.device) -> int:

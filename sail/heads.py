@@ -259,7 +259,7 @@ class AlignmentHeads(nn.Module):
                         cache_dir: str | Path | None = None) -> "AlignmentHeads":
         """Build heads from `config.json` and load `model.safetensors` strictly; returned in eval mode.
         `directory` may be a Hugging Face id ("org/name"; see sail.hub for revision, cache, offline)."""
-        from sail.hub import resolve_pretrained
+        from sail.locate import resolve_pretrained
 
         directory = resolve_pretrained(directory, revision, cache_dir) if not Path(directory).is_dir() and \
             str(directory).count("/") == 1 else Path(directory)

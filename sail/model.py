@@ -69,7 +69,7 @@ class SAILModel(torch.nn.Module):
                         device: str = "auto", revision: str | None = None, cache_dir: str | None = None):
         """A run directory or a Hugging Face id ("org/name", at `revision`, cached in `cache_dir`)."""
         if not Path(run_dir).is_dir() and str(run_dir).count("/") == 1:
-            from sail.hub import resolve_pretrained
+            from sail.locate import resolve_pretrained
 
             run_dir = resolve_pretrained(run_dir, revision, cache_dir)
         cfg = read_run_config(run_dir)

@@ -7,7 +7,7 @@
 Same formulas, averaging conventions ("pairs" N = K B^2, "rows" N = B) and torch.distributed behaviour
 (texts all-gathered, partial text gradients summed over ranks, local gradients x world size) as the blockwise
 torch losses in sail.losses, which call `multi_positive_kernel` below when impl selects it; the gathering,
-reduction and process-group helpers are sail.losses' own.
+reduction and process-group helpers are sail.loss_blocks', shared with sail.losses.
 
 Design. For a stripe of R rows of X (R x D, local rows) against all m gathered rows of Y (m x D):
 1. `_sigmoid_tile_kernel` (Triton) computes the (R, m) cosine similarities tile by tile on tensor cores
@@ -50,7 +50,7 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
-from sail import losses
+from sail import loss_blocks
 from sail.errors import SailError
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -209,7 +209,7 @@ def _launch(x, y, g, t, b, diag, R, M, D, store_g, precision):
 
 def _stripe_rows(block_size, n, m, elem_bytes):
     if block_size is not None:
-        return losses._rows_per_block(block_size, n, m, elem_bytes)  # validates
+        return loss_blocks._rows_per_block(block_size, n, m, elem_bytes)  # validates
     return max(1, min(n, STRIPE_ROWS, STRIPE_BYTES // (m * elem_bytes)))
 
 
@@ -280,7 +280,7 @@ def multi_positive_kernel(image, t_in, b_in, *texts, average, block_size, group,
     t = t_in.detach().to(x.device, torch.float32).reshape(1)
     b = b_in.detach().to(x.device, torch.float32).reshape(1)
     n, k = x.shape[0], len(texts)
-    group = losses._process_group(group, n, x.device)
+    group = loss_blocks._process_group(group, n, x.device)
     world, rank = (1, 0) if group is None else (dist.get_world_size(group), dist.get_rank(group))
     m = n * world  # global batch
     norm = k * m * m if average == "pairs" else m
@@ -292,7 +292,7 @@ def multi_positive_kernel(image, t_in, b_in, *texts, average, block_size, group,
     gys = []
     for text in texts:
         y = text.detach().to(x.device, cdt).contiguous()
-        y_all = y if group is None else losses._gather_rows(y, group)  # (m, D)
+        y_all = y if group is None else loss_blocks._gather_rows(y, group)  # (m, D)
         gy = torch.zeros(y_all.shape, dtype=torch.float32, device=x.device) if want_grad else None
         for r0 in range(0, n, rows):
             r1 = min(r0 + rows, n)
@@ -302,7 +302,7 @@ def multi_positive_kernel(image, t_in, b_in, *texts, average, block_size, group,
                 gx[r0:r1] += torch.mm(g, y_all)  # (rows, m) @ (m, D), fp32 accumulation in the GEMM
                 gy += torch.mm(g.T, x[r0:r1])  # (m, rows) @ (rows, D), summed over stripes in fp32
         if want_grad:
-            gys.append(gy if group is None else losses._sum_own_rows(gy, n, group))
+            gys.append(gy if group is None else loss_blocks._sum_own_rows(gy, n, group))
     if group is not None:
         dist.all_reduce(sums, group=group)
     sums = (sums / norm).float()

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from sail.errors import SailError
+from sail.spec import ModelSpec
 
 GROUP = "sail.encoders"
 _SPEC = re.compile(r"^(?P<module>[A-Za-z_][\w.]*):(?P<function>[A-Za-z_]\w*)(?:\((?P<args>.*)\))?$", re.S)
@@ -152,9 +153,7 @@ def spec_name(spec: str) -> str:
 
 
 def resolve(model: str, modality: str | None = None):
-    """A registered name or a spec string -> encoders.ModelSpec (source = the spec string)."""
-    from sail.encoders import ModelSpec
-
+    """A registered name or a spec string -> ModelSpec (source = the spec string)."""
     names = registered()
     name = model if model in names else None
     source = names[model] if name else model.strip()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sail import data
+from sail import images, manifests, shards
 from sail.data import clip_benchmark_info, is_clip_benchmark, load_image, open_dataset
 from sail.errors import SailError
 
@@ -190,7 +190,7 @@ def test_shard_cut_at_a_member_boundary_is_an_error_naming_it(tmp_path):
     members, want = _img2dataset_members(8)
     whole = tmp_path / "whole.tar"
     write_tar(whole, members)
-    index = data.shard_index(whole)
+    index = shards.shard_index(whole)
     # cut right after sample 5's caption: what an interrupted download leaves
     name, offset, size = index.members[2 * 5 - 1]
     shard = tmp_path / "shards" / "00000.tar"
@@ -214,14 +214,14 @@ def _check_every_cut(tmp_path, monkeypatch, every_offset: bool):
     import tempfile
 
     # thousands of cuts: index without the on-disk cache, and cut in memory-backed files where there are some
-    monkeypatch.setattr(data, "shard_index", functools.partial(data.shard_index, cache=False))
+    monkeypatch.setattr(shards, "shard_index", functools.partial(shards.shard_index, cache=False))
     if os.access("/dev/shm", os.W_OK):
         tmp_path = Path(tempfile.mkdtemp(dir="/dev/shm"))
     members, want = _img2dataset_members(4)
     whole = tmp_path / "whole.tar"
     write_tar(whole, members)
     blob = whole.read_bytes()
-    index = data.shard_index(whole)
+    index = shards.shard_index(whole)
     last = index.members[-1]
     end_blocks = last[1] + last[2] + (-last[2]) % 512 + 1024  # the archive is complete from here on
     sample_end = [index.members[2 * i + 1][1] + index.members[2 * i + 1][2] for i in range(len(want))]
@@ -269,8 +269,8 @@ def test_shard_index_is_cached_on_path_size_and_mtime(tmp_path, monkeypatch):
     shard.parent.mkdir()
     write_tar(shard, members)
     calls = []
-    build = data._build_shard_index
-    monkeypatch.setattr(data, "_build_shard_index", lambda *a: calls.append(a) or build(*a))
+    build = shards._build_shard_index
+    monkeypatch.setattr(shards, "_build_shard_index", lambda *a: calls.append(a) or build(*a))
     for _ in range(3):
         assert _read_back(open_dataset(str(shard.parent))) == want
     assert len(calls) == 1
@@ -316,12 +316,12 @@ def test_16bit_png_is_scaled_by_its_range_not_saturated(tmp_path, no_warnings):
 
 def test_16bit_big_endian_and_int32_greyscale():
     be = Image.frombytes("I;16B", (3, 1), np.array([[100, 300, 200]], dtype=">u2").tobytes())
-    np.testing.assert_array_equal(np.asarray(data.to_rgb(be)), _grey_rgb([[0, 255, round(100 / 200 * 255)]]))
+    np.testing.assert_array_equal(np.asarray(images.to_rgb(be)), _grey_rgb([[0, 255, round(100 / 200 * 255)]]))
     i32 = Image.fromarray(np.array([[-5, 0], [5, 10]], dtype=np.int32), "I")
     want = [[0, round(5 / 15 * 255)], [round(10 / 15 * 255), 255]]
-    np.testing.assert_array_equal(np.asarray(data.to_rgb(i32)), _grey_rgb(want))
+    np.testing.assert_array_equal(np.asarray(images.to_rgb(i32)), _grey_rgb(want))
     flat = Image.fromarray(np.full((1, 2), 7, dtype=np.uint16))  # constant: no range to scale by
-    np.testing.assert_array_equal(np.asarray(data.to_rgb(flat)), _grey_rgb([[255, 255]]))
+    np.testing.assert_array_equal(np.asarray(images.to_rgb(flat)), _grey_rgb([[255, 255]]))
 
 
 def test_float_greyscale_with_nan_and_inf(tmp_path, no_warnings):
@@ -481,7 +481,7 @@ def test_exif_orientation_is_applied(tmp_path, orientation, turn):
 
 def test_pixel_limit_skips_with_a_reason_and_no_warning(tmp_path, monkeypatch, no_warnings):
     path = _save(Image.new("RGB", (20, 10), (1, 2, 3)), tmp_path / "big.png")
-    with pytest.raises(data.ImageError, match=r"too large: 20x10 = 200 pixels, over the limit of 199"):
+    with pytest.raises(images.ImageError, match=r"too large: 20x10 = 200 pixels, over the limit of 199"):
         load_image(path, max_pixels=199)
     assert load_image(path, max_pixels=200).size == (20, 10)
     # PIL's own guard: a warning above its limit, an error above twice it; our limit decides instead
@@ -500,7 +500,7 @@ def test_extract_cli_truncated_shard_and_pixel_limit(tmp_path, tiny_vision, caps
     root = tmp_path / "wds_toy"
     expected = make_clip_benchmark(root)  # shards of 3 and 2 samples, images 5x4
     shard = root / "test" / "1.tar"
-    index = data.shard_index(shard)
+    index = shards.shard_index(shard)
     _, offset, size = index.members[1]  # cut after the first sample's two members
     shard.write_bytes(shard.read_bytes()[:offset + size])
     out = tmp_path / "img.h5"
@@ -578,9 +578,9 @@ def test_encoding_check_names_the_right_line_at_any_block_size(tmp_path, monkeyp
         at = rng.randint(0, len(blob[bad]))
         blob[bad] = blob[bad][:at] + rng.choice([b"\xff", b"\xe9", b"\xc3"]) + blob[bad][at:]
         path.write_bytes(b"\n".join(blob) + (b"\n" if rng.random() < 0.5 else b""))
-        monkeypatch.setattr(data, "_ENCODING_BLOCK", rng.randint(1, 64))
+        monkeypatch.setattr(manifests, "_ENCODING_BLOCK", rng.randint(1, 64))
         with pytest.raises(SailError) as e:
-            data.check_encoding(path)
+            manifests.check_encoding(path)
         assert f"x.csv:{bad + 1} is not utf-8" in str(e.value), (trial, bad, str(e.value))
 
 
@@ -663,13 +663,13 @@ def test_load_image_lets_no_pil_warning_through(tmp_path, monkeypatch, no_warnin
     import warnings
 
     path = _save(Image.new("RGB", (3, 2), (9, 8, 7)), tmp_path / "w.png")
-    real = data.to_rgb
+    real = images.to_rgb
 
-    def noisy(image, background=data.BACKGROUND):  # as PIL does for odd EXIF / TIFF tags
+    def noisy(image, background=images.BACKGROUND):  # as PIL does for odd EXIF / TIFF tags
         warnings.warn("Corrupt EXIF data", UserWarning)
         return real(image, background)
 
-    monkeypatch.setattr(data, "to_rgb", noisy)
+    monkeypatch.setattr(images, "to_rgb", noisy)
     assert np.asarray(load_image(path)).tolist() == [[[9, 8, 7]] * 3] * 2
 
 
