@@ -85,7 +85,7 @@ def test_every_help_shows_an_example_that_parses(capsys):
         command.make_context(want, args)  # raises click's usage error on an unknown flag or a missing argument
         seen.append(want)
     assert {"sail align", "sail eval zeroshot", "sail filter align", "sail recipe", "sail demo"} <= set(seen)
-    assert len(seen) == 19  # models extract align info, 7 eval tasks, push report index search, filter align, recipe sweep demo
+    assert len(seen) == 20  # models extract align info, 7 eval tasks, push report index search, filter align, curate, recipe sweep demo
 
 
 def test_width_factor_is_the_hidden_width_multiplier_and_width_its_alias(tmp_path, capsys):
