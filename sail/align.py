@@ -33,7 +33,6 @@ from tqdm.auto import tqdm
 
 from sail.artifacts import read_json, write_json
 from sail.checkpoint import check_resume
-from sail.curate import restrict, subset_sha256
 from sail.distributed import setup
 from sail.engine import GracefulStop, Interrupted, Loop, StopRequest, restore, train_loop
 from sail.errors import SailError
@@ -45,6 +44,7 @@ from sail.runlog import MetricsLog, plot_curves
 from sail.stability import GradientBalance
 from sail.step import auto_chunk_size, broadcast_parameters, free_memory, train_step
 from sail.store import FeatureStore
+from sail.subset import restrict, subset_sha256
 
 LOSSES = ("sigmoid", "multi-positive", "info-nce")
 ENCODER_KEYS = ("model_id", "model_revision", "modality", "pooling", "dim", "preprocessing", "max_length")

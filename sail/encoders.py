@@ -89,11 +89,11 @@ def resolve_model(model: str, modality: str | None = None, trust_remote_code: bo
         raise SailError(f"--modality must be image or text, not {modality!r}")
     from sail import zoo  # any encoder: package.module:function or a name registered under sail.encoders
 
-    if zoo.looks_like_spec(model) and not Path(model).expanduser().exists() or model in zoo.registered():
-        return zoo.resolve(model, modality)
     if model.startswith("local:"):  # a run trained on a local directory names it so (see model_identity)
         raise SailError(f"{model} was a local model directory on the machine that made this run; "
                         "give the path of a copy of it")
+    if zoo.looks_like_spec(model) and not Path(model).expanduser().exists() or model in zoo.registered():
+        return zoo.resolve(model, modality)
     model = _HF_TO_ALIAS.get(model, model)  # an alias's hub id loads like the alias (local copies, remote code)
     if model in ALIASES:
         a = ALIASES[model]

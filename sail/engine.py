@@ -111,7 +111,7 @@ class Loop:
     extra_modules: dict = field(default_factory=dict)
     log_every: int = 1
     checkpoint_every: int = 500
-    keep: int = 1
+    keep: int = 2  # checkpoints kept: two, so bit rot in the newest falls back to the one before (sail.checkpoint)
     world: int = 1
     hint: str = "try a lower learning rate"          # appended to the non-finite error
     max_unusable: int = 10                           # attempts in a row without a usable batch before giving up

@@ -74,6 +74,7 @@ MAPPING = {
     "sail.augment": "sail.data.augment",
     "sail.store": "sail.data.store",
     "sail.loader": "sail.data.loader",
+    "sail.subset": "sail.data.subset",
     # encoders
     "sail.encoders": "sail.encoders.registry",
     "sail.spec": "sail.encoders.spec",
