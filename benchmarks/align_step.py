@@ -1,4 +1,4 @@
-"""Benchmark: one full `sail align` training step (sail.step.train_step, chunked heads) at large batch.
+"""Benchmark: one full `sail align` training step (sail.train.step.train_step, chunked heads) at large batch.
 
     python benchmarks/align_step.py                        # B = 36864 and 131072, glu 2048/1024 -> 1024, width 4
     python benchmarks/align_step.py --batch 36864 --precision bf16
@@ -14,8 +14,8 @@ achieved GFLOP/s counting
     heads: 4 x 2 x B x (weights of the Linear layers)   (forward twice, two backward matmuls)
     loss:  3 x 2 x B^2 x D                              (logits, G @ Y, G^T @ X)
 against a plain (4096, 4096) @ (4096, 4096) matmul in the step's dtype timed in the same process, the
-chunk size, the peak RSS, and the median |gradient| of the heads' weights (what sail.optim's eps must be
-far below). Then the memory model (sail.step.memory_model) for B = 1,048,576 on an 80 GB GPU.
+chunk size, the peak RSS, and the median |gradient| of the heads' weights (what sail.train.optim's eps must be
+far below). Then the memory model (sail.train.step.memory_model) for B = 1,048,576 on an 80 GB GPU.
 Target: <= 3 GiB peak at B = 36864 on CPU (the unchunked step took 10.8 GB). Prints a table, then one
 JSON line. Heavy: run under `flock /tmp/sail-heavy.lock` on a shared machine.
 """
@@ -60,8 +60,8 @@ def linear_weights(heads):
 
 
 def build(head, width, device, image_dim=2048, text_dim=1024, out_dim=1024):
-    from sail.heads import AlignmentHeads
-    from sail.optim import build_optimizer
+    from sail.train.heads import AlignmentHeads
+    from sail.train.optim import build_optimizer
 
     heads = AlignmentHeads(image_dim, text_dim, out_dim, head, width).to(device)
     return heads, build_optimizer("lion", heads.param_groups(1e-7), lr=1e-5, weight_decay=1e-7)
@@ -75,8 +75,8 @@ def inputs(heads, batch, device, seed=0):
 
 
 def one_step(heads, opt, image, text, prec, chunk):
-    from sail.losses import sigmoid_loss
-    from sail.step import train_step
+    from sail.train.losses import sigmoid_loss
+    from sail.train.step import train_step
 
     opt.zero_grad(set_to_none=True)
     stats = train_step(heads, image, [text], lambda x, ys, t, b: sigmoid_loss(x, ys[0], t, b),
@@ -88,8 +88,8 @@ def one_step(heads, opt, image, text, prec, chunk):
 
 def worker(batch, head, width, precision, chunk, repeats, device):
     """One batch size in this (fresh) process; returns a dict of measurements."""
-    from sail.precision import resolve_precision
-    from sail.step import auto_chunk_size
+    from sail.core.precision import resolve_precision
+    from sail.train.step import auto_chunk_size
 
     device = torch.device(device)
     prec = resolve_precision(precision, device)
@@ -128,8 +128,8 @@ def measure(batch, head="glu", width=4, repeats=1, device=None, precision="auto"
     """In this process: one step at `batch` split into phases for extrapolation (benchmarks/loader.py):
     loss = the sigmoid loss forward + backward alone on (B, D) embeddings, optimizer = Lion step alone,
     heads_fwd = the rest (both head passes and their backward: ~B); backward is folded into heads_fwd."""
-    from sail.losses import sigmoid_loss
-    from sail.precision import resolve_precision
+    from sail.core.precision import resolve_precision
+    from sail.train.losses import sigmoid_loss
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     prec = resolve_precision(precision, device)
@@ -161,8 +161,8 @@ def measure(batch, head="glu", width=4, repeats=1, device=None, precision="auto"
 
 
 def model_line():
-    from sail.heads import AlignmentHeads
-    from sail.step import memory_model
+    from sail.train.heads import AlignmentHeads
+    from sail.train.step import memory_model
 
     with torch.device("meta"):
         heads = AlignmentHeads(2048, 1024, 1024, "glu", 4)
@@ -190,7 +190,7 @@ def main(argv=None):
     p.add_argument("--batch", default="36864,131072", help="comma-separated batch sizes")
     p.add_argument("--head", default="glu", choices=["linear", "mlp", "glu"])
     p.add_argument("--width", type=int, default=4)
-    p.add_argument("--precision", default="auto", help="auto | fp32 | bf16 | fp16 (see sail.precision)")
+    p.add_argument("--precision", default="auto", help="auto | fp32 | bf16 | fp16 (see sail.core.precision)")
     p.add_argument("--chunk-size", type=int, default=None, help="rows per head chunk (default: automatic)")
     p.add_argument("--repeats", type=int, default=1, help="timed steps (the fastest is reported)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")

@@ -4,7 +4,7 @@
     python benchmarks/curate.py --n 100000        # quicker
     python benchmarks/curate.py --dims 1024,768   # other encoder widths
 
-Setup: two stores written with sail.store.StoreWriter into a temporary directory (deleted at the end), the
+Setup: two stores written with sail.data.store.StoreWriter into a temporary directory (deleted at the end), the
 text store's ids in another order than the image store's (curation joins by id, like align). The pairs
 are skewed the way web data is: 2000 concepts with Zipf(1.1) sizes (a few dominate), and --dup-fraction
 of the rows near copies (noise 0.01) of earlier rows. Then `curate` runs dedup (T = 0.95, n/1000 clusters)
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from sail.curate import CurateConfig, curate
-from sail.store import StoreWriter
+from sail.data.store import StoreWriter
 
 
 def write_stores(root: Path, n: int, dims: tuple[int, int], dup_fraction: float, seed: int = 0,

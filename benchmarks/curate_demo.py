@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from sail.align import align
 from sail.curate import CurateConfig, curate
+from sail.data.store import FeatureStore, StoreWriter
 from sail.demo import TEXT, VISION, _check_packages, demo_config, evaluate_demo
-from sail.extract import ExtractConfig, extract
-from sail.store import FeatureStore, StoreWriter
+from sail.encoders.extract import ExtractConfig, extract
+from sail.train.align_heads import align
 
 HEADS, COPIES, TAIL = 3, 20, 4
 

@@ -15,11 +15,11 @@ and the whole pipeline against the bare encoder forward.
            (resample only the crop box; the normalisation runs later, on the device, inside encode_pixels)
    - decode: load_image alone, the floor both paths share.
    Target: fast >= 2x hf images/s per core.
-2. pipeline vs bare, on one randomly initialised DINOv2 of dinov2-small's shape (sail.tiny, 224 px crop):
+2. pipeline vs bare, on one randomly initialised DINOv2 of dinov2-small's shape (sail.encoders.tiny, 224 px crop):
 - bare:     ImageEncoder.encode_pixels over pre-decoded, pre-processed (B, 3, 224, 224) tensors, batch
             --batch, the same images. Timed before and after every pipeline run: the machine's load
             drifts, so each pipeline run's ratio is against the mean of the two bare runs around it.
-- pipeline: sail.extract.extract(ExtractConfig(...)) end to end on a manifest of the same images (decode
+- pipeline: sail.encoders.extract.extract(ExtractConfig(...)) end to end on a manifest of the same images (decode
             in DataLoader workers + preprocessing + forward + pooling + fp16 part files + merge into the
             HDF5 store + model load), with --preprocess fast (the default) for each distinct --workers
             value, and once with --preprocess hf at the default workers. Its time is split into model load,
@@ -27,7 +27,7 @@ and the whole pipeline against the bare encoder forward.
             functions; CPU seconds of this process and of its (joined) worker processes come from getrusage.
             "cpu rt" = bare CPU-s per image / pipeline CPU-s per image (main + workers): the ratio the run
             would reach with the cores to itself, less sensitive to other tenants than the wall-clock ratio.
-The pipeline images are sail.sample renders at --px pixels with per-pixel noise (so they compress like
+The pipeline images are sail.data.sample renders at --px pixels with per-pixel noise (so they compress like
 photos), alternately saved as PNG and JPEG (quality 90), in a temporary directory deleted afterwards.
 
 Target (2-core CPU): pipeline img/s >= 0.8 x bare img/s with the default workers. On a machine shared with
@@ -53,7 +53,7 @@ TARGET = 0.8
 
 def make_images(root: Path, n: int, px: int, seed: int = 0) -> Path:
     """Render n sample images at px pixels, add noise, save half as JPEG; returns the manifest path."""
-    from sail.sample import render_sample
+    from sail.data.sample import render_sample
 
     render_sample(root, n=n, seed=seed, size=px)
     rng = np.random.default_rng(seed)
@@ -171,7 +171,7 @@ def bare(encoder, pixels, batch, warm_up=False):
 
 def pipeline(model_dir, manifest, out, batch, workers, preprocess="fast"):
     """One `sail extract` run with timers wrapped around its stages."""
-    import sail.extract as ex
+    import sail.encoders.extract as ex
 
     times = {"load": 0.0, "forward": 0.0, "save_parts": 0.0, "merge": 0.0}
     originals = ex.load_encoder, ex._save_part, ex._merge
@@ -228,8 +228,8 @@ def main(argv=None):
     hf_logging.set_verbosity_error()  # the "BitImageProcessor requires torchvision" notice is expected
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per run otherwise
     from sail.encoders import load_encoder, resolve_model
-    from sail.extract import ExtractConfig, default_workers
-    from sail.tiny import make_vision_model
+    from sail.encoders.extract import ExtractConfig, default_workers
+    from sail.encoders.tiny import make_vision_model
 
     workers_default = default_workers()
     assert ExtractConfig(model="m", data="d").workers is None, "ExtractConfig's default workers changed"

@@ -13,9 +13,9 @@ shared context and returns a dict of figures, printed as a table and put in the 
   backend) and open_clip's SigLipLoss on the same bf16 inputs at B = 36864 .. 1M, D = 1024 and 768, and
   multi-positive K = 2 against SigLIP+; seconds, peak memory, share of peak; each against float64 first.
   `make peers` fetches their wheels; install them on the GPU machine with `pip install --no-deps`.
-- loss: sail.losses.sigmoid_loss forward + backward at B = 65536, D = 1024 with bf16 and fp32
+- loss: sail.train.losses.sigmoid_loss forward + backward at B = 65536, D = 1024 with bf16 and fp32
   embeddings (bf16 / fp32 time), and the bf16 loss's relative error and gradient cosine against float64.
-- step: a full training step (sail.step.train_step, glu 2048/1024 -> 1024 width 4, bf16 autocast, Lion)
+- step: a full training step (sail.train.step.train_step, glu 2048/1024 -> 1024 width 4, bf16 autocast, Lion)
   at B = 36864: seconds, pairs/s, peak CUDA memory, share of the bf16 peak; then the largest B that fits:
   1,048,576 first, halving until a step fits.
 - extraction: `sail extract` images/s for a dinov2-large-shaped random model, the forward per weights
@@ -24,7 +24,7 @@ shared context and returns a dict of figures, printed as a table and put in the 
   against the step's pairs/s at B = 36864 (> 1: the GPU never waits for data).
 - cli: `sail align` run as a user runs it (a subprocess per run) on synthetic stores: each loss, in memory
   and streamed, bf16 (auto), fp16 and fp32; then Ctrl-C after the first checkpoint and --resume to the end.
-- loss-kernel (benchmarks/gpu_kernel.py; CUDA only): the fused Triton sigmoid loss (sail.triton_sigmoid,
+- loss-kernel (benchmarks/gpu_kernel.py; CUDA only): the fused Triton sigmoid loss (sail.train.triton_sigmoid,
   impl="triton") against the blockwise torch loss (impl="torch") on the same bf16 inputs, forward +
   backward, and against the bf16 matmul peak measured in the same run (the best of a few large torch.mm shapes). Reported: seconds per forward +
   backward, TFLOP/s counting the three matmuls (6 B^2 D flops), share of the measured peak (goal >= 70 %),
@@ -138,7 +138,7 @@ def peers_section(ctx: Context) -> dict:
 def loss_bf16_vs_fp32(ctx: Context) -> dict:
     import torch.nn.functional as F
 
-    from sail.losses import sigmoid_loss
+    from sail.train.losses import sigmoid_loss
 
     n, d = ctx.size(65536, 512), ctx.dims[2]
     g = torch.Generator(device=ctx.device).manual_seed(0)
@@ -177,11 +177,11 @@ def loss_bf16_vs_fp32(ctx: Context) -> dict:
 
 
 def _heads_and_step(ctx: Context):
-    from sail.heads import AlignmentHeads
-    from sail.losses import sigmoid_loss
-    from sail.optim import build_optimizer
-    from sail.precision import resolve_precision
-    from sail.step import train_step
+    from sail.core.precision import resolve_precision
+    from sail.train.heads import AlignmentHeads
+    from sail.train.losses import sigmoid_loss
+    from sail.train.optim import build_optimizer
+    from sail.train.step import train_step
 
     image_dim, text_dim, out_dim = ctx.dims
     heads = AlignmentHeads(image_dim, text_dim, out_dim, "glu", 4).to(ctx.device)
@@ -251,7 +251,7 @@ def _synthetic_stores(tmp: Path, n: int, dims, captions=("caption",)):
     learn something."""
     import numpy as np
 
-    from sail.store import StoreWriter
+    from sail.data.store import StoreWriter
 
     rng = np.random.default_rng(0)
     ids = [f"p{i:07d}" for i in range(n)]
@@ -270,8 +270,8 @@ def _synthetic_stores(tmp: Path, n: int, dims, captions=("caption",)):
 
 @section("loader")
 def loader_vs_step(ctx: Context) -> dict:
-    from sail.loader import PairedFeatures, StreamingBatches
-    from sail.store import FeatureStore
+    from sail.data.loader import PairedFeatures, StreamingBatches
+    from sail.data.store import FeatureStore
 
     batch = ctx.size(36864, 256)
     n = 4 * batch

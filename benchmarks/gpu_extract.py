@@ -5,12 +5,12 @@
 
 `bench_extract()` is the extraction section of benchmarks/gpu.py, which imports it from here.
 
-What is measured (sail.tiny's "dinov2-l" shape: hidden 1024, 24 layers, 16 heads, patch 14, 224 px crop):
+What is measured (sail.encoders.tiny's "dinov2-l" shape: hidden 1024, 24 layers, 16 heads, patch 14, 224 px crop):
 - forward, per weights dtype (fp32, and the precision policy's dtype: bf16 on Ampere+): ImageEncoder.encode_pixels
   on (B, 3, 224, 224) uint8 batches in pinned host memory, as the DataLoader hands them over: copy to the
   device, normalise there, forward, [CLS; mean patch] pooling in fp32, fp16 features back to the host.
   B = the default batch for the model's size (sail.encoders.default_batch_size) unless --batch.
-- pipeline: sail.extract.extract end to end (default workers, --preprocess fast, the policy's dtype) on
+- pipeline: sail.encoders.extract.extract end to end (default workers, --preprocess fast, the policy's dtype) on
   --images JPEG photos of 500x375 (crops of grace_hopper.jpg), model load excluded; img/s and the ratio to
   the forward in the same dtype. Below 1 the decoding workers, not the GPU, set the pace. Up to 1024
   distinct photos are listed again under new ids up to --images rows (each row is decoded): with 4096 rows
@@ -57,10 +57,10 @@ def bench_extract(device: str = "cuda", images: int = 16384, batch: int | None =
     from extract import make_photos
     from transformers.utils import logging as hf_logging
 
-    import sail.extract as ex
+    from sail.core.precision import resolve_precision
     from sail.encoders import ImageEncoder, default_batch_size, num_params, resolve_model
-    from sail.precision import resolve_precision
-    from sail.tiny import make_vision_model
+    import sail.encoders.extract as ex
+    from sail.encoders.tiny import make_vision_model
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

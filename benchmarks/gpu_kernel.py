@@ -2,13 +2,13 @@
 
     python benchmarks/gpu.py --only loss-kernel          # through gpu.py (B = 36864, 262144, 1048576)
 
-loss_kernel(): the fused Triton sigmoid loss (sail.triton_sigmoid, impl="triton") against the blockwise
+loss_kernel(): the fused Triton sigmoid loss (sail.train.triton_sigmoid, impl="triton") against the blockwise
 torch loss (impl="torch") on the same bf16 inputs, forward + backward, and against the bf16 matmul peak
 measured in the same run (the best of a few large torch.mm shapes). Reported: seconds per forward +
 backward, TFLOP/s counting the three matmuls (logits, G @ Y, G^T @ X: 6 B^2 D flops), share of the
 measured peak (goal >= 70 %), peak memory; first triton and torch each against float64 at B = 4096.
 Goal at B = 1,048,576: <= 10 s on an H100-class GPU. The first triton call autotunes the tile configs
-(sail.triton_sigmoid.GPU_CONFIGS); the timed calls come after it. Needs CUDA.
+(sail.train.triton_sigmoid.GPU_CONFIGS); the timed calls come after it. Needs CUDA.
 """
 
 import json
@@ -52,7 +52,7 @@ def bf16_matmul_peak(repeats=10, shapes=PEAK_SHAPES, device="cuda"):
 def kernel_breakdown(n, dim, repeats):
     """Where the fused loss's time goes at batch n (bf16): the tile kernel over all stripes writing G, the same
     without writing G (loss only), and the two cuBLAS GEMMs per stripe that turn G into gradients."""
-    from sail import triton_sigmoid as ts
+    from sail.train import triton_sigmoid as ts
 
     x = F.normalize(torch.randn(n, dim, device="cuda"), dim=-1).to(torch.bfloat16)
     y = F.normalize(torch.randn(n, dim, device="cuda"), dim=-1).to(torch.bfloat16)
@@ -90,7 +90,7 @@ def kernel_breakdown(n, dim, repeats):
 def loss_kernel(sizes=(36864, 262144, 1048576), dim=1024, repeats=3, torch_max=262144, peak=None):
     """Section loss-kernel: fused Triton sigmoid loss vs blockwise torch loss vs bf16 matmul peak (measured here
     unless gpu.py's matmul section passes the run's own)."""
-    from sail.losses import sigmoid_loss
+    from sail.train.losses import sigmoid_loss
 
     shapes = None
     if peak is None:

@@ -61,7 +61,7 @@ def _open_clip_loss():
 
 def implementations(device: torch.device) -> tuple[dict, dict]:
     """(name -> loss(x, y, log_t, b), name -> why it is missing). Every loss takes log t, as the peers do."""
-    from sail.losses import sigmoid_loss
+    from sail.train.losses import sigmoid_loss
 
     impls, missing = {}, {}
     if device.type == "cuda":
@@ -94,7 +94,7 @@ def implementations(device: torch.device) -> tuple[dict, dict]:
 
 def multi_positive_implementations(device: torch.device) -> tuple[dict, dict]:
     """K = 2 captions per image: name -> loss(x, [y1, y2], log_t, b)."""
-    from sail.losses import multi_positive_loss
+    from sail.train.losses import multi_positive_loss
 
     impls, missing = {}, {}
     impls["sail"] = lambda x, ys, log_t, b: multi_positive_loss(x, ys, log_t.exp(), b)

@@ -1,11 +1,11 @@
-"""Benchmark: pairs/s that sail.loader delivers at SAIL's batch, against the time of one align step.
+"""Benchmark: pairs/s that sail.data.loader delivers at SAIL's batch, against the time of one align step.
 
     python benchmarks/loader.py                       # 200k pairs, image 2048 / text 1024 fp16, B = 36864
     python benchmarks/loader.py --quick               # 50k pairs, B = 8192
     python benchmarks/loader.py --step-seconds 80     # compare with a step measured by benchmarks/align_step.py
     python benchmarks/loader.py --cold                # also evict the store files from the page cache first
 
-Setup: two synthetic stores written with sail.store.StoreWriter into a temporary directory (deleted at
+Setup: two synthetic stores written with sail.data.store.StoreWriter into a temporary directory (deleted at
 the end): an image store (field "image", 2048-d) and a text store (field "caption", 1024-d), float16,
 the text store's ids shuffled against the image store's so PairedFeatures must join by id. The first
 two feature columns encode the pair number (n // 1000, n % 1000, exact in float16), so every delivered
@@ -17,7 +17,7 @@ Measured:
 - streaming: StreamingBatches as `sail align` runs it (reused batch tensors), two epochs through one
              object: time to the first batch of each epoch (the reader thread runs on across epochs, so
              epoch 1 should not wait for a buffer fill again), pairs/s over both epochs, reader threads
-             started, and the time spent reading stores before the gather (sail.loader._read_source: ~0
+             started, and the time spent reading stores before the gather (sail.data.loader._read_source: ~0
              for stores in StoreWriter's layout, gathered straight from the file mapping). With the default buffer
              (4 x 65536 rows) 200k pairs are ONE buffer, so every read is dense; "streaming/small" (blocks of
              B rows, 2 per buffer) makes the text rows of each buffer scattered over the text store (its
@@ -48,9 +48,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import sail.loader as loader_mod
-from sail.loader import MemoryBatches, PairedFeatures, StreamingBatches
-from sail.store import FeatureStore, StoreWriter
+import sail.data.loader as loader_mod
+from sail.data.loader import MemoryBatches, PairedFeatures, StreamingBatches
+from sail.data.store import FeatureStore, StoreWriter
 
 
 def cpu_s() -> float:

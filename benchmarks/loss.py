@@ -4,8 +4,8 @@
     python benchmarks/loss.py                          # B in 4096 .. 131072, D = 1024
     python benchmarks/loss.py --quick                  # a short run (B = 1024, 2048)
 
-Implementations: "blockwise" = sail.losses.sigmoid_loss on float32 embeddings; "bf16" = the same on
-bfloat16 embeddings (bf16 matmuls, fp32 element-wise work; see sail.losses); "plain" = the formula below;
+Implementations: "blockwise" = sail.train.losses.sigmoid_loss on float32 embeddings; "bf16" = the same on
+bfloat16 embeddings (bf16 matmuls, fp32 element-wise work; see sail.train.losses); "plain" = the formula below;
 "matmuls" = only the blockwise loss's three fp32 matmuls over the same blocks (no element-wise work): the
 floor of blockwise/plain in fp32, printed as "matmuls alone / plain".
 Accuracy (blockwise and bf16, --accuracy, on by default up to B = 16384): the same call on the float64
@@ -44,7 +44,7 @@ def worker(impl, n, dim, block_size, threads, repeats, accuracy):
     import torch
     import torch.nn.functional as F
 
-    from sail.losses import sigmoid_loss
+    from sail.train.losses import sigmoid_loss
 
     if threads:
         torch.set_num_threads(threads)
@@ -66,7 +66,7 @@ def worker(impl, n, dim, block_size, threads, repeats, accuracy):
 
     def step(x, y):
         if impl == "matmuls":  # the floor: the blockwise loss's three matmuls alone, same blocks
-            from sail.losses import BLOCK_BYTES
+            from sail.train.losses import BLOCK_BYTES
 
             m = x.shape[0]
             rows = block_size or max(1, min(m, BLOCK_BYTES // (m * 4)))

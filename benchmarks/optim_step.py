@@ -1,4 +1,4 @@
-"""Benchmark: one Lion / LAMB step over a tower-sized list of tensors, foreach (sail.optim) vs the per-tensor
+"""Benchmark: one Lion / LAMB step over a tower-sized list of tensors, foreach (sail.train.optim) vs the per-tensor
 Python loop of sail 0.1 (tests/test_optim.py keeps it as the reference).
 
     python benchmarks/optim_step.py                  # the tensors of CLIP ViT-B/32 + its text tower (~150M params)
@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_optim import LAMBPerTensor, LionPerTensor  # noqa: E402
 
-from sail.optim import LAMB, Lion  # noqa: E402
+from sail.train.optim import LAMB, Lion  # noqa: E402
 
 
 def tensors(quick: bool) -> list[torch.Tensor]:

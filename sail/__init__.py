@@ -9,16 +9,16 @@
 from importlib import import_module
 from importlib.util import find_spec
 
-from sail import moved as _moved
+from sail.core import moved as _moved
 
 __version__ = "0.1.0"
 
 # Heavy modules (torch, transformers) are imported on first use so `sail --help` stays fast.
 _LAZY = {
-    "FeatureStore": "sail.store",
-    "AlignmentHeads": "sail.heads",
-    "SAILModel": "sail.model",
-    "SailError": "sail.errors",
+    "FeatureStore": "sail.data.store",
+    "AlignmentHeads": "sail.train.heads",
+    "SAILModel": "sail.train.model",
+    "SailError": "sail.core.errors",
 }
 
 
@@ -31,4 +31,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'sail' has no attribute {name!r}")
 
 
-_moved.install()  # old module names import their new homes; see sail/moved.py
+_moved.install()  # old module names import their new homes; see sail/core/moved.py

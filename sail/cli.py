@@ -15,7 +15,7 @@ from typing import Optional
 
 import typer
 
-from sail.errors import SailError
+from sail.core.errors import SailError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="sail: vision-language alignment tuning on frozen unimodal encoders.\n\n"
@@ -53,7 +53,7 @@ def models():
     from sail.encoders import models_table
 
     typer.echo(models_table())
-    from sail.zoo import zoo_table
+    from sail.encoders.zoo import zoo_table
 
     for name, modality, _, source, note in zoo_table():
         typer.echo(f"{name}  {modality}  {source}  {note}  [entry point sail.encoders]")
@@ -94,7 +94,7 @@ def extract(
 
     Example: sail extract --model dinov2-l --data cc3m/shards/
     """
-    from sail.extract import ExtractConfig, ExtractInterrupted, extract as run
+    from sail.encoders.extract import ExtractConfig, ExtractInterrupted, extract as run
 
     try:
         result = run(ExtractConfig(model=model, data=data, columns=_split(columns), out=out, features_root=features_root, pooling=pooling,
@@ -174,8 +174,8 @@ def align(
 
     Example: sail align --image features/cc3m/dinov2-l.h5 --text features/cc3m/gte-l.h5 --out runs/cc3m
     """
-    from sail.align import AlignConfig, AlignInterrupted, align as run
-    from sail.artifacts import Lock
+    from sail.core.artifacts import Lock
+    from sail.train.align_heads import AlignConfig, AlignInterrupted, align as run
 
     try:
         with Lock(out, what="align run"):  # a second `sail align` on this --out stops here, naming this one's pid
@@ -221,7 +221,7 @@ def info(path: str = typer.Argument(..., help="feature store (.h5)"),
 
     Example: sail info features/cc3m/dinov2-l.h5 --verify
     """
-    from sail.store import describe, verify as run_verify
+    from sail.data.store import describe, verify as run_verify
 
     text, problems = describe(path, run_verify(path) if verify else None)
     typer.echo(text)
@@ -253,7 +253,7 @@ def _report(task: str, result: dict, out: Optional[str], run: Optional[str]) -> 
             for k, v in table.items():
                 typer.echo(line(str(k), "-" if v is None else v, max(len(str(k)) for k in table)))
     path = Path(out) if out else (Path(run) / "eval" / f"{task}.json" if run else Path(f"eval-{task}.json"))
-    from sail.artifacts import write_json
+    from sail.core.artifacts import write_json
 
     write_json(path, result, indent=1, default=str)  # never a half-written results file
     typer.echo(f"saved {path}")
@@ -282,7 +282,7 @@ def eval_zeroshot(run: str = _RUN,
     Example: sail eval zeroshot runs/cc3m --data imagenet/val --classnames imagenet
     """
     _check_out(out, overwrite)
-    from sail.evaluate import zeroshot
+    from sail.eval.tasks import zeroshot
 
     _report("zeroshot", zeroshot(run, data, classnames, templates, image_store, features_root=features_root,
                                  device=device, vision_model=vision_model, text_model=text_model, split=split,
@@ -302,7 +302,7 @@ def eval_retrieval(run: str = _RUN,
     Example: sail eval retrieval runs/cc3m --data coco/dataset_coco.json --images-root coco/
     """
     _check_out(out, overwrite)
-    from sail.evaluate import retrieval
+    from sail.eval.tasks import retrieval
 
     _report("retrieval", retrieval(run, data, images_root, split, _split(columns), features_root=features_root,
                                    device=device, vision_model=vision_model, text_model=text_model,
@@ -319,7 +319,7 @@ def eval_winoground(run: str = _RUN, data: str = typer.Option(..., help="Winogro
     Example: sail eval winoground runs/cc3m --data winoground/examples.jsonl
     """
     _check_out(out, overwrite)
-    from sail.evaluate import winoground
+    from sail.eval.tasks import winoground
 
     _report("winoground", winoground(run, data, images, device, vision_model, text_model, encoding), out, run)
 
@@ -333,7 +333,7 @@ def eval_linear_probe(train: str = typer.Option(..., help="labelled train store"
     Example: sail eval linear-probe --train features/cars-train/dinov2-l.h5 --test features/cars-test/dinov2-l.h5
     """
     _check_out(out, overwrite)
-    from sail.evaluate import linear_probe
+    from sail.eval.tasks import linear_probe
 
     _report("linear-probe", linear_probe(train, test, run, device=device), out, run)
 
@@ -347,7 +347,7 @@ def eval_knn(train: str = typer.Option(..., help="labelled train store"), test: 
     Example: sail eval knn --train features/cars-train/dinov2-l.h5 --test features/cars-test/dinov2-l.h5 --k 20
     """
     _check_out(out, overwrite)
-    from sail.evaluate import knn
+    from sail.eval.tasks import knn
 
     _report("knn", knn(train, test, k, run, device=device), out, run)
 
@@ -369,8 +369,8 @@ def eval_segmentation(run: str = _RUN, images: str = typer.Option(..., help="fol
     Example: sail eval segmentation runs/cc3m --images ADE/images/validation --masks ADE/annotations/validation --classnames ade20k.txt --reduce-zero-label
     """
     _check_out(out, overwrite)
-    from sail.evaluate import segmentation
-    from sail.segmentation import SegProtocol
+    from sail.eval.segmentation import SegProtocol
+    from sail.eval.tasks import segmentation
 
     protocol = SegProtocol(short_side=short_side, window=window, stride=stride,
                            reduce_zero_label=reduce_zero_label, ignore_index=ignore_index)
@@ -388,7 +388,7 @@ def eval_alignment(image: str = typer.Option(..., help="first store (e.g. image 
     Example: sail eval alignment --image features/coco/dinov2-l.h5 --text features/coco/gte-l.h5 --k 10
     """
     _check_out(out, overwrite)
-    from sail.evaluate import alignment
+    from sail.eval.tasks import alignment
 
     _report("alignment", alignment(image, text, k, field, device=device), out, None)
 
@@ -460,7 +460,7 @@ def index(run: str = _RUN, images: str = typer.Option(..., help="image feature s
 
     Example: sail index runs/demo --images features/sample/efficientnet-lite0-128.h5 --out indexes/sample
     """
-    from sail.search import build_index
+    from sail.eval.search import build_index
 
     meta = build_index(run, images, out, overwrite)
     typer.echo(f"indexed {meta['size']} images ({meta['dim']}-d) into {out}")
@@ -473,7 +473,7 @@ def search(index_dir: str = typer.Argument(..., metavar="INDEX"), query: str = t
 
     Example: sail search indexes/sample "a large red circle" -k 3
     """
-    from sail.search import search as run
+    from sail.eval.search import search as run
 
     for hit in run(index_dir, query, k, device=device):
         typer.echo(f"{hit['rank']:>3}  {hit['score']:.4f}  {hit['id']}" + (f"  {hit['path']}" if hit.get("path") else ""))
@@ -498,7 +498,7 @@ def filter_align_cmd(manifest: str = typer.Argument(..., help="manifest to filte
 
     Example: sail filter align pairs.csv --out pairs-filtered.csv
     """
-    from sail.filter import filter_align
+    from sail.recipes.filter import filter_align
 
     report = filter_align(manifest, out, image_column=image_column, text_column=text_column, id_column=id_column,
                           min_short_side=min_short_side, max_aspect=max_aspect, max_texts_per_image=max_texts_per_image,
@@ -543,8 +543,8 @@ def recipe(ctx: typer.Context, name: str = typer.Argument(..., help="alip or ali
     Shipped configs: alip-tiny, alip-vit-b32, alip-vit-b16, align-tiny, align-efficientnet-b7. The same
     command with --resume continues the run in --out from its newest checkpoint.
     """
-    from sail.engine import Interrupted
-    from sail.recipe import run_recipe
+    from sail.recipes.runner import run_recipe
+    from sail.train.engine import Interrupted
 
     try:
         run_recipe(name, list(ctx.args))

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from sail.errors import SailError
-from sail.heads import AlignmentHeads
+from sail.core.errors import SailError
+from sail.train.heads import AlignmentHeads
 
 STAR_CLAMP = 1e3  # the official star mapping clips both branches to +-1e3 before the product
 OFFICIAL_MLP_WIDTH = 4  # SiglipMLP's intermediate size is 4 x input, not configurable from AlignmentLayer

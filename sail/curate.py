@@ -51,10 +51,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sail.errors import SailError
-from sail.loader import PairedFeatures
-from sail.store import FeatureStore
-from sail.subset import read_subset, restrict, subset_digest, subset_sha256, write_ids  # noqa: F401 (re-exported)
+from sail.core.errors import SailError
+from sail.data.loader import PairedFeatures
+from sail.data.store import FeatureStore
+from sail.data.subset import read_subset, restrict, subset_digest, subset_sha256, write_ids  # noqa: F401 (re-exported)
 
 TOLERANCE = 1e-6  # cosines are float32: a copy's cosine with itself may read 0.99999994, so --dedup 1 still finds it
 DEDUP_ON = ("image", "both")
@@ -139,9 +139,9 @@ def pair_scores(run: str, pairs: PairedFeatures, index: np.ndarray, chunk_rows: 
                 device: torch.device | str = "cpu", progress: bool = False) -> np.ndarray:
     """Cosine between the run's image and text embeddings of each pair in `index` (float32, (len(index),)).
     The one image-text score of sail: the score filter here and the dedup priority use it."""
-    from sail.evaluate import check_store_matches_run
-    from sail.heads import AlignmentHeads
-    from sail.model import project_store
+    from sail.eval.tasks import check_store_matches_run
+    from sail.train.heads import AlignmentHeads
+    from sail.train.model import project_store
 
     check_store_matches_run(run, pairs.image_store, "image")
     check_store_matches_run(run, pairs.text_store, "text")
@@ -404,7 +404,7 @@ def _timed(report: CurateReport, since: float) -> float:
 
 
 def _write(cfg: CurateConfig, ids: np.ndarray, report: CurateReport) -> None:
-    from sail.artifacts import write_atomic, write_json
+    from sail.core.artifacts import write_atomic, write_json
 
     paths = _paths(cfg.out)
     write_ids(paths["ids"], ids)

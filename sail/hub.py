@@ -18,11 +18,11 @@ import os
 import shutil
 from pathlib import Path
 
-from sail.artifacts import read_json, write_atomic, write_json
-from sail.errors import SailError
+from sail.core.artifacts import read_json, write_atomic, write_json
+from sail.core.errors import SailError
 
 # Resolving a location (directory or Hub id) lives below the heads and the model, which both load by id.
-from sail.locate import _REPO_ID, REPO_FILES, _offline, resolve_pretrained  # noqa: F401
+from sail.core.locate import _REPO_ID, REPO_FILES, _offline, resolve_pretrained  # noqa: F401
 
 
 # ------------------------------------------------------------------------------------------ publishing
@@ -58,7 +58,7 @@ def _optional(path: Path, what: str) -> dict:
 
 def model_card(run: Path, repo_id: str) -> str:
     """README.md for the Hub: front matter, encoders, training settings, evaluation, curves, usage."""
-    from sail.model import read_run_config
+    from sail.train.model import read_run_config
 
     cfg = read_run_config(run)
     settings = _optional(run / "train_config.json", "run settings")
@@ -102,7 +102,7 @@ def prepare_repo(run: str | Path, repo_id: str, folder: str | Path) -> Path:
     """Write what `sail push` uploads into `folder` (which must be new or empty). Everything is checked
     first and written into a temporary sibling that is renamed into place, so a refusal or a full disk
     leaves no half-written folder that would block the rerun."""
-    from sail.heads import AlignmentHeads
+    from sail.train.heads import AlignmentHeads
 
     run, folder = Path(run), Path(folder)
     if not _REPO_ID.match(repo_id):
@@ -139,7 +139,7 @@ def _refuse_recipe_run(run: Path) -> None:
     if (run / "recipe-config.yaml").exists() or config.get("format") == "sail-towers":
         raise SailError(f"{run} is a recipe run (full two-tower model); sail push publishes alignment-head runs "
                         "from `sail align` only. Share the run folder itself: "
-                        "sail.towers.Towers.from_pretrained reads it")
+                        "sail.train.towers.Towers.from_pretrained reads it")
 
 
 def upload(folder: str | Path, repo_id: str, private: bool = False, token: str | None = None,

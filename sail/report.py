@@ -16,8 +16,8 @@ import html
 import io
 from pathlib import Path
 
-from sail.artifacts import damaged, read_json, write_atomic
-from sail.errors import SailError
+from sail.core.artifacts import damaged, read_json, write_atomic
+from sail.core.errors import SailError
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 h1{font-size:1.6em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ddd}
@@ -132,7 +132,7 @@ def _retrieval_section(rt: dict, examples: int) -> str:
 
 
 def run_sections(run: Path, examples: int = 8) -> list[str]:
-    from sail.model import read_run_config
+    from sail.train.model import read_run_config
 
     cfg = read_run_config(run)
     parts = []

@@ -7,7 +7,7 @@
 Any `sail align` option can be a grid axis (`--grid key=v1,v2`; list values such as captions join with
 `+`: `--grid captions=caption,caption+long_caption`) or a fixed setting (`--key value`). Every run
 gets its own directory named from its settings (`head-glu_lr-0.001`). The features are read from the
-stores once per process and shared, read-only, by every run (`sail.loader.shared_loads`). Rerunning
+stores once per process and shared, read-only, by every run (`sail.data.loader.shared_loads`). Rerunning
 the command skips finished runs and resumes unfinished ones from their last checkpoint; a run whose
 files are damaged, or whose stores changed since it trained, is moved aside (`NAME.stale`) and trained
 again, saying so; a run that fails with a user-facing error (a NaN loss at a high learning rate, say)
@@ -29,11 +29,11 @@ import re
 import time
 from pathlib import Path
 
-from sail.align import _RESUME_FREE, _STORE_FLAGS, AlignConfig, _check_same_stores, align
-from sail.artifacts import DamagedArtifact, Lock, read_json, write_atomic, write_json
-from sail.errors import SailError
-from sail.loader import shared_loads
-from sail.store import FeatureStore
+from sail.core.artifacts import DamagedArtifact, Lock, read_json, write_atomic, write_json
+from sail.core.errors import SailError
+from sail.data.loader import shared_loads
+from sail.data.store import FeatureStore
+from sail.train.align_heads import _RESUME_FREE, _STORE_FLAGS, AlignConfig, _check_same_stores, align
 
 FIELDS = {f.name: f for f in dataclasses.fields(AlignConfig)}
 NOT_SETTABLE = {"out", "progress"}
@@ -425,7 +425,7 @@ def plot_comparison(out: Path, runs: list[tuple[str, Path]]) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from sail.runlog import read_metrics
+    from sail.train.runlog import read_metrics
 
     panels = [("loss", "training loss"), ("val_i2t_R@1", "val image->text R@1 (%)"),
               ("val_t2i_R@1", "val text->image R@1 (%)")]

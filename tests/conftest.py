@@ -21,14 +21,14 @@ def _isolated_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_vision(tmp_path_factory):
-    from sail.tiny import make_vision_model
+    from sail.encoders.tiny import make_vision_model
 
     return make_vision_model(tmp_path_factory.mktemp("models") / "tiny-dino")
 
 
 @pytest.fixture(scope="session")
 def tiny_text(tmp_path_factory):
-    from sail.tiny import make_text_model
+    from sail.encoders.tiny import make_text_model
 
     return make_text_model(tmp_path_factory.mktemp("models") / "tiny-bert")
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sail.store import StoreWriter
+from sail.data.store import StoreWriter
 
 
 def write_store(path: Path, ids, features: dict, modality: str, model_id: str, labels=None, class_names=None,

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from sail.align import AlignConfig, align
 from sail.cli import main
-from sail.errors import SailError
-from sail.heads import AlignmentHeads
-from sail.store import FeatureStore
+from sail.core.errors import SailError
+from sail.data.store import FeatureStore
+from sail.train.align_heads import AlignConfig, align
+from sail.train.heads import AlignmentHeads
 from synthetic import paired_stores, write_store
 
 
@@ -196,12 +196,12 @@ class _StopAt:
     """Stands in for align's Ctrl-C handler: asks the loop to stop before step `at` + 1."""
 
     def __init__(self, at):
-        import sail.align as A
+        import sail.train.align_heads as A
 
         self.at, self.calls, self.base = at, 0, A._StopRequest
 
     def __call__(self):
-        import sail.align as A
+        import sail.train.align_heads as A
 
         outer = self
 
@@ -215,7 +215,7 @@ class _StopAt:
 
 
 def test_stop_checkpoints_and_streamed_resume_keeps_its_mode_and_is_exact(tmp_path, monkeypatch):
-    import sail.align as A
+    import sail.train.align_heads as A
     from safetensors.torch import load_file
 
     img, txt = paired_stores(tmp_path, n=700)
@@ -238,7 +238,7 @@ def test_stop_checkpoints_and_streamed_resume_keeps_its_mode_and_is_exact(tmp_pa
 
 
 def test_memory_run_resumes_in_memory_even_when_auto_would_stream(tmp_path, monkeypatch):
-    import sail.align as A
+    import sail.train.align_heads as A
 
     img, txt = paired_stores(tmp_path, n=400)
     monkeypatch.setattr(A, "_StopRequest", _StopAt(3))
@@ -255,7 +255,7 @@ def test_memory_run_resumes_in_memory_even_when_auto_would_stream(tmp_path, monk
 def test_resume_recognises_moved_runs_and_stores_not_spellings(tmp_path, monkeypatch):
     import shutil
 
-    import sail.align as A
+    import sail.train.align_heads as A
 
     img, txt = paired_stores(tmp_path, n=400)
     monkeypatch.chdir(tmp_path)
@@ -286,7 +286,7 @@ def test_resume_recognises_moved_runs_and_stores_not_spellings(tmp_path, monkeyp
 
 
 def test_failed_start_leaves_a_reusable_directory(tmp_path, monkeypatch):
-    import sail.align as A
+    import sail.train.align_heads as A
 
     img, txt = paired_stores(tmp_path, n=300)
 
@@ -322,7 +322,7 @@ def test_sigint_checkpoints_and_prints_the_command_that_resumes(tmp_path):
     assert command.startswith("sail align ") and command.endswith("--resume") and f"--out {run}" in command
     step = int(err.split("interrupted at step ")[1].split()[0])
     assert step >= 3 and f"the last checkpoint is step {step}" in err
-    from sail.checkpoint import load_checkpoint
+    from sail.train.checkpoint import load_checkpoint
 
     assert load_checkpoint(run).step == step
 
@@ -367,7 +367,7 @@ def test_nonfinite_rows_are_skipped_and_join_drops_are_reported(tmp_path, capsys
 
 
 def test_stores_with_repeated_or_empty_ids_are_refused(tmp_path):
-    # the join would silently keep one row of a repeated id; sail.store refuses such stores on open
+    # the join would silently keep one row of a repeated id; sail.data.store refuses such stores on open
     img, txt = paired_stores(tmp_path, n=300)
     x = np.zeros((300, 32), np.float16)
     for ids, needle in [([f"id{i:05d}" for i in range(299)] + ["id00005"], "id00005"),

@@ -20,9 +20,9 @@ import h5py
 import numpy as np
 import pytest
 
-from sail.artifacts import DamagedArtifact, Lock, read_json, write_atomic, write_json
 from sail.cli import main
-from sail.errors import SailError
+from sail.core.artifacts import DamagedArtifact, Lock, read_json, write_atomic, write_json
+from sail.core.errors import SailError
 from synthetic import paired_stores, write_store
 
 SMALL = ["--head", "linear", "--out-dim", "8", "--batch", "64", "--steps", "4", "--optimizer", "adamw",
@@ -102,7 +102,7 @@ def test_a_file_size_limit_is_one_line_and_no_temporary(tmp_path):
     f = tmp_path / "summary.json"
     write_atomic(f, "old")
     code = ("import resource, sys\nresource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))\n"
-            "from sail.cli import main\nfrom sail.artifacts import write_atomic\nfrom sail.errors import SailError\n"
+            "from sail.cli import main\nfrom sail.core.artifacts import write_atomic\nfrom sail.core.errors import SailError\n"
             f"try:\n    write_atomic({str(f)!r}, 'x' * 5000)\nexcept SailError as e:\n    print('error:', e)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -115,7 +115,7 @@ def test_a_file_size_limit_is_one_line_and_no_temporary(tmp_path):
 
 def _hold(directory: Path, name: str = ".sail.lock") -> subprocess.Popen:
     """Another process holding the lock (a running sail align, say) until killed."""
-    code = (f"from sail.artifacts import Lock\nimport time\nwith Lock({str(directory)!r}, name={name!r}):\n"
+    code = (f"from sail.core.artifacts import Lock\nimport time\nwith Lock({str(directory)!r}, name={name!r}):\n"
             "    print('held', flush=True)\n    time.sleep(120)\n")
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -381,7 +381,7 @@ def test_second_extraction_of_one_store_is_refused(tmp_path, tiny_text, capsys):
 
 
 def test_a_metrics_line_cut_short_by_a_crash_is_skipped(tmp_path):
-    from sail.runlog import MetricsLog, read_metrics
+    from sail.train.runlog import MetricsLog, read_metrics
 
     f = tmp_path / "metrics.jsonl"
     f.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 3, "lo')

@@ -1,4 +1,4 @@
-"""sail.augment: crops stay inside the image with the requested area and aspect, flips are exact mirrors,
+"""sail.data.augment: crops stay inside the image with the requested area and aspect, flips are exact mirrors,
 tensors have the right layout and values, and everything is a function of the generator alone."""
 
 import numpy as np
@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from sail.augment import (ImagePreprocessing, crop_box, hflip, random_resized_crop, resize_center_crop,
+from sail.data.augment import (ImagePreprocessing, crop_box, hflip, random_resized_crop, resize_center_crop,
                           to_tensor)
-from sail.errors import SailError
+from sail.core.errors import SailError
 
 
 def _noise_image(w=80, h=60, seed=0):

@@ -1,4 +1,4 @@
-"""sail.checkpoint: the one checkpoint module of align and the recipes: RNG (torch, numpy, Python), data
+"""sail.train.checkpoint: the one checkpoint module of align and the recipes: RNG (torch, numpy, Python), data
 position, keep-last-N, atomic LATEST, checkpoints written by 0.1, and the resume rule."""
 
 import json
@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sail.checkpoint import check_resume, load_checkpoint, save_checkpoint
-from sail.errors import SailError
-from sail.runlog import read_metrics
+from sail.core.errors import SailError
+from sail.train.checkpoint import check_resume, load_checkpoint, save_checkpoint
+from sail.train.runlog import read_metrics
 
 
 def _model():
@@ -107,7 +107,7 @@ def test_settings_added_since_the_run_began_compare_as_their_defaults(tmp_path):
 
 
 def _align_runner(tmp_path):
-    from sail.align import AlignConfig, align
+    from sail.train.align_heads import AlignConfig, align
     from synthetic import paired_stores
 
     img, txt = paired_stores(tmp_path, n=200)
@@ -189,8 +189,8 @@ def test_no_intact_checkpoint_is_one_error_line(tmp_path):
 def test_resaving_a_step_never_leaves_latest_dangling(tmp_path, monkeypatch, crash_at):
     import os
 
-    import sail.artifacts
-    import sail.checkpoint
+    import sail.core.artifacts
+    import sail.train.checkpoint
 
     model = _model()
     save_checkpoint(tmp_path, 5, model)
@@ -205,8 +205,8 @@ def test_resaving_a_step_never_leaves_latest_dangling(tmp_path, monkeypatch, cra
             raise KeyboardInterrupt  # the process dies here
         return real(a, b)
 
-    monkeypatch.setattr(sail.checkpoint.os, "replace", crashing)
-    monkeypatch.setattr(sail.artifacts.os, "replace", crashing)
+    monkeypatch.setattr(sail.train.checkpoint.os, "replace", crashing)
+    monkeypatch.setattr(sail.core.artifacts.os, "replace", crashing)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(tmp_path, 5, model)
     monkeypatch.undo()

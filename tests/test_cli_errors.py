@@ -206,7 +206,7 @@ def test_extract_overwrite_replaces_a_store_only_when_complete(env, tmp_path):
     argv = ["extract", "--model", str(env["vision"]), "--data", str(env["m"]), "--out", str(out), "--workers", "0"]
     assert main(argv) == 2
     assert main(argv + ["--overwrite"]) == 0
-    from sail.store import FeatureStore
+    from sail.data.store import FeatureStore
 
     with FeatureStore(out) as s:
         assert s.attrs["modality"] == "image" and len(s) == 24

@@ -1,4 +1,4 @@
-"""CLIP_benchmark route: `sail.clip_benchmark` registers model type "sail", and CLIP_benchmark's own
+"""CLIP_benchmark route: `sail.eval.clip_benchmark` registers model type "sail", and CLIP_benchmark's own
 metric code run on our adapter gives `sail eval`'s numbers on the same data.
 
 clip_benchmark is an optional extra; its metric modules need only torch, tqdm and scikit-learn, so
@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from sail import metrics
+from sail.core import metrics
+from sail.core.errors import SailError
 from sail.data import load_image, open_dataset
-from sail.errors import SailError
-from sail.evaluate import retrieval, zeroshot
-from sail.model import OpenCLIPAdapter, SAILModel
+from sail.eval.tasks import retrieval, zeroshot
+from sail.train.model import OpenCLIPAdapter, SAILModel
 
 pytest.importorskip("clip_benchmark", reason="optional extra: pip install 'sail[clip-benchmark]'")
 from clip_benchmark.metrics import zeroshot_classification as cb_zeroshot  # noqa: E402
@@ -43,7 +43,7 @@ def _adapter(run):
 
 
 def test_clip_benchmark_zeroshot_equals_sail_eval(trained, tmp_path):
-    from sail.clip_benchmark import patch_metrics
+    from sail.eval.clip_benchmark import patch_metrics
 
     patch_metrics()  # as the launcher does: clip_benchmark 1.6.2's accuracy() fails under numpy 2
     ds = open_dataset("sample-val")
@@ -112,7 +112,7 @@ def fake_open_clip(monkeypatch):
 
 
 def test_launcher_registers_model_type_and_hands_over(trained, fake_open_clip, monkeypatch):
-    from sail import clip_benchmark as launcher
+    from sail.eval import clip_benchmark as launcher
 
     launcher.register()
     import clip_benchmark.models as cb_models

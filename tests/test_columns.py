@@ -1,4 +1,4 @@
-"""sail.columns.TextColumn: an Arrow-backed column reads exactly like the Python list it replaces."""
+"""sail.data.columns.TextColumn: an Arrow-backed column reads exactly like the Python list it replaces."""
 
 import os
 import pickle
@@ -8,8 +8,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from sail import columns
-from sail.columns import TextColumn
+from sail.data import columns
+from sail.data.columns import TextColumn
 
 
 def _chunked(values, rng):

@@ -12,8 +12,8 @@ from torch import nn
 
 from sail.cli import main
 from sail.convert import convert, heads_to_official, load_official, official_to_heads
-from sail.errors import SailError
-from sail.heads import AlignmentHeads
+from sail.core.errors import SailError
+from sail.train.heads import AlignmentHeads
 
 
 # ------------------------------------------------------------------ the official layout, restated
@@ -177,7 +177,7 @@ def test_export_refuses_heads_without_an_official_twin(tmp_path):
 
 
 def test_named_encoders_make_a_loadable_sail_model(tmp_path):
-    from sail.model import SAILModel
+    from sail.train.model import SAILModel
 
     layer = _official("star", 2, v=2048, t=1024, out=4)
     _save(layer, tmp_path / "c.pt", "trainer")
@@ -317,9 +317,9 @@ def test_encoders_are_named_by_identity_not_path(tmp_path, tiny_vision):
 
 
 def test_store_and_run_from_a_local_encoder_record_no_path(tmp_path, tiny_vision):
-    from sail.extract import ExtractConfig, extract
-    from sail.model import SAILModel
-    from sail.store import FeatureStore
+    from sail.data.store import FeatureStore
+    from sail.encoders.extract import ExtractConfig, extract
+    from sail.train.model import SAILModel
 
     res = extract(ExtractConfig(model=str(tiny_vision), data="sample", out=str(tmp_path / "img.h5"), workers=0,
                                 progress=False, batch_size=64))
@@ -341,7 +341,7 @@ def test_store_and_run_from_a_local_encoder_record_no_path(tmp_path, tiny_vision
 def test_a_store_that_named_its_encoder_by_path_is_still_the_same_extraction(tmp_path, tiny_vision):
     import h5py
 
-    from sail.extract import ExtractConfig, extract
+    from sail.encoders.extract import ExtractConfig, extract
 
     cfg = ExtractConfig(model=str(tiny_vision), data="sample", out=str(tmp_path / "img.h5"), workers=0,
                         progress=False, batch_size=64)

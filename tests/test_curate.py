@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from sail.align import AlignConfig, align
 from sail.cli import main
+from sail.train.align_heads import AlignConfig, align
 from sail.curate import (CurateConfig, cap_per_concept, curate, greedy_dedup, read_subset, restrict, subset_digest,
                          write_ids)
-from sail.errors import SailError
-from sail.loader import PairedFeatures
-from sail.store import FeatureStore
+from sail.core.errors import SailError
+from sail.data.loader import PairedFeatures
+from sail.data.store import FeatureStore
 from tests.synthetic import paired_stores, write_store
 
 
@@ -159,7 +159,7 @@ def _tiny_run(tmp_path, img, txt, **kw):
 def test_min_score_keeps_exactly_the_pairs_scored_at_least_s(tmp_path):
     img, txt = paired_stores(tmp_path, n=600, noise=0.5)
     _tiny_run(tmp_path, img, txt)
-    from sail.heads import AlignmentHeads
+    from sail.train.heads import AlignmentHeads
 
     heads = AlignmentHeads.from_pretrained(tmp_path / "run")
     istore, tstore = FeatureStore(img), FeatureStore(txt)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sail import images, manifests, shards
+from sail.core.errors import SailError
+from sail.data import images, manifests, shards
 from sail.data import clip_benchmark_info, is_clip_benchmark, load_image, open_dataset
-from sail.errors import SailError
 
 
 def _png(colour, size=(4, 3)) -> bytes:
@@ -146,7 +146,7 @@ def test_clip_benchmark_label_outside_classnames(tmp_path):
 
 def test_extract_cli_reads_clip_benchmark_split(tmp_path, tiny_vision, tiny_text, capsys):
     from sail.cli import main
-    from sail.store import FeatureStore
+    from sail.data.store import FeatureStore
 
     root = tmp_path / "wds_toy"
     expected = make_clip_benchmark(root, split="train")
@@ -495,7 +495,7 @@ def test_pixel_limit_skips_with_a_reason_and_no_warning(tmp_path, monkeypatch, n
 
 def test_extract_cli_truncated_shard_and_pixel_limit(tmp_path, tiny_vision, capsys):
     from sail.cli import main
-    from sail.store import FeatureStore
+    from sail.data.store import FeatureStore
 
     root = tmp_path / "wds_toy"
     expected = make_clip_benchmark(root)  # shards of 3 and 2 samples, images 5x4

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from sail.align import AlignConfig, align
 from sail.data import open_dataset
+from sail.data.sample import CLASS_NAMES, COLOURS, SHAPES, UNSEEN
 from sail.demo import evaluate_demo, results_table
-from sail.extract import ExtractConfig, extract
-from sail.model import SAILModel
-from sail.sample import CLASS_NAMES, COLOURS, SHAPES, UNSEEN
+from sail.encoders.extract import ExtractConfig, extract
+from sail.train.align_heads import AlignConfig, align
+from sail.train.model import SAILModel
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,8 +55,8 @@ def tiny_demo(tmp_path_factory, tiny_vision, tiny_text):
 def test_seen_unseen_evaluation_matches_a_plain_loop(tiny_demo):
     run, stores = tiny_demo
     results, predictions = evaluate_demo(run, stores["sample-val", "image"], stores["sample-val", "text"])
+    from sail.data.store import FeatureStore
     from sail.demo import DEMO_TEMPLATES
-    from sail.store import FeatureStore
 
     model = SAILModel.from_pretrained(run, device="cpu")
     ds = open_dataset("sample-val")
@@ -101,7 +101,7 @@ def test_make_demo_command_end_to_end(tmp_path):
     assert r["text_to_image_R@1"] > 5 * r["chance_R@1"]
     with open(tmp_path / "features" / "sample" / "efficientnet-lite0-128.h5", "rb"):
         pass
-    from sail.store import FeatureStore
+    from sail.data.store import FeatureStore
 
     with FeatureStore(tmp_path / "features" / "sample" / "efficientnet-lite0-128.h5") as s:
-        assert s.attrs["model_id"] == "sail.zoo:efficientnet_lite0(image_size=128)" and s.dim("image") == 1280
+        assert s.attrs["model_id"] == "sail.encoders.zoo:efficientnet_lite0(image_size=128)" and s.dim("image") == 1280

@@ -1,4 +1,4 @@
-"""sail.engine: the one loop equals a plain training loop, its guards end hopeless runs with one error, a
+"""sail.train.engine: the one loop equals a plain training loop, its guards end hopeless runs with one error, a
 Ctrl-C under two gloo processes stops both ranks at the same step and resumes exactly, and every save path
 carries the GradScaler's state."""
 
@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from sail.checkpoint import load_checkpoint
-from sail.engine import GracefulStop, Interrupted, Loop, StopRequest, restore, train_loop
-from sail.errors import SailError
+from sail.core.errors import SailError
+from sail.train.checkpoint import load_checkpoint
+from sail.train.engine import GracefulStop, Interrupted, Loop, StopRequest, restore, train_loop
 
 
 def _batch(step: int, rank: int = 0) -> torch.Tensor:
@@ -150,7 +150,7 @@ def _rank(rank: int, world: int, init: str, out: str, total: int, mode: str) -> 
     """One rank of a 2-process gloo run of the engine: 'full', 'stop' (slow steps, waits for SIGINT), 'resume'."""
     import torch.distributed as dist
 
-    from sail.step import all_reduce_gradients
+    from sail.train.step import all_reduce_gradients
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
@@ -220,7 +220,7 @@ def test_ctrl_c_on_one_of_two_gloo_ranks_stops_both_at_the_same_step_and_resumes
 
 
 def test_the_process_group_backend_follows_the_device_asked_for():
-    from sail.distributed import backend_for
+    from sail.core.distributed import backend_for
 
     assert backend_for("cpu") == "gloo" and backend_for(torch.device("cuda", 1)) == "nccl"
     assert backend_for("cuda") == "nccl"  # even where this machine has no GPU: the choice is the device's

@@ -8,14 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
-from sail import metrics
-from sail.align import AlignConfig, align
+from sail.core import metrics
+from sail.core.errors import SailError
 from sail.data import open_dataset
-from sail.errors import SailError
-from sail.evaluate import alignment, knn, linear_probe, retrieval, segmentation, winoground, zeroshot
-from sail.extract import ExtractConfig, extract
-from sail.model import SAILModel
-from sail.store import FeatureStore
+from sail.data.store import FeatureStore
+from sail.encoders.extract import ExtractConfig, extract
+from sail.eval.tasks import alignment, knn, linear_probe, retrieval, segmentation, winoground, zeroshot
+from sail.train.align_heads import AlignConfig, align
+from sail.train.model import SAILModel
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_sailmodel_local_override_and_mismatch(trained, tiny_vision, tmp_path):
     shutil.copytree(tiny_vision, copy)
     model = SAILModel.from_pretrained(trained["run"], vision_model=str(copy))
     assert model.encode_image([open_dataset("sample").images[0]]).shape == (1, 16)
-    from sail.tiny import make_text_model
+    from sail.encoders.tiny import make_text_model
 
     other = make_text_model(tmp_path / "wide-bert", hidden=48)
     with pytest.raises(SailError, match="expects 32"):
@@ -192,7 +192,7 @@ def test_model_revision_is_the_hub_commit_or_a_content_hash(tmp_path, monkeypatc
 
 
 def test_streamed_image_embeddings_skip_unreadable(trained, tmp_path):
-    from sail.evaluate import stream_image_embeddings
+    from sail.eval.tasks import stream_image_embeddings
 
     model = SAILModel.from_pretrained(trained["run"], device="cpu")
     refs = open_dataset("sample-val").images[:5]
@@ -374,7 +374,7 @@ def hand_iou(preds, masks, n_classes, ignore=255):
 
 @pytest.mark.parametrize("reduce_zero_label", [False, True])
 def test_segmentation_equals_hand_computation(trained, tmp_path, reduce_zero_label):
-    from sail.templates import load_templates
+    from sail.eval.templates import load_templates
 
     ds = open_dataset("sample-val")
     (tmp_path / "img").mkdir()
@@ -411,7 +411,7 @@ def test_segmentation_equals_hand_computation(trained, tmp_path, reduce_zero_lab
 
 
 def test_index_and_search(trained, tmp_path):
-    from sail.search import build_index, search
+    from sail.eval.search import build_index, search
 
     meta = build_index(trained["run"], str(trained["image"]), str(tmp_path / "idx"))
     assert meta["size"] == 480
@@ -443,7 +443,7 @@ def test_missing_encoder_names_the_override(trained, tmp_path):
 
 
 def test_open_clip_adapter_matches_sailmodel(trained):
-    from sail.model import OpenCLIPAdapter
+    from sail.train.model import OpenCLIPAdapter
 
     model = SAILModel.from_pretrained(trained["run"])
     adapter, preprocess, tokenizer = OpenCLIPAdapter.create(model)
@@ -511,7 +511,7 @@ def test_eval_data_in_another_encoding(trained, tmp_path, capsys):
 
 def test_index_finds_the_image_paths_of_a_store_from_a_latin1_manifest(trained, tmp_path, tiny_vision):
     """The store records --encoding, so `sail index` can reopen its manifest for the image paths."""
-    from sail.search import build_index
+    from sail.eval.search import build_index
 
     ds = open_dataset("sample")
     rows = [f"{ds.ids[i]},{ds.images[i]},caf\u00e9 {i}" for i in range(12)]

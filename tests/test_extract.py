@@ -16,10 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
+from sail.core.errors import SailError
 from sail.data import open_dataset
-from sail.errors import SailError
-from sail.extract import ExtractConfig, extract
-from sail.store import FeatureStore
+from sail.data.store import FeatureStore
+from sail.encoders.extract import ExtractConfig, extract
 
 
 def _run(model, data, out, **kw):
@@ -51,7 +51,7 @@ def _manifest(tmp_path, rows, name="m.csv"):
 
 
 def test_sample_is_deterministic(tmp_path):
-    from sail.sample import render_sample
+    from sail.data.sample import render_sample
 
     render_sample(tmp_path / "a", n=12)
     render_sample(tmp_path / "b", n=12)
@@ -392,7 +392,7 @@ def test_encoders_load_weights_in_the_asked_dtype(tiny_vision, tiny_text):
 
 def test_default_workers_and_batch(monkeypatch):
     from sail.encoders import default_batch_size
-    from sail.extract import default_workers
+    from sail.encoders.extract import default_workers
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
@@ -411,7 +411,7 @@ def test_dist_timeout_reaches_the_process_group(monkeypatch):
 
     import torch.distributed as dist
 
-    from sail.distributed import init_distributed
+    from sail.core.distributed import init_distributed
 
     seen = {}
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -428,7 +428,7 @@ def test_other_ranks_do_not_wait_for_the_merge(tmp_path, tiny_vision, monkeypatc
     equals a one-process run. A second barrier after the merge would break the (timed) barrier."""
     import threading
 
-    import sail.extract as ex
+    import sail.encoders.extract as ex
 
     single = _run(tiny_vision, "sample", tmp_path / "one.h5", chunk_size=64, batch_size=32)
     gate = threading.Barrier(2, timeout=120)

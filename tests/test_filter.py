@@ -1,4 +1,4 @@
-"""Tests for sail/filter.py: ALIGN's image and alt-text filters on a hand-made manifest."""
+"""Tests for sail/recipes/filter.py: ALIGN's image and alt-text filters on a hand-made manifest."""
 
 import csv
 import json
@@ -8,9 +8,9 @@ from collections import Counter
 import pytest
 from PIL import Image, ImageFile
 
-import sail.filter as filt
-from sail.errors import SailError
-from sail.filter import FilterReport, filter_align, image_size, tokenize
+from sail.core.errors import SailError
+import sail.recipes.filter as filt
+from sail.recipes.filter import FilterReport, filter_align, image_size, tokenize
 
 SIZES = {
     "g1.png": (300, 300), "g2.png": (300, 300), "g3.png": (300, 300), "g4.png": (300, 300),

@@ -1,14 +1,14 @@
-"""sail.gradcache: a step in micro-batches equals the one big step (float64, tiny towers), replays the same
+"""sail.train.step.contrastive_backward (GradCache with trainable towers): a step in micro-batches equals the one big step (float64, tiny towers), replays the same
 dropout masks, and updates BatchNorm running statistics once per micro-batch."""
 
 import pytest
 import torch
 from torch import nn
 
-from sail.errors import SailError
-from sail.gradcache import contrastive_backward
-from sail.losses import info_nce_loss
-from sail.towers import build_towers
+from sail.core.errors import SailError
+from sail.train.losses import info_nce_loss
+from sail.train.step import contrastive_backward
+from sail.train.towers import build_towers
 
 CLIP_VISION = {"type": "clip", "config": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
                                           "num_attention_heads": 2, "image_size": 16, "patch_size": 8}}

@@ -1,4 +1,4 @@
-"""Tests for sail/heads.py: paper parameter counts, the GLU formula, normalisation, save/load, errors."""
+"""Tests for sail/train/heads.py: paper parameter counts, the GLU formula, normalisation, save/load, errors."""
 
 import json
 import math
@@ -10,8 +10,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import sail
-from sail.errors import SailError
-from sail.heads import AlignmentHeads, make_head
+from sail.core.errors import SailError
+from sail.train.heads import AlignmentHeads, make_head
 
 
 def head_params(heads):

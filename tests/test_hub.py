@@ -13,11 +13,11 @@ import torch
 import yaml
 
 from sail import hub
-from sail.align import AlignConfig, align
 from sail.cli import main
-from sail.errors import SailError
-from sail.heads import AlignmentHeads
-from sail.model import SAILModel
+from sail.core.errors import SailError
+from sail.train.align_heads import AlignConfig, align
+from sail.train.heads import AlignmentHeads
+from sail.train.model import SAILModel
 from synthetic import paired_stores
 
 ROOT = Path(__file__).resolve().parents[1]

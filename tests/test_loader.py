@@ -1,12 +1,12 @@
-"""sail.loader: the streamed batch plan (property test, no I/O), streamed and in-memory batches from real stores."""
+"""sail.data.loader: the streamed batch plan (property test, no I/O), streamed and in-memory batches from real stores."""
 
 import numpy as np
 import pytest
 import torch
 
-from sail.errors import SailError
-from sail.loader import MemoryBatches, PairedFeatures, StreamingBatches, StreamPlan, epoch_permutation
-from sail.store import FeatureStore
+from sail.core.errors import SailError
+from sail.data.loader import MemoryBatches, PairedFeatures, StreamingBatches, StreamPlan, epoch_permutation
+from sail.data.store import FeatureStore
 from synthetic import paired_stores
 
 
@@ -136,7 +136,7 @@ def test_memory_batches_ranks_share_the_global_sequence():
 
 
 def test_reader_errors_reach_the_trainer(pairs, monkeypatch):
-    import sail.loader as loader
+    import sail.data.loader as loader
 
     def broken(*a, **k):
         raise OSError("disk gone")
@@ -195,8 +195,8 @@ def test_store_reads_match_h5py(tmp_path, monkeypatch, path):
     # mapped: StoreWriter's layout gathered from the file mapping (chunks anywhere in the file: HDF5 puts
     # metadata between them); pread: the mapping off, plain preads at the chunk offsets into a buffer first;
     # h5py: no usable chunk layout (compressed or odd layouts)
-    import sail.loader as loader
-    import sail.store
+    import sail.data.loader as loader
+    import sail.data.store
     from synthetic import write_store
 
     rng = np.random.default_rng(2)
@@ -207,7 +207,7 @@ def test_store_reads_match_h5py(tmp_path, monkeypatch, path):
     if path != "mapped":
         monkeypatch.setattr(FeatureStore, "map_field", lambda store, field: None)
     if path == "h5py":
-        monkeypatch.setattr(sail.store, "_chunk_offsets", lambda store, ds: None)
+        monkeypatch.setattr(sail.data.store, "_chunk_offsets", lambda store, ds: None)
     for k in range(60):
         n = int(rng.integers(1, 3100))
         rows = [rng.choice(3100, n, replace=False), rng.integers(0, 3100, n),   # scattered, repeated
@@ -222,7 +222,7 @@ def test_store_reads_match_h5py(tmp_path, monkeypatch, path):
 
 def test_load_reads_slabs_straight_into_the_result(pairs):
     # any slab size gives the rows in the asked order (slabs are read sorted, scattered into place)
-    import sail.loader as loader
+    import sail.data.loader as loader
 
     ref = pairs.image_store.read("image")
     rows = np.random.default_rng(3).permutation(pairs.image_rows)[:500]
@@ -234,7 +234,7 @@ def test_load_reads_slabs_straight_into_the_result(pairs):
 def test_auto_counts_one_copy_per_rank_on_a_shared_host(monkeypatch):
     # in memory every rank holds all rows: on CPU the W ranks of one host share its RAM, so auto streams
     # once W copies exceed the bound; each GPU has its own memory, so there one copy is what counts
-    import sail.align as A
+    import sail.train.align_heads as A
 
     cfg = A.AlignConfig(image="i.h5", text="t.h5", out="o")
     seen = []

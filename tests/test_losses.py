@@ -1,4 +1,4 @@
-"""Tests for sail.losses: blockwise losses against the plain B x B formulas (values and all four
+"""Tests for sail.train.losses: blockwise losses against the plain B x B formulas (values and all four
 gradients, float64), closed-form values, dtypes, errors, and ALIP's gates on a hand-worked example."""
 
 import math
@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sail.errors import SailError
-from sail.losses import ConsistencyGates, info_nce_loss, multi_positive_loss, sigmoid_loss
+from sail.core.errors import SailError
+from sail.train.losses import ConsistencyGates, info_nce_loss, multi_positive_loss, sigmoid_loss
 
 B, D = 11, 6
 BLOCKS = [None, 1, 3, 4, B, 100]  # 3 and 4 do not divide B; 100 > B
@@ -387,7 +387,7 @@ def test_consistency_gates_defaults_eval_and_ablation():
 
 @pytest.mark.parametrize("loss", ["sigmoid", "info-nce"])
 def test_no_gradients_are_computed_under_no_grad_even_for_inputs_that_require_grad(loss, monkeypatch):
-    import sail.losses as L
+    import sail.train.losses as L
 
     seen = []
     for name in ("_multi_positive_kernel", "_info_nce_kernel"):

@@ -15,8 +15,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from sail.errors import SailError
-from sail.losses import ConsistencyGates, info_nce_loss, multi_positive_loss, sigmoid_loss
+from sail.core.errors import SailError
+from sail.train.losses import ConsistencyGates, info_nce_loss, multi_positive_loss, sigmoid_loss
 
 WORLD, B, D = 2, 10, 5  # global batch B, split 5 + 5
 

@@ -1,4 +1,4 @@
-"""Tests for sail.metrics: every metric against a plain loop / python-set reference on small inputs."""
+"""Tests for sail.core.metrics: every metric against a plain loop / python-set reference on small inputs."""
 
 import math
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sail import metrics
-from sail.errors import SailError
+from sail.core import metrics
+from sail.core.errors import SailError
 
 
 def unit(n, d, seed):

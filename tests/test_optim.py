@@ -1,13 +1,13 @@
-"""Tests for sail/optim.py: Lion and LAMB against plain formulas, schedules at key steps, exact resume."""
+"""Tests for sail/train/optim.py: Lion and LAMB against plain formulas, schedules at key steps, exact resume."""
 
 import math
 
 import pytest
 import torch
 
-from sail.errors import SailError
-from sail.heads import AlignmentHeads
-from sail.optim import LAMB, Lion, build_optimizer, cosine_with_warmup, linear_warmup_decay, one_cycle
+from sail.core.errors import SailError
+from sail.train.heads import AlignmentHeads
+from sail.train.optim import LAMB, Lion, build_optimizer, cosine_with_warmup, linear_warmup_decay, one_cycle
 
 
 def grads_for(steps, shapes, seed=0):
@@ -152,7 +152,7 @@ def test_build_optimizer_kinds_and_param_groups():
     assert opt.param_groups[0]["betas"] == (0.9, 0.98) and opt.param_groups[0]["eps"] == 1e-6
     assert opt.param_groups[0]["weight_decay"] == 0.2
     opt = build_optimizer("lamb", heads.parameters(), lr=1e-3, weight_decay=1e-5)
-    assert isinstance(opt, LAMB) and opt.defaults["eps"] == 1e-12  # sail.optim.DEFAULT_EPS, for B^2-sized gradients
+    assert isinstance(opt, LAMB) and opt.defaults["eps"] == 1e-12  # sail.train.optim.DEFAULT_EPS, for B^2-sized gradients
     with pytest.raises(SailError, match="lion, adamw, lamb"):
         build_optimizer("sgd", heads.parameters(), lr=1.0, weight_decay=0.0)
     with pytest.raises(SailError, match="betas"):

@@ -20,9 +20,9 @@ import torch
 from PIL import Image
 
 from sail.cli import main
-from sail.errors import SailError
-from sail.extract import NON_FINITE, OVERFLOW, ExtractConfig, ExtractInterrupted, _save_part, extract
-from sail.store import FeatureStore
+from sail.core.errors import SailError
+from sail.data.store import FeatureStore
+from sail.encoders.extract import NON_FINITE, OVERFLOW, ExtractConfig, ExtractInterrupted, _save_part, extract
 
 ROOT = Path(__file__).resolve().parents[1]
 N, POISON = 8, (2, 5)
@@ -30,7 +30,7 @@ N, POISON = 8, (2, 5)
 MODULE = '''
 import numpy as np
 import torch
-from sail.zoo import encoder
+from sail.encoders.zoo import encoder
 
 
 def poison(pixels):                                   # (B, 3, H, W) -> (B,) bool: the G = 200 samples
@@ -294,7 +294,7 @@ def test_file_size_limit_is_one_line_before_anything_is_written(plugin, data, tm
 
 def _disk_full_for(name: str, monkeypatch, err=None):
     """os.write fills the disk (half a write, then ENOSPC) for files whose name contains `name`: parts are written
-    through sail.artifacts.write_atomic, whose temporary file carries the part's name."""
+    through sail.core.artifacts.write_atomic, whose temporary file carries the part's name."""
     import errno
     import os
 
@@ -390,8 +390,8 @@ def test_sigint_to_the_process_group_then_resume(plugin, data, tmp_path):
 
 @pytest.fixture(scope="module")
 def model(plugin):
-    from sail.heads import AlignmentHeads
-    from sail.model import SAILModel
+    from sail.train.heads import AlignmentHeads
+    from sail.train.model import SAILModel
 
     torch.manual_seed(0)
     heads = AlignmentHeads(4, 3, out_dim=5, kind="linear")
@@ -476,7 +476,7 @@ def test_advice_names_the_command_that_has_the_option(tmp_path):
 
 
 def test_only_module_colon_names_are_read_as_specs():
-    from sail import zoo
+    from sail.encoders import zoo
 
     for spec in ("pkg.mod:fn", "pkg.mod:fn(size=", "pkg:fn(a=1) b"):
         assert zoo.looks_like_spec(spec)

@@ -1,4 +1,4 @@
-"""sail.precision: which precision each device gets, errors for what the hardware cannot do, autocast dtypes.
+"""sail.core.precision: which precision each device gets, errors for what the hardware cannot do, autocast dtypes.
 
 CUDA devices are simulated by patching torch.cuda's capability queries (the policy is pure logic over them).
 """
@@ -8,9 +8,9 @@ import contextlib
 import pytest
 import torch
 
-from sail import precision
-from sail.errors import SailError
-from sail.precision import native_bf16, resolve_precision
+from sail.core import precision
+from sail.core.errors import SailError
+from sail.core.precision import native_bf16, resolve_precision
 
 
 @pytest.fixture

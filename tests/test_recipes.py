@@ -15,12 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sail.errors import SailError
-from sail.recipe import run_recipe
-from sail.recipe_data import epoch_batches, split_indices
-from sail.recipe_config import config_names, load_config
-from sail.runlog import read_metrics
-from sail.towers import Towers
+from sail.core.errors import SailError
+from sail.recipes.batches import epoch_batches, split_indices
+from sail.recipes.config import config_names, load_config
+from sail.recipes.runner import run_recipe
+from sail.train.runlog import read_metrics
+from sail.train.towers import Towers
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "sail" / "recipes" / "configs"
@@ -201,7 +201,7 @@ def test_resume_after_a_kill_gives_identical_weights(recipe, tmp_path):
     full = tmp_path / "full"
     main(_argv(recipe, full, **args))
     assert sorted(p.name for p in full.glob("checkpoint-*")) == ["checkpoint-00000002", "checkpoint-00000004"]
-    assert (full / "LATEST").read_text() == "checkpoint-00000004"  # sail.checkpoint's layout, as `sail align`
+    assert (full / "LATEST").read_text() == "checkpoint-00000004"  # sail.train.checkpoint's layout, as `sail align`
     # "kill" after step 2: a fresh output folder holding the step-2 checkpoint, the config and the log so far
     resumed = tmp_path / "resumed"
     shutil.copytree(full / "checkpoint-00000002", resumed / "checkpoint-00000002")
@@ -301,9 +301,9 @@ def test_align_two_gloo_processes_train_like_one_with_two_micro_batches(tmp_path
 
 def test_recipe_output_evaluates_through_sail_eval(tmp_path):
     """A recipe run loads as SAILModel.from_pretrained and `sail eval` works on it unchanged."""
-    from sail.evaluate import retrieval, zeroshot
-    from sail.model import SAILModel
-    from sail.recipe import run_recipe
+    from sail.eval.tasks import retrieval, zeroshot
+    from sail.recipes.runner import run_recipe
+    from sail.train.model import SAILModel
 
     out = tmp_path / "alip"
     run_recipe("alip", ["--config", "alip-tiny", "--steps", "3", "--out", str(out), "--device", "cpu"])
@@ -312,9 +312,9 @@ def test_recipe_output_evaluates_through_sail_eval(tmp_path):
     zs = zeroshot(str(out), "sample-val", templates="imagenet", features_root=str(tmp_path / "f"), progress=False)
     rt = retrieval(str(out), "sample-val", columns=["long_caption"], features_root=str(tmp_path / "f"), progress=False)
     # the same numbers by hand: all images embedded at once (eval streams them in batches of 64)
-    from sail import metrics
+    from sail.core import metrics
     from sail.data import open_dataset
-    from sail.templates import load_templates
+    from sail.eval.templates import load_templates
 
     ds = open_dataset("sample-val")
     x = model.encode_image(ds.images)
@@ -432,9 +432,9 @@ def test_step_counts_refuse_fractions(value, expected):
 
 
 def test_ctrl_c_checkpoints_the_step_and_prints_the_command_that_resumes(tmp_path, capsys, monkeypatch):
-    import sail.engine as E
-    from sail.checkpoint import load_checkpoint
     from sail.cli import main
+    from sail.train.checkpoint import load_checkpoint
+    import sail.train.engine as E
 
     class StopBeforeStep3(E.StopRequest):
         calls = 0
@@ -457,8 +457,8 @@ def test_a_recipe_run_equals_a_plain_training_loop(tmp_path, monkeypatch):
     """The engine changes nothing in what a recipe computes: ALIP's towers, optimizer, schedule and loss, taken
     from the recipe, trained by a plain loop written here give bit-identical weights to `train_towers`."""
     import sail.recipes.alip as alip
-    from sail.recipe_data import PairData, iterate_batches
-    from sail.step import contrastive_backward
+    from sail.recipes.batches import PairData, iterate_batches
+    from sail.train.step import contrastive_backward
 
     args = dict(steps=3, batch_size=16, holdout=0.25)
     alip.main(_argv("alip", tmp_path / "engine", **args))

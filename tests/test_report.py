@@ -12,11 +12,11 @@ import pytest
 from PIL import Image
 
 from sail import sweep as sw
-from sail.align import AlignConfig, align
 from sail.cli import main
+from sail.core.errors import SailError
 from sail.data import open_dataset
-from sail.errors import SailError
 from sail.report import confusion, report
+from sail.train.align_heads import AlignConfig, align
 from synthetic import paired_stores
 
 

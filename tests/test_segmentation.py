@@ -1,13 +1,13 @@
-"""Sliding-window segmentation protocol (sail.segmentation) and mask reading, against hand computations."""
+"""Sliding-window segmentation protocol (sail.eval.segmentation) and mask reading, against hand computations."""
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from sail.errors import SailError
-from sail.evalsets import load_mask, load_segmentation_classes
-from sail.segmentation import SegProtocol, resize_for_protocol, slide_logits, window_boxes
+from sail.core.errors import SailError
+from sail.eval.evalsets import load_mask, load_segmentation_classes
+from sail.eval.segmentation import SegProtocol, resize_for_protocol, slide_logits, window_boxes
 
 
 def test_window_boxes_by_hand():

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from sail import losses
-from sail.align import AlignConfig, align
-from sail.stability import GradientBalance, balance_ratio, gradient_balance, sampled_cosines, suggest
+from sail.train import losses
+from sail.train.align_heads import AlignConfig, align
+from sail.train.stability import GradientBalance, balance_ratio, gradient_balance, sampled_cosines, suggest
 from synthetic import paired_stores
 
 
@@ -55,7 +55,7 @@ def test_init_ratio_grows_with_batch_as_in_the_paper():
 
 
 def test_suggested_t_balances_or_lowers_the_ratio_most():
-    from sail.stability import SCALES
+    from sail.train.stability import SCALES
 
     batch, b = 1 << 20, -10.0
     # negatives pushed apart (cosine -0.5), positives not yet learned (0.05): a larger t balances

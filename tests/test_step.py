@@ -1,4 +1,4 @@
-"""sail.step: the chunked (GradCache) step equals plain autograd on the whole batch, for every head x loss.
+"""sail.train.step: the chunked (GradCache) step equals plain autograd on the whole batch, for every head x loss.
 
 The reference is the obvious code: both heads on the whole batch with autograd, the plain B x B loss
 formula, backward. Everything runs in float64, so "equal" means equal to float rounding (rtol 1e-10).
@@ -16,11 +16,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from sail import losses
-from sail.errors import SailError
-from sail.heads import AlignmentHeads
-from sail.precision import resolve_precision
-from sail.step import activation_bytes_per_row, auto_chunk_size, chunks, memory_model, train_step
+from sail.core.errors import SailError
+from sail.core.precision import resolve_precision
+from sail.train import losses
+from sail.train.heads import AlignmentHeads
+from sail.train.step import activation_bytes_per_row, auto_chunk_size, chunks, memory_model, train_step
 
 HEADS = ("linear", "mlp", "glu")
 LOSSES = ("sigmoid", "multi-positive", "info-nce")
@@ -28,7 +28,7 @@ FP32 = resolve_precision("fp32", "cpu")
 
 
 def loss_fn(name):
-    """Our blockwise loss, as sail.align calls it (small blocks so several are used)."""
+    """Our blockwise loss, as sail.train.align_heads calls it (small blocks so several are used)."""
     if name == "sigmoid":
         return lambda x, ys, t, b: losses.sigmoid_loss(x, ys[0], t, b, block_size=3)
     if name == "multi-positive":
@@ -185,7 +185,7 @@ def test_fp16_style_scaled_backward_gives_the_same_gradients():
 
 def test_bf16_step_runs_bf16_heads_and_bf16_loss(monkeypatch):
     # under bf16 autocast the embeddings reach the loss in bf16 and gradients stay close to fp32's
-    from sail import precision
+    from sail.core import precision
 
     monkeypatch.setattr(precision, "native_bf16", lambda device: True)
     bf16 = resolve_precision("bf16", "cpu")
@@ -212,7 +212,7 @@ def test_bf16_loss_gets_bf16_even_where_autocast_normalises_in_float32(monkeypat
     # CUDA autocast runs F.normalize's norm in float32, so the heads' embeddings come out float32 there (on
     # CPU they stay bf16); the loss must still get bf16 (measured on an H200: a 1M step took 33 s, 2x the
     # bf16 loss, before this cast). Mimic CUDA by normalising in float32 inside the heads.
-    from sail import precision
+    from sail.core import precision
 
     monkeypatch.setattr(precision, "native_bf16", lambda device: True)
     heads, image, texts = make("glu", n=32, k=1)
@@ -269,7 +269,7 @@ def test_two_gloo_processes_give_the_single_process_gradients():
 
 ALIGN_EVERY_COMBINATION = '''
 import sys
-from sail.align import AlignConfig, align
+from sail.train.align_heads import AlignConfig, align
 img, txt, out = sys.argv[1:4]
 for head in ("linear", "mlp", "glu"):
     for loss in ("sigmoid", "multi-positive", "info-nce"):
@@ -315,7 +315,7 @@ def test_adamw_and_lamb_move_the_heads_at_b2_gradient_sizes(name):
     # Parameter gradients at B^2 normalisation are ~1e-9 .. 1e-8 at B = 36864 (benchmarks/align_step.py
     # prints them). Adam's first step is lr * g / (|g| + eps): with the default eps it is ~lr * sign(g);
     # torch's 1e-8 would shrink it (AdamW) or turn LAMB's direction from sign(g) into g.
-    from sail.optim import build_optimizer
+    from sail.train.optim import build_optimizer
 
     def first_step(eps):
         torch.manual_seed(0)
@@ -347,7 +347,7 @@ def test_adamw_and_lamb_move_the_heads_at_b2_gradient_sizes(name):
 
 
 def _align_cfg(tmp_path, **kw):
-    from sail.align import AlignConfig
+    from sail.train.align_heads import AlignConfig
     from synthetic import paired_stores
 
     img, txt = paired_stores(tmp_path, n=400)
@@ -361,7 +361,7 @@ def _align_cfg(tmp_path, **kw):
 def test_align_logs_interval_means_every_log_every_steps(tmp_path):
     import json
 
-    from sail.align import align
+    from sail.train.align_heads import align
 
     align(_align_cfg(tmp_path, log_every=7, out=str(tmp_path / "a")))
     rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
@@ -375,7 +375,7 @@ def test_align_logs_interval_means_every_log_every_steps(tmp_path):
 
 
 def test_align_stops_on_nan_at_the_next_log_point_naming_the_first_bad_step(tmp_path):
-    from sail.align import align
+    from sail.train.align_heads import align
 
     with pytest.raises(SailError, match=r"loss became nan at step 2; the last good checkpoint is .*checkpoint-00000001"):
         align(_align_cfg(tmp_path, lr=1e30, steps=40, log_every=5, checkpoint_every=1))
@@ -385,7 +385,7 @@ def test_align_stops_on_nan_at_the_next_log_point_naming_the_first_bad_step(tmp_
 
 
 def test_align_refuses_bad_chunk_size_and_log_every(tmp_path):
-    from sail.align import align
+    from sail.train.align_heads import align
 
     for kw, flag in (({"chunk_size": 0}, "--chunk-size"), ({"log_every": -1}, "--log-every")):
         with pytest.raises(SailError, match=f"{flag} -?[0-9]+ is invalid: must be at least 1"):

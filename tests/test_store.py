@@ -6,8 +6,8 @@ import h5py
 import numpy as np
 import pytest
 
-from sail.errors import SailError
-from sail.store import FeatureStore, StoreWriter, join
+from sail.core.errors import SailError
+from sail.data.store import FeatureStore, StoreWriter, join
 from synthetic import write_store
 
 
@@ -26,7 +26,7 @@ def test_read_rows_in_any_order_matches_numpy(tmp_path):
 def test_direct_reads_match_h5py(tmp_path, monkeypatch, direct):
     # direct: plain preads at the chunk offsets HDF5 reports (1024-row chunks here); else h5py. Spans and
     # runs of rows that start, end and cross chunks anywhere, written into a larger reused array.
-    import sail.store
+    import sail.data.store
 
     rng = np.random.default_rng(2)
     n = 3000
@@ -35,9 +35,9 @@ def test_direct_reads_match_h5py(tmp_path, monkeypatch, direct):
     with h5py.File(store.path) as f:
         reference = f["features/image"][:]  # plain h5py
     if direct:
-        assert sail.store._chunk_offsets(store, store._dataset("image"))[1] == 1024
+        assert sail.data.store._chunk_offsets(store, store._dataset("image"))[1] == 1024
     else:
-        monkeypatch.setattr(sail.store, "_chunk_offsets", lambda store, ds: None)
+        monkeypatch.setattr(sail.data.store, "_chunk_offsets", lambda store, ds: None)
     out = np.full((n + 5, 6), np.nan, np.float16)
     for _ in range(400):
         lo = int(rng.integers(0, n))
@@ -115,7 +115,7 @@ def test_store_with_empty_or_repeated_ids_does_not_open(tmp_path, capsys):
 
 
 def test_id_problems_against_a_plain_count():
-    from sail.store import id_problems
+    from sail.data.store import id_problems
 
     rng = np.random.default_rng(0)
     for _ in range(2000):
@@ -133,7 +133,7 @@ def test_checksums_are_sha256_of_raw_bytes_and_catch_changes(tmp_path, capsys):
     import hashlib
 
     from sail.cli import main
-    from sail.store import verify
+    from sail.data.store import verify
 
     rng = np.random.default_rng(1)
     x = rng.standard_normal((300, 6)).astype(np.float16)
@@ -197,7 +197,7 @@ def test_non_finite_rows_are_counted_and_reported(tmp_path, capsys):
 
 def test_store_written_before_checksums_still_opens(tmp_path, capsys):
     from sail.cli import main
-    from sail.store import verify
+    from sail.data.store import verify
 
     path = write_store(tmp_path / "old.h5", ["a", "b"], {"image": np.ones((2, 2), np.float16)}, "image", "m")
     with h5py.File(path, "r+") as f:

@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import sail.loader
 from sail import sweep as sw
-from sail.align import AlignConfig, align
 from sail.cli import main
-from sail.errors import SailError
+from sail.core.errors import SailError
+import sail.data.loader
+from sail.train.align_heads import AlignConfig, align
 from synthetic import paired_stores
 
 FIXED = dict(head="linear", out_dim=16, batch=128, steps=20, optimizer="adamw", weight_decay=0.0, val_fraction=0.2,
@@ -48,8 +48,8 @@ def test_parse_grid_types_names_and_order():
 def test_grid_points_equal_plain_align_runs_and_load_features_once(tmp_path, stores, monkeypatch):
     img, txt = stores
     reads = []
-    real = sail.loader._read_all
-    monkeypatch.setattr(sail.loader, "_read_all", lambda *a: reads.append(a[1]) or real(*a))
+    real = sail.data.loader._read_all
+    monkeypatch.setattr(sail.data.loader, "_read_all", lambda *a: reads.append(a[1]) or real(*a))
     cfg = sw.SweepConfig(out=str(tmp_path / "sw"), grid={"head": ["linear", "mlp"], "lr": [1e-3, 3e-2]},
                          fixed={**{k: v for k, v in FIXED.items() if k != "head"}, "image": img, "text": txt},
                          progress=False)
@@ -82,7 +82,7 @@ def test_rerun_skips_finished_and_resumes_interrupted(tmp_path, stores, monkeypa
     cfg = sw.SweepConfig(out=str(tmp_path / "sw"), grid={"lr": [1e-3, 1e-2]},
                          fixed={**FIXED, "image": img, "text": txt}, progress=False)
     # interrupt the first run after its last training step (checkpointed), before its weights are saved
-    from sail.heads import AlignmentHeads
+    from sail.train.heads import AlignmentHeads
 
     real_save = AlignmentHeads.save_pretrained
 

@@ -1,11 +1,11 @@
-"""Tests for sail/templates.py: built-in prompt sets, ImageNet class names, file loading."""
+"""Tests for sail/eval/templates.py: built-in prompt sets, ImageNet class names, file loading."""
 
 from collections import defaultdict
 
 import pytest
 
-from sail.errors import SailError
-from sail.templates import (
+from sail.core.errors import SailError
+from sail.eval.templates import (
     IMAGENET_CLASSNAMES,
     IMAGENET_TEMPLATES,
     TEMPLATES,

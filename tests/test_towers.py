@@ -1,4 +1,4 @@
-"""sail.towers: tiny CLIP / EfficientNet / BERT towers built from configs (no download): pooling, heads,
+"""sail.train.towers: tiny CLIP / EfficientNet / BERT towers built from configs (no download): pooling, heads,
 temperature parameterisations, save/load round trip with strict loading."""
 
 import json
@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from sail.errors import SailError
-from sail.towers import Towers, build_towers, char_tokenizer, tower_dim
+from sail.core.errors import SailError
+from sail.train.towers import Towers, build_towers, char_tokenizer, tower_dim
 
 CLIP_VISION = {"type": "clip", "config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                                           "num_attention_heads": 2, "image_size": 32, "patch_size": 8}}

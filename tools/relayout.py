@@ -88,7 +88,7 @@ MAPPING = {
     "sail.loss_blocks": "sail.train.loss_blocks",
     "sail.triton_sigmoid": "sail.train.triton_sigmoid",
     "sail.step": "sail.train.step",
-    "sail.gradcache": "sail.train.gradcache",
+    "sail.gradcache": "sail.train.step",
     "sail.optim": "sail.train.optim",
     "sail.checkpoint": "sail.train.checkpoint",
     "sail.stability": "sail.train.stability",

@@ -5,10 +5,10 @@ softmax contrastive loss on noisy alt-text.
     sail recipe align --config align-efficientnet-b7 --data alt.parquet --out runs/align
     torchrun --nproc_per_node 8 -m sail.recipes.align --config align-efficientnet-b7
 
-Filter the data first with ALIGN's frequency rules (sail/filter.py, `filter_align`).
+Filter the data first with ALIGN's frequency rules (sail/recipes/filter.py, `filter_align`).
 
 Model: EfficientNet (AlignVisionModel, global average pooling; the pooled feature is the image embedding)
-+ BERT ([CLS] state through one Linear), L2-normalised (sail.towers). Loss, with logits x.y / sigma and sigma learnable
++ BERT ([CLS] state through one Linear), L2-normalised (sail.train.towers). Loss, with logits x.y / sigma and sigma learnable
 from 1.0 (towers.scale() = 1 / sigma):
 
     L = CE_i2t + CE_t2i = 2 * info_nce_loss(x, y, 1 / sigma, label_smoothing=0.1)
@@ -17,11 +17,11 @@ from 1.0 (towers.scale() = 1 / sigma):
 gathered from every process. Paper settings: LAMB lr 1e-3, wd 1e-5, linear warm-up (10k steps) then
 linear decay to 0, global batch 16384, embedding 640 for B7.
 
-EfficientNet has BatchNorm: SyncBatchNorm under torchrun on GPUs (sail.distributed.sync_batchnorm); before each
+EfficientNet has BatchNorm: SyncBatchNorm under torchrun on GPUs (sail.core.distributed.sync_batchnorm); before each
 zero-shot check and the final save its running statistics are recomputed on `bn_recalibration` fixed
 training images (Towers.recalibrate_batchnorm; 0 = off).
 
-The loop, checkpoints (`--resume` continues a run), logs and outputs are sail.recipe.train_towers's.
+The loop, checkpoints (`--resume` continues a run), logs and outputs are sail.recipes.runner.train_towers's.
 """
 
 from __future__ import annotations
@@ -29,12 +29,12 @@ from __future__ import annotations
 import sys
 
 from sail.data import open_dataset
-from sail.losses import info_nce_loss
-from sail.optim import build_optimizer, linear_warmup_decay
-from sail.recipe import start_run, train_towers
-from sail.recipe_config import load_config
-from sail.recipe_data import split_indices
-from sail.towers import build_towers
+from sail.recipes.batches import split_indices
+from sail.recipes.config import load_config
+from sail.recipes.runner import start_run, train_towers
+from sail.train.losses import info_nce_loss
+from sail.train.optim import build_optimizer, linear_warmup_decay
+from sail.train.towers import build_towers
 
 
 def main(argv=None) -> dict:

@@ -6,18 +6,18 @@ per-sample consistency gates that down-weight noisy pairs.
     torchrun --nproc_per_node 8 -m sail.recipes.alip --config alip-vit-b16
     sail recipe alip --config ... --gates false                              # the no-gates ablation
 
-Model: CLIP ViT image tower + 12-layer width-512 CLIP text tower, CLIP projections to 512-d (sail.towers).
+Model: CLIP ViT image tower + 12-layer width-512 CLIP text tower, CLIP projections to 512-d (sail.train.towers).
 ONE text encoder embeds both the raw text (column `text_column`, default "caption") and the synthetic
 caption (`caption_column`, default "long_caption"). With x, y_t, y_c the unit image / raw text / caption
-embeddings and W_s, W_t, W_c the gates (sail.losses.ConsistencyGates, no gradient):
+embeddings and W_s, W_t, W_c the gates (sail.train.losses.ConsistencyGates, no gradient):
 
     L = info_nce(x, y_t, weights = W_s W_t) + info_nce(x, y_c, weights = W_s W_c)
 
-info_nce is sail.losses.info_nce_loss (mean over samples of (CE_i2t + CE_t2i) / 2, negatives gathered
+info_nce is sail.train.losses.info_nce_loss (mean over samples of (CE_i2t + CE_t2i) / 2, negatives gathered
 from every process). Paper settings: AdamW lr 1e-3, wd 0.2, betas (0.9, 0.98), eps 1e-6, OneCycleLR
 pct_start 0.1, grad clip 1, logit scale (the temperature t) 1/0.07, learnable, clamped at 100.
 
-The loop, checkpoints (`--resume` continues a run), logs and outputs are sail.recipe.train_towers's.
+The loop, checkpoints (`--resume` continues a run), logs and outputs are sail.recipes.runner.train_towers's.
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ import sys
 
 import torch
 
+from sail.core.errors import SailError
 from sail.data import open_dataset
-from sail.errors import SailError
-from sail.losses import ConsistencyGates, info_nce_loss
-from sail.optim import build_optimizer, one_cycle
-from sail.recipe import start_run, train_towers
-from sail.recipe_config import load_config
-from sail.towers import build_towers
+from sail.recipes.config import load_config
+from sail.recipes.runner import start_run, train_towers
+from sail.train.losses import ConsistencyGates, info_nce_loss
+from sail.train.optim import build_optimizer, one_cycle
+from sail.train.towers import build_towers
 
 
 def main(argv=None) -> dict:

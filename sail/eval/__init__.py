@@ -1,0 +1,3 @@
+"""Evaluation: the tasks (tasks.py), their datasets (evalsets.py), templates, segmentation, 
+the CLIP_benchmark route and search.
+"""
