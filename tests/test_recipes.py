@@ -483,3 +483,13 @@ def test_a_recipe_run_equals_a_plain_training_loop(tmp_path, monkeypatch):
     saved = load_file(str(tmp_path / "engine" / "model.safetensors"))
     live = {k: v for k, v in towers.state_dict().items() if k in saved}
     assert live.keys() == saved.keys() and all(torch.equal(live[k], saved[k]) for k in saved)
+
+
+@pytest.mark.parametrize("recipe", ["alip", "align"])
+def test_recipe_module_run_with_a_mistake_is_one_error_line(recipe, tmp_path):
+    """`python -m sail.recipes.NAME` as the README shows it: a bad command line is one `error:` line, exit 2."""
+    p = subprocess.run([sys.executable, "-m", f"sail.recipes.{recipe}", "--config", str(tmp_path / "missing.yaml")],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.startswith("error: ") and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "Traceback" not in p.stderr

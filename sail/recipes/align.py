@@ -66,4 +66,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from sail.recipes.runner import script
+
+    script(main)

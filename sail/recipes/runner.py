@@ -21,6 +21,7 @@ eval`), metrics.jsonl, curves.png, recipe-config.yaml, checkpoint-N/ + LATEST.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +68,16 @@ class Run:
     world: int
     device: torch.device
     precision: object  # sail.core.precision.Precision
+
+
+def script(main) -> None:
+    """`python -m sail.recipes.NAME ...` (and torchrun -m): run a recipe's main(); a mistake is one `error:` line
+    and exit 2, as through `sail recipe`, not a traceback."""
+    try:
+        main()
+    except SailError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def start_run(cfg: dict, name: str) -> Run:
