@@ -337,6 +337,32 @@ def test_interrupted_run_leaves_no_file(dataset, monkeypatch):
     assert sorted(p.name for p in dataset.iterdir()) == ["img", "kept.csv", "pairs.csv"]
 
 
+def test_a_full_disk_while_writing_is_one_line_and_keeps_the_old_outputs(dataset, monkeypatch):
+    import errno
+
+    manifest, out, rejects = dataset / "pairs.csv", dataset / "kept.csv", dataset / "rejects.csv"
+    write_manifest(manifest, ROWS)
+    out.write_text("previous result\n")
+    real = filt._row_writer
+
+    def filling(f, fmt, columns):
+        write, rows = real(f, fmt, columns), []
+
+        def full(row):
+            rows.append(row)
+            if len(rows) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            write(row)
+        return full
+
+    monkeypatch.setattr(filt, "_row_writer", filling)
+    with pytest.raises(SailError, match=r"cannot write .*kept.csv.*\(no space left on the device\)") as e:
+        filter_align(manifest, out, rejects=rejects, **THRESHOLDS)
+    assert "\n" not in str(e.value)
+    assert out.read_text() == "previous result\n" and not rejects.exists()
+    assert sorted(p.name for p in dataset.iterdir()) == ["img", "kept.csv", "pairs.csv"]
+
+
 def test_user_mistakes_raise_sail_error(dataset):
     manifest = dataset / "pairs.csv"
     write_manifest(manifest, ROWS)

@@ -325,6 +325,34 @@ def test_a_full_disk_while_writing_a_part_keeps_the_finished_ones(plugin, data, 
                                    atol=1e-3)
 
 
+def test_a_disk_that_fills_while_the_store_is_merged_keeps_the_parts(plugin, data, tmp_path, monkeypatch):
+    """After the room check passed, another process fills the disk while the parts are merged into the store:
+    one line, no half store, the parts kept, and the same command finishes the store."""
+    import errno
+
+    from sail.data.store import StoreWriter
+
+    real = StoreWriter.write
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(StoreWriter, "write", full)
+    out = tmp_path / "x.h5"
+    cfg = ExtractConfig(model="hostile_encoders:img", data=str(data), out=str(out), workers=0, chunk_size=4,
+                        progress=False)
+    with pytest.raises(SailError, match=r"cannot write .*x.h5 \(No space left on device\).*chunks .* are kept") as e:
+        extract(cfg)
+    assert "\n" not in str(e.value)
+    assert not out.exists() and not (tmp_path / "x.h5.partial").exists()
+    assert len(list((tmp_path / "x.h5.parts").glob("part-*.npz"))) == -(-N // 4)
+    monkeypatch.setattr(StoreWriter, "write", real)
+    res = extract(cfg)
+    with FeatureStore(res.path) as s:
+        np.testing.assert_allclose(s.read("image").astype(np.float32), np.stack([want_image(i) for i in range(N)]),
+                                   atol=1e-3)
+
+
 def test_save_part_on_a_full_disk_leaves_no_tmp(tmp_path, monkeypatch):
     import errno
 

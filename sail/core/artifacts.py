@@ -20,6 +20,7 @@ are written into the file for the message the second writer gets.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -90,6 +91,36 @@ def write_atomic(path, data: bytes | str) -> None:
 def write_json(path, obj, *, indent=2, default=None) -> None:
     """Atomic JSON write (see write_atomic); `default` as in json.dumps."""
     write_atomic(path, json.dumps(obj, indent=indent, default=default) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_files(paths, encoding="utf-8"):
+    """Open text files to stream into (large outputs written row by row, where write_atomic would need them whole):
+    `with atomic_files([out, rejects]) as (f, g): ...`. Each is written beside its target and renamed into place
+    only when the block ends without error, all of them, then the folders are fsynced; an exception (Ctrl-C too)
+    leaves the old files and no temporary; a full disk is one SailError line."""
+    paths = [Path(p) for p in paths]
+    temps = [p.with_name(f".{p.name}.{os.getpid()}.tmp") for p in paths]
+    try:
+        with contextlib.ExitStack() as stack:
+            files = []
+            for tmp in temps:
+                tmp.parent.mkdir(parents=True, exist_ok=True)
+                files.append(stack.enter_context(open(tmp, "w", encoding=encoding, newline="")))
+            yield files
+            for f in files:
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, path in zip(temps, paths):
+            os.replace(tmp, path)
+    except OSError as e:
+        raise SailError(f"cannot write {', '.join(map(str, paths))} ({_reason(e)}); free space or choose a "
+                        "writable folder, then run the command again") from None
+    finally:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+    for folder in {p.parent for p in paths}:
+        _fsync_dir(folder)
 
 
 def damaged(path, what: str, problem: str, todo: str | None = None) -> DamagedArtifact:

@@ -578,6 +578,10 @@ def _merge(out: Path, parts: Path, ds: Dataset, fields: list[str], n_chunks: int
             "identity": (parts / "meta.json").read_text(),  # the identity the parts were made under
         }
         writer.finish(attrs, ds.labels, ds.class_names, skipped)
+    except OSError as e:  # the disk filled (or a file-size limit) after the room check: the parts stay
+        writer.abort()
+        raise SailError(f"cannot write {out} ({e.strerror or str(e).splitlines()[0]}); free space (or raise the "
+                        f"file-size limit) and rerun the same command: the extracted chunks in {parts} are kept") from None
     except BaseException:
         writer.abort()
         raise

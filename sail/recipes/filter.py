@@ -51,13 +51,13 @@ import os
 import re
 import warnings
 from collections import Counter
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 from tqdm import tqdm
 
+from sail.core.artifacts import atomic_files
 from sail.core.errors import SailError
 from sail.data import check_encoding
 
@@ -375,36 +375,25 @@ def filter_align(
     removed = {rule: 0 for rule, on in rules.on().items() if on}
     examples: dict[str, list[str]] = {}
 
-    # Pass 2: judge and write. Temporary files sit beside the outputs so os.replace is atomic.
+    # Pass 2: judge and write (sail.core.artifacts.atomic_files: the outputs appear whole, or not at all)
     outputs = [out] if rejects is None else [out, rejects]
-    temps = [path.with_name(f".{path.name}.{os.getpid()}.tmp") for path in outputs]
     kept = 0
-    try:
-        with ExitStack() as stack:
-            files = []
-            for path in temps:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                files.append(stack.enter_context(open(path, "w", encoding="utf-8", newline="")))
-            write = _row_writer(files[0], fmt_out, columns)
+    with atomic_files(outputs) as files:
+        write = _row_writer(files[0], fmt_out, columns)
+        if rejects is not None:
+            write_reject = _row_writer(files[1], _format_of(rejects), columns + ["filter_rule"])
+        rows = tqdm(_rows(manifest, fmt_in, needed, encoding), desc="filter: judging", unit="row",
+                    total=total, disable=not progress)
+        for number, row in enumerate(rows, start=1):
+            rule = rules.judge(row)
+            if rule is None:
+                write(row)
+                kept += 1
+                continue
+            removed[rule] += 1
+            ids = examples.setdefault(rule, [])
+            if len(ids) < _EXAMPLES:
+                ids.append(str(row[id_column]) if id_column is not None else str(number))
             if rejects is not None:
-                write_reject = _row_writer(files[1], _format_of(rejects), columns + ["filter_rule"])
-            rows = tqdm(_rows(manifest, fmt_in, needed, encoding), desc="filter: judging", unit="row",
-                        total=total, disable=not progress)
-            for number, row in enumerate(rows, start=1):
-                rule = rules.judge(row)
-                if rule is None:
-                    write(row)
-                    kept += 1
-                    continue
-                removed[rule] += 1
-                ids = examples.setdefault(rule, [])
-                if len(ids) < _EXAMPLES:
-                    ids.append(str(row[id_column]) if id_column is not None else str(number))
-                if rejects is not None:
-                    write_reject({**row, "filter_rule": rule})
-        for tmp, path in zip(temps, outputs):
-            os.replace(tmp, path)
-    finally:
-        for tmp in temps:
-            tmp.unlink(missing_ok=True)
+                write_reject({**row, "filter_rule": rule})
     return FilterReport(total=total, kept=kept, removed=removed, examples=examples)
