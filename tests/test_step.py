@@ -391,3 +391,43 @@ def test_align_refuses_bad_chunk_size_and_log_every(tmp_path):
         with pytest.raises(SailError, match=f"{flag} -?[0-9]+ is invalid: must be at least 1"):
             align(_align_cfg(tmp_path, **kw))
         assert not (tmp_path / "run").exists()
+
+
+def test_gradcache_core_equals_one_backward_over_chunkings():
+    """sail.train.step.gradcache (the core both steps share): for many batch sizes and chunkings, with row sets that
+    are slices or scattered index tensors and an extra output whose gradient is taken once, the parameters'
+    gradients equal one plain backward over the whole batch (float64)."""
+    from sail.train.step import gradcache
+
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(300):
+        n = int(torch.randint(1, 40, (1,), generator=gen))
+        k = int(torch.randint(1, n + 1, (1,), generator=gen))  # chunks
+        f = torch.nn.Linear(5, 3).double()
+        g = torch.nn.Linear(4, 3).double()
+        s = torch.nn.Parameter(torch.tensor(1.5, dtype=torch.float64))
+        a = torch.randn(n, 5, generator=gen, dtype=torch.float64)
+        b = torch.randn(n, 4, generator=gen, dtype=torch.float64)
+        perm = torch.randperm(n, generator=gen)  # text rows scattered over the batch, as the towers' columns are
+
+        def loss_of(x, y, scale):  # couples every row with every other: no per-chunk shortcut gives it
+            return (scale * torch.tanh(x @ y.T)).logsumexp(1).mean() + (x - y).pow(2).sum() / n
+
+        loss_of(f(a), g(b[perm]), s * 2).backward()
+        want = [p.grad.clone() for p in (*f.parameters(), *g.parameters(), s)]
+        for p in (*f.parameters(), *g.parameters(), s):
+            p.grad = None
+        parts = [c for c in torch.arange(n).tensor_split(k) if len(c)]
+        use_slices = trial % 2 == 0
+
+        def rows(c):
+            return [slice(int(c[0]), int(c[-1]) + 1) if use_slices else c, c]
+
+        def embed(c):
+            return [f(a[c]), g(b[perm[c]])], [s * 2]
+
+        loss = gradcache(embed, parts, rows, lambda leaves, extra: loss_of(leaves[0], leaves[1], extra[0]))
+        assert torch.isfinite(loss)
+        got = [p.grad for p in (*f.parameters(), *g.parameters(), s)]
+        for w, h in zip(want, got):
+            torch.testing.assert_close(h, w, rtol=1e-10, atol=1e-12)

@@ -1,5 +1,6 @@
-"""The one training step of sail (GradCache): `train_step` for heads on cached features (`sail align`),
-`contrastive_backward` for towers with trainable encoders (the recipes); one gradient sync for both.
+"""The one training step of sail (GradCache): one algorithm, `gradcache`, behind `train_step` for heads on cached
+features (`sail align`) and `contrastive_backward` for towers with trainable encoders (the recipes); one gradient
+sync for both (`all_reduce_gradients`).
 
     from sail.train.step import train_step
     opt.zero_grad(set_to_none=True)
@@ -106,6 +107,73 @@ def _embed(heads, image: torch.Tensor, texts: Sequence[torch.Tensor], prec: Prec
     return [e.float() if e.dtype == torch.float16 else e for e in out]
 
 
+def gradcache(embed: Callable, chunks: Sequence, rows: Callable, loss_on: Callable, *, backward: Callable = None,
+              after_loss: Callable | None = None, replay: nn.Module | None = None, device: torch.device | None = None):
+    """The one GradCache algorithm (module doc) behind both steps: heads on cached features and trainable towers.
+
+    embed(chunk) -> (embeddings, extras): the chunk's embeddings [e_1 .. e_M] and any extra outputs whose gradient
+    is taken once (the towers' scale); rows(chunk) -> for each embedding, the rows of the whole batch it fills
+    (a slice or an index tensor). loss_on(leaves, extra_leaves) -> the scalar loss of the WHOLE batch, on leaves
+    that require grad; backward(loss) differentiates it (default loss.backward(); the GradScaler scales first).
+    after_loss(embeddings): called once the loss has their gradients, before pass 3 frees them (statistics, probes).
+    replay: a module with dropout or BatchNorm: pass 3 replays each chunk's RNG state (same dropout masks) and the
+    BatchNorm running statistics pass 1 touched are restored, so pass 3 updates them once. Returns the loss, detached.
+    """
+    # pass 1: embeddings without autograd, written into whole-batch buffers (no torch.cat copy)
+    buffers = [buf.clone() for buf in _batchnorm_buffers(replay)] if replay is not None else []
+    states, emb, extras = [], None, []
+    with torch.no_grad():
+        for chunk in chunks:
+            if replay is not None:
+                states.append(_rng_state(device))
+            out, extras = embed(chunk)
+            where = rows(chunk)
+            if emb is None:
+                emb = [torch.empty((_rows_total(chunks, rows, m), e.shape[1]), dtype=e.dtype, device=e.device)
+                       for m, e in enumerate(out)]
+            for buf, r, e in zip(emb, where, out):
+                buf[r] = e
+    if replay is not None:
+        for saved, live in zip(buffers, _batchnorm_buffers(replay)):
+            live.copy_(saved)
+        after = _rng_state(device)
+
+    # pass 2: the loss once on the whole batch; backward leaves dL/d(embeddings) in .grad (and fills t, b)
+    leaves = [e.requires_grad_(True) for e in emb]  # made under no_grad: leaves already
+    extra_leaves = [x.detach().requires_grad_() for x in extras]
+    loss = loss_on(leaves, extra_leaves)
+    (backward or torch.Tensor.backward)(loss)
+    loss = loss.detach()  # frees the graph and with it the loss's stored gradients
+    grads, extra_grads = [e.grad for e in leaves], [x.grad for x in extra_leaves]
+    if after_loss is not None:
+        after_loss(emb)
+    del leaves, emb  # pass 3 needs only the embeddings' gradients
+
+    # pass 3: each chunk again with autograd, backward with its rows of the gradients (the extras' once)
+    last = len(chunks) - 1
+    for j, chunk in enumerate(chunks):
+        if replay is not None:
+            _set_rng_state(states[j], device)
+        out, extras = embed(chunk)
+        used = [(o, g[r]) for o, g, r in zip(out, grads, rows(chunk)) if g is not None]  # an ignored caption set
+        if j == last:
+            used += [(x, g) for x, g in zip(extras, extra_grads) if g is not None]
+        torch.autograd.backward([o for o, _ in used], [g for _, g in used])
+        del out, used
+    if replay is not None:
+        _set_rng_state(after, device)
+    return loss
+
+
+def _rows_total(chunks, rows, m: int) -> int:
+    """Rows of embedding m over the whole batch: what the chunks' row sets of it add up to."""
+    total = 0
+    for chunk in chunks:
+        r = rows(chunk)[m]
+        total += (r.stop - r.start) if isinstance(r, slice) else len(r)
+    return total
+
+
 def train_step(heads, image: torch.Tensor, texts: Sequence[torch.Tensor], loss_fn: Callable, *,
                precision: Precision, chunk_size: int | None = None, scaler: torch.amp.GradScaler | None = None,
                group=None, probe: Callable | None = None) -> torch.Tensor:
@@ -122,39 +190,26 @@ def train_step(heads, image: torch.Tensor, texts: Sequence[torch.Tensor], loss_f
     if any(text.shape[0] != n for text in texts):
         raise SailError(f"image and text batches differ in rows: {n} vs {[text.shape[0] for text in texts]}")
     size = chunk_size if chunk_size is not None else auto_chunk_size(heads, n, image.device)
-    parts = chunks(n, size)
+    scale, bias = heads.scale(), heads.logit_bias  # the temperature t and the bias b: parameters, in the loss
+    stats = []
 
-    # pass 1: embeddings without autograd, written into (n, D) buffers (no torch.cat copy)
-    emb = None
-    with torch.no_grad():
-        for sl in parts:
-            out = _embed(heads, image[sl], [f[sl] for f in texts], precision)
-            if emb is None:
-                emb = [torch.empty((n, e.shape[1]), dtype=e.dtype, device=e.device) for e in out]
-            for buf, e in zip(emb, out):
-                buf[sl] = e
+    def after_loss(emb):
+        stats.append(_stats(loss_value[0], scale, bias, emb[0], emb[1]))
+        if probe is not None:
+            probe(emb[0].detach(), emb[1].detach(), scale.detach(), bias.detach())
 
-    # pass 2: the loss once on the whole batch; backward leaves dL/d(embeddings) in .grad and fills t, b
-    leaves = [e.requires_grad_(True) for e in emb]  # emb were made under no_grad: they are leaves already
-    scale, bias = heads.scale(), heads.logit_bias  # the temperature t and the bias b
-    loss = loss_fn(leaves[0], leaves[1:], scale, bias)
-    (scaler.scale(loss) if scaler is not None else loss).backward()
-    loss = loss.detach()  # frees the graph and with it the loss's stored gradients (K+1 x (n, D))
-    grads = [e.grad for e in leaves]
-    stats = _stats(loss, scale, bias, emb[0], emb[1])
-    if probe is not None:
-        probe(emb[0].detach(), emb[1].detach(), scale.detach(), bias.detach())
-    del leaves, emb  # the embeddings themselves are not needed by pass 3: only their gradients
+    loss_value = []
 
-    # pass 3: each chunk again with autograd, backward with its rows of the embedding gradients
-    for sl in parts:
-        out = _embed(heads, image[sl], [f[sl] for f in texts], precision)
-        used = [(o, g[sl]) for o, g in zip(out, grads) if g is not None]  # a caption set the loss ignored has none
-        torch.autograd.backward([o for o, _ in used], [g for _, g in used])
-        del out, used
+    def loss_on(leaves, _):
+        loss = loss_fn(leaves[0], leaves[1:], scale, bias)
+        loss_value.append(loss.detach())
+        return loss
 
+    gradcache(lambda sl: (_embed(heads, image[sl], [f[sl] for f in texts], precision), []), chunks(n, size),
+              lambda sl: [sl] * (1 + len(texts)), loss_on, after_loss=after_loss,
+              backward=(lambda loss: scaler.scale(loss).backward()) if scaler is not None else None)
     all_reduce_gradients(heads, group)
-    return stats
+    return stats[0]
 
 
 @torch.no_grad()
@@ -177,9 +232,9 @@ def _stats(loss, scale, bias, x, y) -> torch.Tensor:
 # accum_steps = k > 1 (memory O(B/k) for the towers): 1. each micro-batch embedded without graph,
 # remembering the RNG state before each and leaving BatchNorm's running statistics as they were; 2. the loss
 # on the cached whole batch (embeddings and scale as leaves) gives dL/dx, dL/dy, dL/dscale; 3. each
-# micro-batch again with graph from its saved RNG state (same dropout masks), backward of
-# sum(x_j * dL/dx_j) + sum(y_j * dL/dy_j) (+ scale * dL/dscale once): the big step's gradient by the chain
-# rule. Then the one gradient sync of this module (all_reduce_gradients). Equal to the one big step up to
+# micro-batch again with graph from its saved RNG state (same dropout masks), backward with its rows of
+# dL/dx, dL/dy (and dL/dscale once): the big step's gradient by the chain rule. These are `gradcache`'s three
+# passes with `replay=model`. Then the one gradient sync of this module (all_reduce_gradients). Equal to the one big step up to
 # float rounding without BatchNorm; BatchNorm normalises each micro-batch with its own statistics (as each
 # rank does on CPU, where torch has no SyncBatchNorm).
 
@@ -218,48 +273,27 @@ def contrastive_backward(model: nn.Module, pixels: torch.Tensor, input_ids: torc
         all_reduce_gradients(_unwrap(model))
         return loss.detach(), logs
     columns = input_ids.shape[0] // b
-    chunks = [c for c in torch.arange(b, device=pixels.device).tensor_split(accum_steps) if len(c)]
-    # text rows of micro-batch j: its images' rows in every column, column-major like the whole batch
-    text_rows = [torch.cat([c + k * b for k in range(columns)]) for c in chunks]
+    # micro-batch j: its image rows c and its text rows, its images' rows in every column (column-major, like the
+    # whole batch)
+    micro = [(c, torch.cat([c + k * b for k in range(columns)]))
+             for c in torch.arange(b, device=pixels.device).tensor_split(accum_steps) if len(c)]
 
-    # 1. embeddings without graph; BatchNorm running statistics restored afterwards (pass 3 updates them once)
-    buffers = [buf.clone() for buf in _batchnorm_buffers(model)]
-    states, xs, ys = [], [], []
-    with torch.no_grad():
-        for c, rows in zip(chunks, text_rows):
-            states.append(_rng_state(pixels.device))
-            with autocast():
-                x, y, scale = model(pixels[c], input_ids[rows], attention_mask[rows])
-            xs.append(x)
-            ys.append(y)
-    for saved, live in zip(buffers, _batchnorm_buffers(model)):
-        live.copy_(saved)
-    after = _rng_state(pixels.device)
-
-    # 2. the loss on the whole batch; gradients with respect to the cached embeddings and the scale
-    x_all = torch.cat(xs).requires_grad_()                                   # (B, D)
-    y_all = torch.empty(input_ids.shape[0], ys[0].shape[1], dtype=ys[0].dtype, device=x_all.device)
-    for rows, y in zip(text_rows, ys):
-        y_all[rows] = y                                                       # back to column-major (C*B, D)
-    y_all.requires_grad_()
-    scale_leaf = scale.detach().requires_grad_()
-    loss, logs = loss_fn(x_all, y_all, scale_leaf)
-    loss.backward()
-    grad_x, grad_y, grad_scale = x_all.grad, y_all.grad, scale_leaf.grad
-
-    # 3. re-run each micro-batch with graph and push the cached gradients through it
-    last = len(chunks) - 1
-    for j, (c, rows, state) in enumerate(zip(chunks, text_rows, states)):
-        _set_rng_state(state, pixels.device)
+    def embed(chunk):
+        c, rows = chunk
         with autocast():
             x, y, scale = model(pixels[c], input_ids[rows], attention_mask[rows])
-        surrogate = (x * grad_x[c]).sum() + (y * grad_y[rows]).sum()  # towers return float32 under autocast
-        if j == last:  # the scale's gradient once
-            surrogate = surrogate + (scale * grad_scale).sum()
-        surrogate.backward()
-    _set_rng_state(after, pixels.device)
+        return [x, y], [scale]
+
+    logs = {}
+
+    def loss_on(leaves, extra_leaves):
+        loss, out = loss_fn(leaves[0], leaves[1], extra_leaves[0])
+        logs.update(out)
+        return loss
+
+    loss = gradcache(embed, micro, lambda chunk: list(chunk), loss_on, replay=model, device=pixels.device)
     all_reduce_gradients(_unwrap(model))
-    return loss.detach(), logs
+    return loss, logs
 
 
 # ------------------------------------------------------------------------------------------ distributed
