@@ -263,19 +263,8 @@ def package_init(package: str, doc: str) -> str:
     text = f'"""{doc}\n"""\n'
     if served:
         home = MAPPING[served[0]]
-        text += f'''
-from importlib import import_module
-from importlib.util import find_spec
-
-
-def __getattr__(name):  # {package} was one module before 0.3; its names now live in {home}
-    if not name.startswith("_") and find_spec(f"{{__name__}}.{{name}}") is not None:
-        return import_module(f"{{__name__}}.{{name}}")
-    value = getattr(import_module("{home}"), name, __getattr__)
-    if value is __getattr__:
-        raise AttributeError(f"module {{__name__!r}} has no attribute {{name!r}}")
-    return value
-'''
+        text += (f"\nfrom sail.core.moved import serve_old_names\n\n__getattr__ = serve_old_names(__name__, \"{home}\")"
+                 f"  # {package} was one module before 0.3\n")
     return text
 
 

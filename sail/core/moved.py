@@ -96,6 +96,21 @@ class _MovedFinder(importlib.abc.MetaPathFinder):
         return importlib.util.spec_from_loader(fullname, _AliasLoader(new), origin=real.origin)
 
 
+def serve_old_names(package: str, home: str):
+    """A package's module `__getattr__` for a package that took an old module's name (`sail.data`, `sail.encoders`):
+    its sub-modules by name, else the names of `home`, the module the old one became, loaded on first use."""
+
+    def __getattr__(name):
+        if not name.startswith("_") and importlib.util.find_spec(f"{package}.{name}") is not None:
+            return importlib.import_module(f"{package}.{name}")
+        value = getattr(importlib.import_module(home), name, __getattr__)
+        if value is __getattr__:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        return value
+
+    return __getattr__
+
+
 def install() -> None:
     """Put the finder first on sys.meta_path, once: an old name is moved by definition, and a stale copy of
     the flat layout (an editable install of an older checkout) must not answer for it."""

@@ -3,14 +3,6 @@ WebDataset shards, CLIP_benchmark folders and image folders; images (decoding, c
 columns, sample, augment; the HDF5 feature store and the loader that batches it.
 """
 
-from importlib import import_module
-from importlib.util import find_spec
+from sail.core.moved import serve_old_names
 
-
-def __getattr__(name):  # sail.data was one module before 0.3; its names now live in sail.data.datasets
-    if not name.startswith("_") and find_spec(f"{__name__}.{name}") is not None:
-        return import_module(f"{__name__}.{name}")
-    value = getattr(import_module("sail.data.datasets"), name, __getattr__)
-    if value is __getattr__:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return value
+__getattr__ = serve_old_names(__name__, "sail.data.datasets")  # sail.data was one module before 0.3

@@ -115,7 +115,8 @@ def gradcache(embed: Callable, chunks: Sequence, rows: Callable, loss_on: Callab
     is taken once (the towers' scale); rows(chunk) -> for each embedding, the rows of the whole batch it fills
     (a slice or an index tensor). loss_on(leaves, extra_leaves) -> the scalar loss of the WHOLE batch, on leaves
     that require grad; backward(loss) differentiates it (default loss.backward(); the GradScaler scales first).
-    after_loss(embeddings): called once the loss has their gradients, before pass 3 frees them (statistics, probes).
+    after_loss(embeddings, loss): called once the loss has their gradients, before pass 3 frees the embeddings
+    (statistics, probes); loss is detached.
     replay: a module with dropout or BatchNorm: pass 3 replays each chunk's RNG state (same dropout masks) and the
     BatchNorm running statistics pass 1 touched are restored, so pass 3 updates them once. Returns the loss, detached.
     """
@@ -146,7 +147,7 @@ def gradcache(embed: Callable, chunks: Sequence, rows: Callable, loss_on: Callab
     loss = loss.detach()  # frees the graph and with it the loss's stored gradients
     grads, extra_grads = [e.grad for e in leaves], [x.grad for x in extra_leaves]
     if after_loss is not None:
-        after_loss(emb)
+        after_loss(emb, loss)
     del leaves, emb  # pass 3 needs only the embeddings' gradients
 
     # pass 3: each chunk again with autograd, backward with its rows of the gradients (the extras' once)
@@ -193,20 +194,14 @@ def train_step(heads, image: torch.Tensor, texts: Sequence[torch.Tensor], loss_f
     scale, bias = heads.scale(), heads.logit_bias  # the temperature t and the bias b: parameters, in the loss
     stats = []
 
-    def after_loss(emb):
-        stats.append(_stats(loss_value[0], scale, bias, emb[0], emb[1]))
+    def after_loss(emb, loss):
+        stats.append(_stats(loss, scale, bias, emb[0], emb[1]))
         if probe is not None:
             probe(emb[0].detach(), emb[1].detach(), scale.detach(), bias.detach())
 
-    loss_value = []
-
-    def loss_on(leaves, _):
-        loss = loss_fn(leaves[0], leaves[1:], scale, bias)
-        loss_value.append(loss.detach())
-        return loss
-
     gradcache(lambda sl: (_embed(heads, image[sl], [f[sl] for f in texts], precision), []), chunks(n, size),
-              lambda sl: [sl] * (1 + len(texts)), loss_on, after_loss=after_loss,
+              lambda sl: [sl] * (1 + len(texts)), lambda leaves, _: loss_fn(leaves[0], leaves[1:], scale, bias),
+              after_loss=after_loss,
               backward=(lambda loss: scaler.scale(loss).backward()) if scaler is not None else None)
     all_reduce_gradients(heads, group)
     return stats[0]
