@@ -49,9 +49,10 @@ bench: setup
 	$(BIN)/python benchmarks/align_step.py
 
 # the peers benchmarks/gpu.py times sail against (pure-Python wheels; on the GPU machine:
-# pip install --no-deps benchmarks/peers/*.whl)
+# pip install --no-deps benchmarks/peers/*.whl); also the GPU JPEG decoder sail[gpu-decode] installs (30 MB, CUDA 13)
 peers:
-	$(PYTHON) -m pip download --no-deps -q -d benchmarks/peers siglip-kernel==0.1.2 open_clip_torch==3.3.0
+	$(PYTHON) -m pip download --no-deps -q -d benchmarks/peers siglip-kernel==0.1.2 open_clip_torch==3.3.0 \
+		nvidia-nvimgcodec-cu13==0.9.0.20 nvidia-nvjpeg==13.3.2.43
 
 clean:
 	rm -rf $(VENV) runs features/*/

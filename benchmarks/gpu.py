@@ -386,7 +386,7 @@ def loss_kernel_section(ctx: Context) -> dict:
 def extraction_section(ctx: Context) -> dict:
     from gpu_extract import bench_extract
 
-    return bench_extract(str(ctx.device), images=16384, quick=ctx.smoke)
+    return bench_extract(str(ctx.device), images=51200, quick=ctx.smoke)
 
 
 def _flat(d, prefix=""):

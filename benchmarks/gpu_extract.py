@@ -11,14 +11,21 @@ What is measured (sail.encoders.tiny's "dinov2-l" shape: hidden 1024, 24 layers,
   device, normalise there, forward, [CLS; mean patch] pooling in fp32, fp16 features back to the host.
   B = the default batch for the model's size (sail.encoders.default_batch_size) unless --batch.
 - pipeline: sail.encoders.extract.extract end to end (default workers, --preprocess fast, the policy's dtype) on
-  --images JPEG photos of 500x375 (crops of grace_hopper.jpg), model load excluded; img/s and the ratio to
-  the forward in the same dtype. Below 1 the decoding workers, not the GPU, set the pace. Up to 1024
-  distinct photos are listed again under new ids up to --images rows (each row is decoded): with 4096 rows
-  and 15 workers on an H200, each worker decoded about one 512-image batch, so the ramp-up set the figure.
+  --images JPEG photos of 500x375 (crops of grace_hopper.jpg), model load excluded, once with --decode cpu
+  (workers decode with PIL) and once with --decode gpu (workers read bytes; nvImageCodec decodes, torch resizes
+  and crops on the GPU; sail.data.gpu_decode) where it can run (else why not is recorded); img/s of each and
+  the ratio to the forward in the same dtype (`pipeline_over_forward`: the path --decode auto takes). Below 1
+  the decoding, not the forward, sets the pace. Up to 1024 distinct photos are listed again under new ids up
+  to --images rows (each row is decoded): with 4096 rows and 15 workers on an H200, each worker decoded about
+  one 512-image batch, so the ramp-up set the figure.
+- agreement: the two pipelines' stores row by row: the largest absolute difference of the fp16 features, and
+  the lowest and mean cosine of the rows centred on the CPU store's mean (raw features of a random model all
+  point alike). --quick on CPU runs the GPU path's code with nvImageCodec's CPU backend.
 Prints a table, then one JSON line.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -51,7 +58,7 @@ def forward_img_s(encoder, batch: int, steps: int) -> float:
     return batch * steps / (time.perf_counter() - t)
 
 
-def bench_extract(device: str = "cuda", images: int = 16384, batch: int | None = None, steps: int = 10,
+def bench_extract(device: str = "cuda", images: int = 51200, batch: int | None = None, steps: int = 10,
                   quick: bool = False) -> dict:
     """The extraction figures as a dict; prints its table as it goes."""
     from extract import make_photos
@@ -104,31 +111,82 @@ def bench_extract(device: str = "cuda", images: int = 16384, batch: int | None =
                 timed["load"] += time.perf_counter() - t
 
         ex.load_encoder = load_timed
-        try:
-            cfg = ex.ExtractConfig(model=str(model_dir), data=str(tmp / "m.csv"), out=str(tmp / "s.h5"),
-                                   device=device, batch_size=batch, progress=False)
-            t = time.perf_counter()
-            res = ex.extract(cfg)
-            seconds = time.perf_counter() - t - timed["load"]
-        finally:
-            ex.load_encoder = load
-        if res.skipped:
-            raise RuntimeError(f"pipeline skipped images: {res.skipped}")
-        result["pipeline_img_s"] = n / seconds
         result["pipeline_images"] = n
         result["workers"] = ex.default_workers()
-        result["pipeline_over_forward"] = result["pipeline_img_s"] / result[f"forward_{policy.name}_img_s"]
-        print(f"  {'pipeline (' + str(result['workers']) + ' workers, fast)':<28} {'auto':>6} "
-              f"{result['pipeline_img_s']:>9.1f}   {result['pipeline_over_forward']:.2f} x forward {policy.name}")
+        forward = result[f"forward_{policy.name}_img_s"]
+        from sail.data import gpu_decode
+
+        why_not = None
+        try:
+            for decode in ("cpu", "gpu"):
+                with _cpu_backend() if dev.type == "cpu" and decode == "gpu" else contextlib.nullcontext():
+                    if decode == "gpu":
+                        enc = ImageEncoder(spec, dev, "concat", policy.dtype, "fast")
+                        opened, why_not = gpu_decode.open_decoder(enc.fast, dev)
+                        del enc
+                        if opened is None:
+                            result["decode_gpu_unavailable"] = why_not
+                            print(f"  pipeline, --decode gpu: not run ({why_not})")
+                            break
+                    cfg = ex.ExtractConfig(model=str(model_dir), data=str(tmp / "m.csv"), out=str(tmp / f"{decode}.h5"),
+                                           device=device, batch_size=batch, progress=False, decode=decode)
+                    timed["load"] = 0.0
+                    t = time.perf_counter()
+                    res = ex.extract(cfg)
+                    seconds = time.perf_counter() - t - timed["load"]
+                if res.skipped:
+                    raise RuntimeError(f"pipeline (--decode {decode}) skipped images: {res.skipped}")
+                result[f"pipeline_{decode}_img_s"] = n / seconds
+                result[f"pipeline_{decode}_over_forward"] = n / seconds / forward
+                print(f"  {f'pipeline, --decode {decode}':<28} {'auto':>6} {n / seconds:>9.1f}   "
+                      f"{n / seconds / forward:.2f} x forward {policy.name}", flush=True)
+        finally:
+            ex.load_encoder = load
+        auto = "gpu" if "pipeline_gpu_img_s" in result and dev.type == "cuda" else "cpu"
+        result["pipeline_decode"] = auto
+        result["pipeline_img_s"] = result[f"pipeline_{auto}_img_s"]
+        result["pipeline_over_forward"] = result[f"pipeline_{auto}_over_forward"]
+        if "pipeline_gpu_img_s" in result:
+            result.update(_agreement(tmp / "cpu.h5", tmp / "gpu.h5"))
+            print(f"  gpu vs cpu decoding: features max |diff| {result['gpu_vs_cpu_max_abs_diff']:.3g}, "
+                  f"centred cosine min {result['gpu_vs_cpu_cos_min']:.4f}, mean {result['gpu_vs_cpu_cos_mean']:.5f}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return result
 
 
+@contextlib.contextmanager
+def _cpu_backend():
+    """--quick on CPU: --decode gpu runs sail.data.gpu_decode with nvImageCodec's CPU backend (a smoke run of the code)."""
+    from sail.data import gpu_decode
+
+    real = gpu_decode.open_decoder
+    gpu_decode.open_decoder = lambda fast, device: (gpu_decode.GpuDecoder(fast, torch.device("cpu")), None)
+    try:
+        yield
+    finally:
+        gpu_decode.open_decoder = real
+
+
+def _agreement(cpu_store: Path, gpu_store: Path) -> dict:
+    """The two decodings' features row by row: max |diff|, and the cosine of rows centred on the CPU store's mean."""
+    import numpy as np
+
+    from sail.data.store import FeatureStore
+
+    with FeatureStore(cpu_store) as a, FeatureStore(gpu_store) as b:
+        x, y = a.read("image").astype(np.float32), b.read("image").astype(np.float32)
+    mean = x.mean(0)
+    xc, yc = x - mean, y - mean
+    cos = (xc * yc).sum(1) / np.linalg.norm(xc, axis=1) / np.linalg.norm(yc, axis=1)
+    return {"gpu_vs_cpu_max_abs_diff": float(np.abs(x - y).max()), "gpu_vs_cpu_cos_min": float(cos.min()),
+            "gpu_vs_cpu_cos_mean": float(cos.mean())}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
-    p.add_argument("--images", type=int, default=16384, help="JPEG photos for the pipeline run")
+    p.add_argument("--images", type=int, default=51200, help="JPEG rows for the pipeline runs")
     p.add_argument("--batch", type=int, default=None, help="default: from the model's size")
     p.add_argument("--steps", type=int, default=10, help="timed forward batches per dtype")
     p.add_argument("--quick", action="store_true", help="tiny model, few images: a smoke run")

@@ -78,9 +78,18 @@ def figures_table(record: dict) -> list[str]:
         lines.append(f"| loader, streamed, B = {loader['batch']} | {loader['pairs_s']:.3g} pairs/s = {ratio:.2f}x "
                      "the step of this run |")
     ext = record.get("extraction", {})
-    if ext.get("pipeline_img_s"):
+    decodes = [d for d in ("cpu", "gpu") if ext.get(f"pipeline_{d}_img_s")]
+    for d in decodes:  # both decodings of one run, each against the same run's forward
+        lines.append(f"| extraction pipeline, --decode {d}, {ext.get('pipeline_images')} JPEG rows | "
+                     f"{ext[f'pipeline_{d}_img_s']:.4g} img/s = {_fmt(ext.get(f'pipeline_{d}_over_forward'))}x the forward |")
+    if not decodes and ext.get("pipeline_img_s"):  # a record from before --decode
         lines.append(f"| extraction pipeline over {ext.get('pipeline_images')} images | {ext['pipeline_img_s']:.4g} img/s"
                      f" = {_fmt(ext.get('pipeline_over_forward'))}x the forward |")
+    if ext.get("decode_gpu_unavailable"):
+        lines.append(f"| extraction, --decode gpu | not run: {ext['decode_gpu_unavailable']} |")
+    if ext.get("gpu_vs_cpu_cos_min") is not None:
+        lines.append(f"| features, --decode gpu against cpu | centred cosine min {ext['gpu_vs_cpu_cos_min']:.4f}, "
+                     f"mean {ext['gpu_vs_cpu_cos_mean']:.5f}; max abs diff {ext['gpu_vs_cpu_max_abs_diff']:.3g} |")
     return lines
 
 

@@ -77,6 +77,8 @@ def extract(
     workers: Optional[int] = typer.Option(None, help="image decoding workers (default: this process's cores - 1)"),
     precision: str = typer.Option("auto", help="weights dtype: auto (bf16 on Ampere+ GPUs, fp32 on CPU), fp32, bf16, fp16"),
     preprocess: str = typer.Option("fast", help="fast (PIL + torch, matches the processor) or hf (the model's own processor)"),
+    decode: str = typer.Option("auto", help="JPEG decoding: cpu (workers), gpu (nvImageCodec, pip install 'sail[gpu-decode]') "
+                               "or auto (gpu on CUDA where it works; says once when not)"),
     dist_timeout: float = typer.Option(720.0, help="minutes a torchrun rank may wait for the others"),
     overwrite: bool = _OVERWRITE,
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N"),
@@ -103,7 +105,7 @@ def extract(
                                    id_column=id_column, image_column=image_column, split=split,
                                    allow_truncated=allow_truncated, max_pixels=max_pixels, encoding=encoding,
                                    trust_remote_code=trust_remote_code,
-                                   precision=precision, preprocess=preprocess, dist_timeout=dist_timeout,
+                                   precision=precision, preprocess=preprocess, decode=decode, dist_timeout=dist_timeout,
                                    overwrite=overwrite))
     except ExtractInterrupted as e:  # caught here: typer turns a KeyboardInterrupt into a silent exit 130
         _extract_interrupted(e)

@@ -88,7 +88,10 @@ def _record():
             "step": {"at_36864": {"B": 36864, "step_s": 0.05, "pairs_s": 737280.0, "peak_gib": 5.0,
                                   "share_of_bf16_peak": 0.5}},
             "loader": {"batch": 36864, "pairs_s": 1474560.0},
-            "extraction": {"pipeline_img_s": 2000.0, "pipeline_images": 50000, "pipeline_over_forward": 0.8}}
+            "extraction": {"pipeline_img_s": 2000.0, "pipeline_images": 51200, "pipeline_over_forward": 0.8,
+                           "pipeline_cpu_img_s": 1000.0, "pipeline_cpu_over_forward": 0.4, "pipeline_decode": "gpu",
+                           "pipeline_gpu_img_s": 2000.0, "pipeline_gpu_over_forward": 0.8, "gpu_vs_cpu_cos_min": 0.999,
+                           "gpu_vs_cpu_cos_mean": 0.9999, "gpu_vs_cpu_max_abs_diff": 0.01}}
 
 
 def test_table_ratios_come_from_the_record():
@@ -99,7 +102,9 @@ def test_table_ratios_come_from_the_record():
     multi = next(s for s in text.splitlines() if s.startswith("| 2 | 1024 | 65536 |"))
     assert "2.50x" in multi  # SigLIP+ 0.25 s over sail's multi-positive 0.1 s
     assert "2.00x the step of this run" in text  # loader 1474560 / step 737280
-    assert "0.8x the forward" in text
+    assert "--decode cpu, 51200 JPEG rows | 1000 img/s = 0.4x the forward" in text
+    assert "--decode gpu, 51200 JPEG rows | 2000 img/s = 0.8x the forward" in text
+    assert "centred cosine min 0.9990" in text
 
 
 def test_readme_block_is_replaced_between_markers(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import threading
 import warnings
 
@@ -18,6 +19,9 @@ from PIL import Image, ImageOps
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+PREPROCESS_FAILED = "preprocessing failed"  # the reason stored for an image a preprocess function raised on
 
 
 class ImageError(Exception):
@@ -63,6 +67,11 @@ def load_image(ref: str | os.PathLike | None, max_pixels: int | None = DEFAULT_M
     draft: a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (DCT scaling, several times faster) while its
     shorter side stays >= draft pixels.
     """
+    return decode_image(read_image_bytes(ref), max_pixels, draft)
+
+
+def read_image_bytes(ref: str | os.PathLike | None) -> bytes:
+    """The encoded bytes of a file or a `tar://` member; ImageError("missing file" / "unreadable image: ...")."""
     if ref is None:
         raise ImageError("no image")
     ref = os.fspath(ref)  # a pathlib.Path works like its string
@@ -71,35 +80,74 @@ def load_image(ref: str | os.PathLike | None, max_pixels: int | None = DEFAULT_M
             shard, offset, size = ref[len("tar://"):].rsplit("::", 2)
             with open(shard, "rb") as f:
                 f.seek(int(offset))
-                data = f.read(int(size))
-        else:
-            if not os.path.exists(ref):
-                raise ImageError("missing file")
-            with open(ref, "rb") as f:  # read whole: PIL would keep the file open after a failed decode
-                data = f.read()
-        source = io.BytesIO(data)
-        # PIL's own guard (an error above twice its limit) would refuse what the caller allows: lifted while
-        # this image decodes, then put back (PIL's limit is process-wide: not ours to change for good)
-        lift = Image.MAX_IMAGE_PIXELS and (not max_pixels or max_pixels >= 2 * Image.MAX_IMAGE_PIXELS)
-        with _pil_limit_lifted() if lift else contextlib.nullcontext(), warnings.catch_warnings():
-            # the pixel limit is ours (below); PIL's DecompressionBombWarning, and its warnings about odd
-            # EXIF or TIFF tags, would only break the progress bar: a usable image is used, a bad one fails
-            warnings.simplefilter("ignore")
-            image = Image.open(source)
+                return f.read(int(size))
+        if not os.path.exists(ref):
+            raise ImageError("missing file")
+        with open(ref, "rb") as f:  # read whole: PIL would keep the file open after a failed decode
+            return f.read()
+    except ImageError:
+        raise
+    except Exception as e:  # a directory, no permission, a bad tar reference
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ImageError(f"unreadable image: {reason[:200]}") from None
+
+
+@contextlib.contextmanager
+def _quiet_pil(max_pixels: int | None):
+    """PIL's own bomb guard lifted where the caller allows more (it would refuse what max_pixels allows), and
+    its warnings muted (DecompressionBombWarning, odd EXIF or TIFF tags: they would only break the progress
+    bar; a usable image is used, a bad one fails)."""
+    lift = Image.MAX_IMAGE_PIXELS and (not max_pixels or max_pixels >= 2 * Image.MAX_IMAGE_PIXELS)
+    with _pil_limit_lifted() if lift else contextlib.nullcontext(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _unreadable(e: Exception) -> ImageError:
+    if isinstance(e, Image.DecompressionBombError):
+        return ImageError(f"too large: {str(e).splitlines()[0][:160]}")
+    reason = str(e).splitlines()[0] if str(e) else type(e).__name__  # PIL raises many types for bad files
+    # PIL names the in-memory file it was given ("cannot identify image file <_io.BytesIO object at 0x7f...>"):
+    # an address would make the stored reason differ from run to run
+    reason = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", reason)
+    return ImageError(f"unreadable image: {reason[:200]}")
+
+
+def _check_size(w: int, h: int, max_pixels: int | None) -> None:
+    if max_pixels and w * h > max_pixels:
+        raise ImageError(f"too large: {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,} (--max-pixels)")
+
+
+def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS, draft: int | None = None) -> Image.Image:
+    """`load_image` on bytes already read (see there)."""
+    try:
+        with _quiet_pil(max_pixels):
+            image = Image.open(io.BytesIO(data))
             w, h = image.size
-            if max_pixels and w * h > max_pixels:
-                raise ImageError(f"too large: {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,} (--max-pixels)")
+            _check_size(w, h, max_pixels)
             if draft and image.format == "JPEG" and min(w, h) >= 2 * draft:
                 image.draft("RGB", (-(-w * draft // min(w, h)), -(-h * draft // min(w, h))))  # sides stay >= asked
             image.load()
             return to_rgb(image)
     except ImageError:
         raise
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"too large: {str(e).splitlines()[0][:160]}") from None
-    except Exception as e:  # PIL raises many types for bad files; all mean "unusable image"
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ImageError(f"unreadable image: {reason[:200]}") from None
+    except Exception as e:
+        raise _unreadable(e) from None
+
+
+def image_header(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[str, str, int, int]:
+    """(format, mode, width, height) from the header alone (nothing decoded); ImageError for an unreadable
+    header or an image over max_pixels, as `decode_image` would say."""
+    try:
+        with _quiet_pil(max_pixels):
+            image = Image.open(io.BytesIO(data))
+            w, h = image.size
+            _check_size(w, h, max_pixels)
+            return image.format or "", image.mode, w, h
+    except ImageError:
+        raise
+    except Exception as e:
+        raise _unreadable(e) from None
 
 
 def _scale_to_uint8(a: np.ndarray) -> np.ndarray:

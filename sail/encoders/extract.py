@@ -17,8 +17,10 @@ The barrier waits for the slowest rank's extraction, so the process group gets `
 GPU settings: the encoder is loaded in the precision policy's dtype (bf16 on Ampere+, `--precision`), runs
 under torch.inference_mode, and gets uint8 crops from the workers (`--preprocess fast`: JPEG draft decode,
 PIL resize + crop of just the crop box; normalised on the device) or the model's own processor
-(`--preprocess hf`, the reference). Workers default to the cores available per process; the batch to a
-size chosen from the model's parameter count.
+(`--preprocess hf`, the reference). With `--decode gpu` (auto: on CUDA where nvImageCodec is installed and its
+self-check passes) the workers only read bytes and JPEGs are decoded, resized and cropped on the GPU
+(sail.data.gpu_decode); other formats are still decoded in the workers, and the run says how many. Workers
+default to the cores available per process; the batch to a size chosen from the model's parameter count.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import datetime
 import json
 import os
 import shutil
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
@@ -41,6 +44,7 @@ import sail
 from sail.core.artifacts import Lock, read_json, write_atomic, write_json
 from sail.core.distributed import barrier, init_distributed, local_device
 from sail.data import DEFAULT_MAX_PIXELS, Dataset, ImageError, load_image, open_dataset
+from sail.data.images import PREPROCESS_FAILED
 from sail.encoders import zoo
 from sail.encoders import (canonical_model_id, default_batch_size, load_encoder, model_identity, model_revision,
                            num_params, pick_device, resolve_model)
@@ -74,6 +78,7 @@ class ExtractConfig:
     progress: bool = True
     precision: str = "auto"             # sail.core.precision: weights loaded in this dtype (auto: bf16 on Ampere+)
     preprocess: str = "fast"            # fast (PIL + torch, checked against the processor) | hf (the processor)
+    decode: str = "auto"                # JPEG decoding: cpu (workers, PIL) | gpu (nvImageCodec) | auto (gpu where it works)
     dist_timeout: float = 720.0         # minutes a rank may wait at the barrier under torchrun
     overwrite: bool = False             # replace an existing store at --out (only once the new one is complete)
 
@@ -87,6 +92,8 @@ class ExtractConfig:
             raise SailError(f"--dist-timeout must be a positive number of minutes, not {self.dist_timeout}")
         if self.preprocess not in ("fast", "hf"):
             raise SailError(f"--preprocess must be fast or hf, not {self.preprocess!r}")
+        if self.decode not in ("auto", "cpu", "gpu"):
+            raise SailError(f"--decode must be auto, cpu or gpu, not {self.decode!r}")
 
 
 class ExtractInterrupted(KeyboardInterrupt):
@@ -160,9 +167,6 @@ def _check_pixels(pixels, rows, ok, ds: Dataset, encoder) -> None:
     raise SailError(f"encoder {encoder.spec.source}: preprocessing returned {first} for sample {ds.ids[keys[0]]!r} but "
                     f"{tuple(pixels[j].shape)} for sample {ds.ids[keys[j]]!r}; it must return one size for every "
                     "image (resize and crop to a fixed size)")
-
-
-PREPROCESS_FAILED = "preprocessing failed"
 
 
 # Reasons a row's features are not stored (counted in the store's skipped list and the summary).
@@ -294,18 +298,16 @@ def _open_parts(parts: Path, ident: dict, rank: int, overwrite: bool = False) ->
     """Create (rank 0) or reopen the parts folder; True if this call created it."""
     meta = parts / "meta.json"
     if meta.exists():
-        try:
-            theirs = read_json(meta, what="unfinished extraction record",
-                               todo="pass --overwrite to start the extraction over, or delete the folder")
-        except SailError:
-            if not overwrite:
-                raise
-            theirs = {}  # damaged: --overwrite starts over below
+        theirs = _parts_record(parts, overwrite)
         if theirs != ident and overwrite and rank == 0:  # --overwrite: an unfinished other extraction goes too
             shutil.rmtree(parts)
             return _open_parts(parts, ident, rank)
         if theirs != ident:
             diff = ", ".join(k for k in ident if theirs.get(k) != ident[k])
+            if diff == "decode":
+                raise SailError(f"{parts} holds an unfinished extraction whose JPEGs were decoded on the "
+                                f"{theirs['decode'].upper()}; rerun with --decode {theirs['decode']} (or auto) to finish it, "
+                                "or pass --overwrite to start over")
             raise SailError(f"{parts} holds an unfinished extraction with different settings ({diff}); "
                             "rerun that command to finish it, pass --overwrite, or delete the folder")
         return False
@@ -317,6 +319,60 @@ def _open_parts(parts: Path, ident: dict, rank: int, overwrite: bool = False) ->
 
 
 # ----------------------------------------------------------------------------------------- the run
+
+
+def _parts_record(parts: Path, overwrite: bool = False) -> dict:
+    """The identity an unfinished extraction was started with ({} if none, or damaged and overwrite)."""
+    meta = parts / "meta.json"
+    if not meta.exists():
+        return {}
+    try:
+        theirs = read_json(meta, what="unfinished extraction record",
+                           todo="pass --overwrite to start the extraction over, or delete the folder")
+    except SailError:
+        if not overwrite:
+            raise
+        return {}  # damaged: --overwrite starts over
+    if theirs.get("modality") == "image":
+        theirs.setdefault("decode", "cpu")  # started before --decode existed: decoded on the CPU
+    return theirs
+
+
+_SAID_DECODE: set = set()  # why JPEGs stay on the CPU, said once per process
+
+
+def _decoding(cfg: ExtractConfig, encoder, device, parts: Path, rank: int, ident: dict):
+    """(the GpuDecoder or None, the identity with the decoding an image store is made with)."""
+    decoder = _gpu_decoder(cfg, encoder, device, parts, rank)
+    if encoder.modality != "image":
+        return decoder, ident
+    return decoder, {**ident, "decode": "gpu" if decoder is not None else "cpu"}
+
+
+def _gpu_decoder(cfg: ExtractConfig, encoder, device, parts: Path, rank: int):
+    """The GpuDecoder `--decode` asks for (auto: where it works), or None for the CPU path. An unfinished
+    extraction continues with the decoding it started with under auto; --decode gpu that cannot run is an
+    error; auto on CUDA says once why it stays on the CPU."""
+    from sail.data import gpu_decode
+
+    if encoder.modality != "image" or cfg.decode == "cpu":
+        return None
+    started = None if cfg.overwrite else _parts_record(parts).get("decode")
+    if cfg.decode == "auto" and started == "cpu":
+        return None
+    fast = getattr(encoder, "fast", None)
+    decoder, why = gpu_decode.open_decoder(fast, device)
+    if decoder is not None:
+        return decoder
+    if cfg.decode == "gpu":
+        raise SailError(f"--decode gpu cannot run here: {why}; use --decode cpu")
+    if started == "gpu":
+        raise SailError(f"{parts} holds an unfinished extraction decoded on the GPU, which cannot run here ({why}); "
+                        "rerun the command where it can, or pass --overwrite to start over with CPU decoding")
+    if device.type == "cuda" and fast is not None and why not in _SAID_DECODE and rank == 0:
+        _SAID_DECODE.add(why)
+        print(f"note: JPEGs are decoded on the CPU: {why}", file=sys.stderr)
+    return None
 
 
 def _fields(cfg: ExtractConfig, modality: str, ds: Dataset) -> list[str]:
@@ -358,6 +414,7 @@ def extract(cfg: ExtractConfig, dataset: Dataset | None = None) -> ExtractResult
         return ExtractResult(out, len(ds), already_complete=True)
     # Everything that can fail on a user's input is checked before the first file is created.
     encoder = load_encoder(spec, device, cfg.pooling, cfg.max_length, precision.dtype, cfg.preprocess)
+    decoder, ident = _decoding(cfg, encoder, device, parts, rank, ident)
     cfg = replace(cfg, batch_size=cfg.batch_size or default_batch_size(num_params(encoder.model), device))
     if rank == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -374,7 +431,7 @@ def extract(cfg: ExtractConfig, dataset: Dataset | None = None) -> ExtractResult
             _check_room(out, _store_bytes(ds, fields, encoder, cfg.patch_tokens), todo_rows / len(ds))
             if todo:
                 if spec.modality == "image":
-                    _extract_images(cfg, ds, encoder, todo, parts, rank, world)
+                    _extract_images(cfg, ds, encoder, todo, parts, rank, world, decoder)
                 else:
                     _extract_texts(cfg, ds, encoder, fields, todo, parts, rank)
         except BaseException as e:
@@ -409,20 +466,32 @@ def default_workers(world: int = 1) -> int:
     return max(1, per_rank - 1)  # one core for the main process (collate, pinning, the GPU launches)
 
 
-def _extract_images(cfg, ds: Dataset, encoder, todo: list[int], parts: Path, rank: int, world: int = 1) -> None:
+def _extract_images(cfg, ds: Dataset, encoder, todo: list[int], parts: Path, rank: int, world: int = 1,
+                    decoder=None) -> None:
     workers = cfg.workers if cfg.workers is not None else default_workers(world)
     batches = _chunk_batches(todo, cfg.chunk_size, len(ds), cfg.batch_size)
+    if decoder is None:  # workers decode (PIL) and preprocess
+        items = _ImageItems(ds.images, encoder.preprocess, cfg.max_pixels,
+                            getattr(encoder, "draft_short_side", lambda: None)())
+        collate, pin = _collate, encoder.device.type == "cuda"
+    else:  # workers read bytes; JPEGs are decoded on the GPU (sail.data.gpu_decode)
+        from sail.data import gpu_decode
+
+        items, collate, pin = gpu_decode.ImageBytes(ds.images, encoder.fast, cfg.max_pixels), gpu_decode.collate, False
     loader = torch.utils.data.DataLoader(
-        _ImageItems(ds.images, encoder.preprocess, cfg.max_pixels, getattr(encoder, "draft_short_side", lambda: None)()),
-        batch_sampler=batches, collate_fn=_collate, num_workers=workers, pin_memory=encoder.device.type == "cuda",
+        items, batch_sampler=batches, collate_fn=collate, num_workers=workers, pin_memory=pin,
         prefetch_factor=4 if workers else None, persistent_workers=False, timeout=WORKER_TIMEOUT if workers else 0)
     pending: dict[int, dict] = {}  # chunk -> rows filled so far
     seen = {"finite": len(todo) < -(-len(ds) // cfg.chunk_size)}  # a resumed run already has finite parts
     with _progress(sum(len(b) for b in batches), "img", cfg, rank) as bar, _worker_deaths(workers):
-        for rows, ok, pixels, reasons in loader:
+        for rows, ok, pixels, reasons in (loader if decoder is None else decoder.batches(loader)):
             _check_pixels(pixels, rows, ok, ds, encoder)
             _image_batch(cfg, ds, encoder, pending, seen, parts, rows, ok, pixels, reasons)
             bar.update(len(rows))
+    if decoder is not None and rank == 0 and (decoder.cpu_decoded or decoder.cpu_fallbacks):
+        print(f"note: {decoder.cpu_decoded + decoder.cpu_fallbacks} of {sum(len(b) for b in batches)} images were "
+              f"decoded on the CPU ({decoder.cpu_decoded} not RGB or greyscale JPEGs, {decoder.cpu_fallbacks} JPEGs "
+              "no GPU decoder took)", file=sys.stderr)
 
 
 def _image_batch(cfg, ds: Dataset, encoder, pending: dict, seen: dict, parts: Path, rows, ok, pixels, reasons) -> None:
