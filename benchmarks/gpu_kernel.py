@@ -51,7 +51,8 @@ def bf16_matmul_peak(repeats=10, shapes=PEAK_SHAPES, device="cuda"):
 
 def kernel_breakdown(n, dim, repeats):
     """Where the fused loss's time goes at batch n (bf16): the tile kernel over all stripes writing G, the same
-    without writing G (loss only), and the two cuBLAS GEMMs per stripe that turn G into gradients."""
+    without writing G (loss only), the "gemm" strategy's step 1 (cuBLAS fp32 S + the epilogue kernel) writing
+    G, and the two cuBLAS GEMMs per stripe that turn G into gradients."""
     from sail.train import triton_sigmoid as ts
 
     x = F.normalize(torch.randn(n, dim, device="cuda"), dim=-1).to(torch.bfloat16)
@@ -61,9 +62,9 @@ def kernel_breakdown(n, dim, repeats):
     g = x.new_empty((rows, n))
     stripes = [(r0, min(r0 + rows, n)) for r0 in range(0, n, rows)]
 
-    def kernel(store):
+    def kernel(store, strategy="fused"):
         for r0, r1 in stripes:
-            ts.stripe_sums(x[r0:r1], y, t, b, diag=r0, g=g[: r1 - r0] if store else None)
+            ts.stripe_sums(x[r0:r1], y, t, b, diag=r0, g=g[: r1 - r0] if store else None, strategy=strategy)
 
     def gemms():
         for r0, r1 in stripes:
@@ -72,7 +73,7 @@ def kernel_breakdown(n, dim, repeats):
 
     out = {"B": n}
     for name, fn, flops in (("kernel_with_G", lambda: kernel(True), 2), ("kernel_loss_only", lambda: kernel(False), 2),
-                            ("two_gemms", gemms, 4)):
+                            ("gemm_strategy_with_G", lambda: kernel(True, "gemm"), 2), ("two_gemms", gemms, 4)):
         fn()  # warm-up (autotuning for this shape)
         sec = _sync_time(fn, repeats)
         out[f"{name}_s"] = sec
@@ -80,8 +81,8 @@ def kernel_breakdown(n, dim, repeats):
         if name.startswith("kernel"):  # the tile config autotune chose for this shape
             out[f"{name}_config"] = str(getattr(ts._tuned_kernel, "best_config", None))
     print("breakdown at B={B}: kernel with G {kernel_with_G_s:.3f} s ({kernel_with_G_tflops:.0f} TFLOP/s), loss only "
-          "{kernel_loss_only_s:.3f} s ({kernel_loss_only_tflops:.0f}), two GEMMs {two_gemms_s:.3f} s "
-          "({two_gemms_tflops:.0f})".format(**out))
+          "{kernel_loss_only_s:.3f} s ({kernel_loss_only_tflops:.0f}), gemm strategy with G {gemm_strategy_with_G_s:.3f} s "
+          "({gemm_strategy_with_G_tflops:.0f}), two GEMMs {two_gemms_s:.3f} s ({two_gemms_tflops:.0f})".format(**out))
     del x, y, g
     torch.cuda.empty_cache()
     return out

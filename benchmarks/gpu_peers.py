@@ -16,7 +16,9 @@ Each implementation runs forward + backward on the same bf16 L2-normalised embed
 t = 20, b = -10 as SAIL initialises them), median of a few timed calls after a warm-up (which includes autotuning);
 peak CUDA memory during those calls (inputs included: they are the same for every row); the share of the bf16
 peak measured in the same run counts the three matmuls of a fused loss (6 B^2 D flops; 6 B (K B) D with K
-captions). A size that does not fit is a row with `"oom": true`.
+captions). A size that does not fit is a row with `"oom": true`. sail's Triton loss also runs with each way of
+computing the similarities forced ("sail-triton-fused", "sail-triton-gemm"; sail.train.triton_sigmoid's
+STRATEGIES) up to B = 262144, so the record shows what auto chose ("sail-triton") against both.
 
 The objectives differ by a constant: sail averages over all B^2 pairs (SAIL's choice), the peers divide the sum
 by B. Accuracy is therefore checked per implementation against float64 of its own convention on the same inputs
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import time
 
 import torch
@@ -90,6 +93,29 @@ def implementations(device: torch.device) -> tuple[dict, dict]:
         module = loss_cls()
         impls["open_clip"] = lambda x, y, log_t, b: module(x, y, log_t.exp(), b)
     return impls, missing
+
+
+def strategy_implementations(device: torch.device) -> dict:
+    """sail's Triton loss with each way of computing the similarities forced (SAIL_SIGMOID_STRATEGY), next to
+    "sail-triton", which is what auto chose: "sail-triton-fused" (the tile kernel) and "sail-triton-gemm"
+    (cuBLAS fp32-output GEMM + the epilogue kernel). CUDA only."""
+    from sail.train.losses import sigmoid_loss
+    from sail.train.triton_sigmoid import STRATEGIES
+
+    def forced(strategy):
+        def loss(x, y, log_t, b):
+            saved = os.environ.get("SAIL_SIGMOID_STRATEGY")
+            os.environ["SAIL_SIGMOID_STRATEGY"] = strategy  # read per stripe, in the forward (it computes the grads)
+            try:
+                return sigmoid_loss(x, y, log_t.exp(), b, impl="triton")
+            finally:
+                if saved is None:
+                    os.environ.pop("SAIL_SIGMOID_STRATEGY")
+                else:
+                    os.environ["SAIL_SIGMOID_STRATEGY"] = saved
+        return loss
+
+    return {f"sail-triton-{name}": forced(name) for name in STRATEGIES} if device.type == "cuda" else {}
 
 
 def multi_positive_implementations(device: torch.device) -> tuple[dict, dict]:
@@ -222,6 +248,15 @@ def peers(device: torch.device, bf16_peak_tflops: float, sizes=SIZES, dims=DIMS,
                 row.update(_time_one(fn, n, dim, device, repeats if n < 10**6 else 1))
                 rows.append(_with_share(row, bf16_peak_tflops))
                 _print_row(row)
+    # each strategy forced, at D = dims[0] up to B = 262144 (auto's choice is the sail-triton row)
+    strategies = strategy_implementations(device)
+    accuracy.update(_accuracy(strategies, device, check_n, dims[0]) if strategies else {})
+    for n in [n for n in sizes if n <= 262144]:
+        for name, fn in strategies.items():
+            row = {"impl": name, "batch": n, "dim": dims[0], "dtype": "bf16", "captions": 1}
+            row.update(_time_one(fn, n, dims[0], device, repeats))
+            rows.append(_with_share(row, bf16_peak_tflops))
+            _print_row(row)
     multi, multi_missing = multi_positive_implementations(device)
     for n in sizes[:2]:
         for name, fn in multi.items():

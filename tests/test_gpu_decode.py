@@ -221,6 +221,15 @@ def test_open_decoder_without_the_package(monkeypatch):
     assert decoder is None and "pip install 'sail[gpu-decode]'" in why
 
 
+def test_a_broken_nvimagecodec_is_a_reason_not_a_crash(monkeypatch):
+    def broken():
+        raise OSError("libcudart.so.13: cannot open shared object file")
+
+    monkeypatch.setattr(gd, "_nvimgcodec", broken)
+    decoder, why = gd.open_decoder(_fast(), "cuda")
+    assert decoder is None and why.startswith("nvImageCodec failed to load (OSError: libcudart.so.13")
+
+
 def test_loading_nvimagecodec_prints_nothing():
     """Its C library prints a paragraph per codec library it lacks (nvJPEG on this machine) and a line per image
     it cannot decode: kept off the terminal (a fresh process, so the import is the first); sail reports failures."""

@@ -86,15 +86,23 @@ CASES = [
 ]
 
 
+@pytest.fixture(params=ts.STRATEGIES)
+def strategy(request, monkeypatch):
+    """Each test below runs with both ways of computing the similarities (fused tile kernel; cuBLAS-style GEMM
+    + the epilogue kernel), chosen as users choose: SAIL_SIGMOID_STRATEGY."""
+    monkeypatch.setenv("SAIL_SIGMOID_STRATEGY", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("k,average,t,b,n,d,block", CASES)
-def test_fp32_matches_float64_reference(k, average, t, b, n, d, block):
+def test_fp32_matches_float64_reference(k, average, t, b, n, d, block, strategy):
     x = unit(n, d, 0)
     ys = [unit(n, d, 1 + i, near=x) for i in range(k)]
     compare([x, *ys], t, b, k, average, torch.float32, block, rtol_loss=2e-6, rtol_grad=2e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_inputs_match_reference_on_rounded_inputs(dtype):
+def test_half_inputs_match_reference_on_rounded_inputs(dtype, strategy):
     # Compared with the float64 reference evaluated on the same rounded inputs, so only the kernel's own
     # arithmetic counts. Similarities: exact products, fp32 sums -> loss and the t, b gradients (reduced
     # from the fp32 G before it is stored) are fp32-accurate. Embedding gradients: G is stored in the
@@ -107,7 +115,7 @@ def test_half_inputs_match_reference_on_rounded_inputs(dtype):
     compare([x, *ys], 20.0, -10.0, k, "pairs", dtype, 8, rtol_loss=1e-5, rtol_grad=1e-2)
 
 
-def test_loss_without_grad_matches_reference():
+def test_loss_without_grad_matches_reference(strategy):
     x, y = unit(20, 18, 5), unit(20, 18, 6)
     with torch.no_grad():
         v = losses.sigmoid_loss(x.float().to(DEVICE), y.float().to(DEVICE), torch.tensor(7.0), torch.tensor(-4.0),
@@ -115,7 +123,7 @@ def test_loss_without_grad_matches_reference():
     torch.testing.assert_close(v.double().cpu(), ref_loss(x, [y], 7.0, -4.0, "rows"), rtol=2e-6, atol=0)
 
 
-def test_simulated_ranks_diagonal_offsets():
+def test_simulated_ranks_diagonal_offsets(strategy):
     # Each rank r holds rows [r n, (r + 1) n) of X and sees the gathered Y: its positives sit at column
     # row + r n (+ the stripe's first row). The kernel's G rows and sums of every (rank, stripe) must match
     # the global reference's rows; offsets 7, 14 and stripe starts 3, 6 do not align with 16-wide tiles.
@@ -348,15 +356,15 @@ def test_self_check_accepts_the_real_kernel(dtype):
 def test_self_check_catches_a_wrong_kernel_and_triton_refuses_it(monkeypatch):
     real = ts.stripe_sums
 
-    def off_by_one_diagonal(x, y, t, b, diag, g=None):  # the classic tiling bug
-        return real(x, y, t, b, diag + 1, g)
+    def off_by_one_diagonal(x, y, t, b, diag, g=None, strategy=None):  # the classic tiling bug
+        return real(x, y, t, b, diag + 1, g, strategy)
 
     monkeypatch.setattr(ts, "stripe_sums", off_by_one_diagonal)
     monkeypatch.setattr(ts, "_CHECKED", {})
     why = ts.self_check(DEVICE, torch.float32)
     assert why is not None and "disagrees with float64" in why
     x = F.normalize(torch.randn(8, 16, device=DEVICE), dim=1)
-    with pytest.raises(SailError, match="impl='triton': the kernel disagrees"):
+    with pytest.raises(SailError, match="impl='triton': the fused kernel disagrees"):
         losses.sigmoid_loss(x, x, 10.0, -10.0, impl="triton")
 
 
@@ -367,3 +375,105 @@ def test_self_check_reports_a_kernel_that_fails_to_run(monkeypatch):
     monkeypatch.setattr(ts, "stripe_sums", broken)
     monkeypatch.setattr(ts, "_CHECKED", {})
     assert "failed to run (RuntimeError: no kernel image" in ts.self_check(DEVICE, torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the "gemm" strategy: fp32 similarities from a GEMM, then the epilogue kernel
+
+
+def test_gemm_row_blocks_give_the_unblocked_result(monkeypatch):
+    """S is computed in row blocks of at most GEMM_S_BYTES: blocks of 1, 2, 5 and 7 rows (diagonal offsets moving
+    with each block) give one block's G and sums, and the fused kernel's, within fp32 rounding (a wrong offset
+    would move a positive: an O(1) error in G)."""
+    x, y = unit(13, 9, 11).float(), unit(29, 9, 12).float()
+    tt, bb = torch.tensor([12.0]), torch.tensor([-7.0])
+    results = []
+    for rows in (13, 1, 2, 5, 7):
+        monkeypatch.setattr(ts, "GEMM_S_BYTES", 4 * 29 * rows)
+        g = torch.empty(13, 29)
+        results.append((ts.stripe_sums(x, y, tt, bb, diag=4, g=g, strategy="gemm"), g))
+    g_fused = torch.empty(13, 29)
+    fused = ts.stripe_sums(x, y, tt, bb, diag=4, g=g_fused, strategy="fused")
+    for sums, g in results:
+        torch.testing.assert_close(sums, results[0][0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(g, results[0][1], rtol=1e-5, atol=1e-6)  # CPU BLAS sums in a per-shape order
+        torch.testing.assert_close(sums, fused, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(g, g_fused, rtol=1e-5, atol=1e-6)
+
+
+def test_strategy_setting(monkeypatch):
+    monkeypatch.delenv("SAIL_SIGMOID_STRATEGY", raising=False)
+    assert ts.strategy_setting() == "auto"
+    monkeypatch.setenv("SAIL_SIGMOID_STRATEGY", "cublas")
+    with pytest.raises(SailError, match="SAIL_SIGMOID_STRATEGY must be auto, fused or gemm, not 'cublas'"):
+        ts.strategy_setting()
+    x = F.normalize(torch.randn(8, 16, device=DEVICE), dim=1)
+    with pytest.raises(SailError, match="SAIL_SIGMOID_STRATEGY"):
+        losses.sigmoid_loss(x, x, 10.0, -10.0, impl="triton")
+    monkeypatch.setenv("SAIL_SIGMOID_STRATEGY", "auto")
+    assert ts._choose(x, x, None, None, None, 0, 8, 8, 16, False, "ieee") == "fused"  # the interpreter: fused
+
+
+def test_auto_keeps_the_faster_strategy_timed_after_a_warm_up():
+    """`faster` is auto's race: each run warmed up once (compilation, autotuning: not counted), then timed twice
+    between device syncs."""
+    import time
+
+    calls = []
+
+    def run(name, first, then):
+        def call():
+            calls.append(name)
+            time.sleep(first if calls.count(name) == 1 else then)
+        return call
+
+    syncs = []
+    # fused compiles slowly but runs fast; gemm the other way round: the warm-up must not decide
+    assert ts.faster({"fused": run("fused", 0.2, 0.001), "gemm": run("gemm", 0.0, 0.02)}, lambda: syncs.append(1)) == "fused"
+    assert calls == ["fused"] * 3 + ["gemm"] * 3 and len(syncs) == 4
+    calls.clear()
+    assert ts.faster({"fused": run("fused", 0.0, 0.02), "gemm": run("gemm", 0.0, 0.001)}, lambda: None) == "gemm"
+
+
+def test_gemm_self_check_accepts_the_real_epilogue_and_names_a_broken_one(monkeypatch):
+    monkeypatch.setattr(ts, "_GEMM_PROBLEM", {})
+    assert ts.gemm_problem(DEVICE, torch.bfloat16) is None
+    real = ts._similarities
+    monkeypatch.setattr(ts, "_similarities", lambda x, y: real(x, y) * 0.5)  # a GEMM that scales its output
+    monkeypatch.setattr(ts, "_GEMM_PROBLEM", {})
+    assert "the gemm kernel disagrees with float64" in ts.gemm_problem(DEVICE, torch.float32)
+    monkeypatch.setenv("SAIL_SIGMOID_STRATEGY", "gemm")  # forced where it disagrees: an error, not wrong gradients
+    x = F.normalize(torch.randn(8, 16, device=DEVICE), dim=1)
+    with pytest.raises(SailError, match="SAIL_SIGMOID_STRATEGY=gemm cannot run here: the gemm kernel disagrees"):
+        losses.sigmoid_loss(x, x, 10.0, -10.0, impl="triton")
+
+
+EPILOGUE_COMPILE = """
+import sys, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from sail.train import triton_sigmoid as ts
+dt = sys.argv[1]
+sig = {"s_ptr": "*fp32", "g_ptr": "*" + dt, "part_ptr": "*fp32", "t_ptr": "*fp32", "b_ptr": "*fp32"}
+sig.update({n: "i32" for n in ("R", "M", "diag", "stride_s", "stride_g")})
+const = dict(ts.EPILOGUE_META, STORE_G=True)
+sig.update({n: "constexpr" for n in const})
+src = ASTSource(fn=ts._sigmoid_epilogue_kernel, signature=sig, constexprs=const,
+                attrs={(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 8, 9)})
+k = triton.compile(src, target=GPUTarget("cuda", 90, 128), options={"num_warps": 8})
+print("ld.global" in k.asm["ptx"], k.metadata.num_warps)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dt", ["bf16", "fp32"])
+def test_epilogue_kernel_compiles_for_sm90(dt, tmp_path):
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-c", EPILOGUE_COMPILE, dt], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True", "8"]

@@ -376,8 +376,12 @@ def open_decoder(fast, device) -> tuple[GpuDecoder | None, str | None]:
     why = unsupported(fast)
     if why is None and device.type != "cuda":
         why = "it needs a CUDA device"
-    if why is None and _nvimgcodec() is None:
-        why = f"nvImageCodec is not installed ({INSTALL})"
+    if why is None:
+        try:
+            if _nvimgcodec() is None:
+                why = f"nvImageCodec is not installed ({INSTALL})"
+        except Exception as e:  # installed but broken (a missing CUDA library): the CPU path, and why
+            why = f"nvImageCodec failed to load ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
     if why is not None:
         return None, why
     key = (str(device), fast.resample, fast.short, fast.fixed, fast.crop)

@@ -30,6 +30,18 @@ speed; the torch path instead sends each fp32 block through memory ~6 times for 
 The dY partials come out of cuBLAS in the input dtype and are added to the fp32 buffer: 12 bytes per
 (m x D) element per stripe against 2 R flops, fine for R in the thousands (the default stripe).
 
+Two ways to do step 1 (STRATEGIES; SAIL_SIGMOID_STRATEGY=fused|gemm|auto, default auto):
+- "fused": the tile kernel above, similarities and epilogue in one Triton kernel. On an H200 its matmul ran
+  at ~290 TFLOP/s against cuBLAS's ~690 for the two gradient GEMMs (benchmarks/gpu_kernel.py's breakdown),
+  so the whole loss stayed at 57-60 % of the bf16 peak.
+- "gemm": cuBLAS computes S = X Y^T with fp32 output (torch.mm(..., out_dtype=float32) for bf16 / fp16, in
+  row blocks of at most GEMM_S_BYTES), then `_sigmoid_epilogue_kernel` runs the same `_epilogue` on S and
+  writes G. It moves 4 + 2 bytes per logit through memory (~1.3 ps at 4.8 TB/s) against 2 D = 2048 flops of
+  GEMM (~3 ps at 690 TFLOP/s): if cuBLAS holds its rate, ~75 % of the peak for the whole loss (a model,
+  not a measurement: benchmarks/gpu.py times both).
+"auto" times both once per stripe shape on the device (after their warm-up: compilation, autotuning) and
+keeps the faster; where torch has no fp32-output GEMM it stays "fused". The float64 self-check covers both.
+
 Precision: bf16 / fp16 / fp32 inputs, fp32 accumulation and element-wise math; the loss and t, b sums are
 reduced in float64. G is stored in the input dtype: for bf16 a 2^-9 relative rounding per element, the
 same as the gradient's own output rounding. fp32 inputs use TF32 in the similarity kernel only when
@@ -57,6 +69,17 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 STRIPE_ROWS = 4096  # rows of X per stripe: dY's fp32 accumulation costs 12 bytes per 2 * STRIPE_ROWS flops
 STRIPE_BYTES = 8 * 2**30  # at most this much memory for one (rows, m) stripe of G
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+STRATEGIES = ("fused", "gemm")
+GEMM_S_BYTES = 2**30  # "gemm": at most this much fp32 similarity block at once (rows of the stripe per block)
+EPILOGUE_META = {"BLOCK_R": 16, "BLOCK_M": 512}  # "gemm": elements per program of the memory-bound epilogue
+
+
+def strategy_setting() -> str:
+    """SAIL_SIGMOID_STRATEGY: fused, gemm or auto (default)."""
+    value = os.environ.get("SAIL_SIGMOID_STRATEGY", "auto").strip() or "auto"
+    if value not in ("auto", *STRATEGIES):
+        raise SailError(f"SAIL_SIGMOID_STRATEGY must be auto, fused or gemm, not {value!r}")
+    return value
 
 # Tile shapes for H100-class GPUs; autotuned per (R, M, D). Each config's grid size differs, so the
 # per-tile sums go to a buffer sized for the smallest tile (64 x 64). Compiled for sm_90 without a GPU
@@ -157,17 +180,43 @@ def _sigmoid_tile_kernel(
         tl.store(part_ptr + pid * 3 + 2, n0 + n1)
 
 
+@triton.jit
+def _sigmoid_epilogue_kernel(
+    s_ptr, g_ptr, part_ptr, t_ptr, b_ptr, R, M, diag, stride_s, stride_g,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, STORE_G: tl.constexpr,
+):
+    """The "gemm" strategy's element-wise pass: `_epilogue` on a (BLOCK_R, BLOCK_M) block of fp32 similarities
+    S (R x M, computed by cuBLAS), G written as the fused kernel writes it, the block's three sums to part."""
+    pid = tl.program_id(0)
+    n_m = tl.cdiv(M, BLOCK_M)
+    pid_r, pid_m = pid // n_m, pid % n_m
+    lr = tl.arange(0, BLOCK_R)
+    lc = tl.arange(0, BLOCK_M)
+    rows = pid_r * BLOCK_R + lr
+    cols = pid_m * BLOCK_M + lc
+    valid = (rows < R)[:, None] & (cols < M)[None, :]
+    s_ptrs = s_ptr + (pid_r * BLOCK_R).to(tl.int64) * stride_s + pid_m * BLOCK_M + (lr[:, None] * stride_s + lc[None, :])
+    acc = tl.load(s_ptrs, mask=valid, other=0.0)
+    g_ptrs = g_ptr + (pid_r * BLOCK_R).to(tl.int64) * stride_g + pid_m * BLOCK_M + (lr[:, None] * stride_g + lc[None, :])
+    loss, gs, gsum = _epilogue(acc, rows, cols, g_ptrs, tl.load(t_ptr), tl.load(b_ptr), R, M, diag, STORE_G)
+    tl.store(part_ptr + pid * 3, loss)
+    if STORE_G:
+        tl.store(part_ptr + pid * 3 + 1, gs)
+        tl.store(part_ptr + pid * 3 + 2, gsum)
+
+
 # reset_to_zero: autotuning runs every config into the same partial-sums buffer, and a config with bigger
 # tiles writes fewer rows, so the buffer is zeroed before each trial and before the chosen config runs
 _tuned_kernel = triton.autotune(configs=GPU_CONFIGS, key=["R", "M", "D", "STORE_G"],
                                 reset_to_zero=["part_ptr"])(_sigmoid_tile_kernel)
 
 
-def stripe_sums(x, y, t, b, diag, g=None):
-    """Run the tile kernel on one stripe: x (R, D) against y (M, D), positives at column row + diag.
+def stripe_sums(x, y, t, b, diag, g=None, strategy=None):
+    """Run the loss's step 1 on one stripe: x (R, D) against y (M, D), positives at column row + diag.
 
     t, b: one-element fp32 tensors on x's device. g: an (R, M) output for dL/dl * N in x's dtype, or None
-    (loss only). Returns a float64 (3,) tensor [sum softplus(-z l), sum G s, sum G] (the last two 0 when g
+    (loss only). strategy: "fused", "gemm", or None (SAIL_SIGMOID_STRATEGY; auto: the faster, timed once
+    per shape). Returns a float64 (3,) tensor [sum softplus(-z l), sum G s, sum G] (the last two 0 when g
     is None). Public for the tests, which call it with a gathered y and a rank's diagonal offset.
     """
     R, D = x.shape
@@ -180,7 +229,92 @@ def stripe_sums(x, y, t, b, diag, g=None):
     precision = "ieee" if x.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest" else "tf32"
     # Triton launches on the current CUDA device, not on the tensors' one
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        strategy = strategy or _choose(x, y, g, t, b, diag, R, M, D, store_g, precision)
+        if strategy == "gemm":
+            return _gemm_stripe(x, y, g, t, b, diag, R, M, store_g)
         return _launch(x, y, g, t, b, diag, R, M, D, store_g, precision)
+
+
+_CHOSEN: dict = {}  # (device, dtype, R, M, D, store_g) -> the strategy auto timed faster
+
+
+def _choose(x, y, g, t, b, diag, R, M, D, store_g, precision) -> str:
+    """The strategy for this stripe: the setting, or under auto the faster of the two, timed once per shape
+    on CUDA (three synchronised calls each; the first compiles and autotunes). The interpreter uses fused."""
+    setting = strategy_setting()
+    if setting == "gemm" and gemm_problem(x.device, x.dtype):
+        raise SailError(f"SAIL_SIGMOID_STRATEGY=gemm cannot run here: {gemm_problem(x.device, x.dtype)}; "
+                        "use fused or auto")
+    if setting != "auto":
+        return setting
+    if INTERPRET or not x.is_cuda or gemm_problem(x.device, x.dtype):
+        return "fused"
+    key = (str(x.device), x.dtype, R, M, D, store_g)
+    if key not in _CHOSEN:
+        _CHOSEN[key] = faster({"fused": lambda: _launch(x, y, g, t, b, diag, R, M, D, store_g, precision),
+                               "gemm": lambda: _gemm_stripe(x, y, g, t, b, diag, R, M, store_g)},
+                              lambda: torch.cuda.synchronize(x.device))
+    return _CHOSEN[key]
+
+
+def faster(runs: dict, sync) -> str:
+    """The name of the fastest of `runs` (name -> call): each called once to warm up, then twice timed,
+    between calls of `sync` (which waits for the device)."""
+    import time
+
+    seconds = {}
+    for name, run in runs.items():
+        run()
+        sync()
+        start = time.perf_counter()
+        run()
+        run()
+        sync()
+        seconds[name] = time.perf_counter() - start
+    return min(seconds, key=seconds.get)
+
+
+def _similarities(x, y):
+    """S = x y^T in fp32: cuBLAS with fp32 output for bf16 / fp16 on CUDA (fp32 accumulation, one rounding),
+    torch.mm for fp32 (TF32 where torch.get_float32_matmul_precision() allows, as the fused kernel), and under
+    the interpreter fp32 products of the upcast inputs (bf16 x bf16 products are exact in fp32)."""
+    if x.dtype == torch.float32:
+        return torch.mm(x, y.T)
+    if INTERPRET:
+        return torch.mm(x.float(), y.float().T)
+    return torch.mm(x, y.T, out_dtype=torch.float32)
+
+
+def _gemm_stripe(x, y, g, t, b, diag, R, M, store_g):
+    """The "gemm" strategy on one stripe: S in row blocks of at most GEMM_S_BYTES, the epilogue kernel on each."""
+    meta = INTERPRET_META if INTERPRET else EPILOGUE_META
+    block = max(1, min(R, GEMM_S_BYTES // (4 * M)))
+    sums = torch.zeros(3, dtype=torch.float64, device=x.device)
+    for r0 in range(0, R, block):
+        r1 = min(R, r0 + block)
+        s = _similarities(x[r0:r1], y)  # (r1 - r0, M) fp32
+        n = r1 - r0
+        part = torch.zeros((triton.cdiv(n, meta["BLOCK_R"]) * triton.cdiv(M, meta["BLOCK_M"]), 3),
+                           dtype=torch.float32, device=x.device)
+        out = g[r0:r1] if store_g else part
+        _sigmoid_epilogue_kernel[(part.shape[0],)](
+            s, out, part, t, b, n, M, diag + r0, s.stride(0), out.stride(0) if store_g else 0,
+            BLOCK_R=meta["BLOCK_R"], BLOCK_M=meta["BLOCK_M"], STORE_G=store_g,
+            **({} if INTERPRET else {"num_warps": 8}))
+        sums += part.sum(0, dtype=torch.float64)
+    return sums
+
+
+_GEMM_PROBLEM: dict = {}  # (device, dtype) -> why "gemm" cannot run there, or None
+
+
+def gemm_problem(device, dtype) -> str | None:
+    """Why the "gemm" strategy cannot run on (device, dtype): no fp32-output GEMM in this torch, or a
+    disagreement with float64 (checked once, as self_check does for the fused kernel); None if it can."""
+    key = (str(device), dtype)
+    if key not in _GEMM_PROBLEM:
+        _GEMM_PROBLEM[key] = _compare_with_float64(torch.device(device), dtype, "gemm")
+    return _GEMM_PROBLEM[key]
 
 
 def _launch(x, y, g, t, b, diag, R, M, D, store_g, precision):
@@ -227,11 +361,11 @@ def self_check(device, dtype) -> str | None:
     """
     key = (str(device), dtype)
     if key not in _CHECKED:
-        _CHECKED[key] = _compare_with_float64(torch.device(device), dtype)
+        _CHECKED[key] = _compare_with_float64(torch.device(device), dtype, "fused")
     return _CHECKED[key]
 
 
-def _compare_with_float64(device, dtype) -> str | None:
+def _compare_with_float64(device, dtype, strategy="fused") -> str | None:
     n, m, d, diag, t, b = 37, 83, 40, 29, 20.0, -10.0
     gen = torch.Generator().manual_seed(0)
     x = torch.nn.functional.normalize(torch.randn(n, d, generator=gen, dtype=torch.float64), dim=1)
@@ -247,15 +381,16 @@ def _compare_with_float64(device, dtype) -> str | None:
     want = torch.stack([torch.nn.functional.softplus(-z * logits).sum(), (g_ref * s).sum(), g_ref.sum()])
     try:
         g = torch.empty((n, m), device=device, dtype=dtype)
-        got = stripe_sums(xd, yd, torch.tensor([t], device=device), torch.tensor([b], device=device), diag, g)
+        got = stripe_sums(xd, yd, torch.tensor([t], device=device), torch.tensor([b], device=device), diag, g,
+                          strategy=strategy)
         got, g = got.cpu(), g.double().cpu()
     except Exception as e:  # a compile or launch failure is a reason to fall back, not to crash
-        return f"the kernel failed to run ({type(e).__name__}: {str(e)[:200]})"
+        return f"the {strategy} kernel failed to run ({type(e).__name__}: {str(e)[:200]})"
     tol = 1e-4 if dtype == torch.float32 else 1e-2  # G is stored in the input dtype (bf16: 2^-8 relative)
     err_sums = ((got - want).abs() / want.abs().clamp_min(1.0)).max().item()
     err_g = ((g - g_ref).norm() / g_ref.norm()).item()
     if not (err_sums < tol and err_g < tol):  # also catches NaN
-        return (f"the kernel disagrees with float64 on {device} / {dtype} (sums {err_sums:.1e}, "
+        return (f"the {strategy} kernel disagrees with float64 on {device} / {dtype} (sums {err_sums:.1e}, "
                 f"dL/dl {err_g:.1e}, tolerance {tol:.0e})")
     return None
 
