@@ -77,7 +77,7 @@ def extract(
     workers: Optional[int] = typer.Option(None, help="image decoding workers (default: this process's cores - 1)"),
     precision: str = typer.Option("auto", help="weights dtype: auto (bf16 on Ampere+ GPUs, fp32 on CPU), fp32, bf16, fp16"),
     preprocess: str = typer.Option("fast", help="fast (PIL + torch, matches the processor) or hf (the model's own processor)"),
-    decode: str = typer.Option("auto", help="JPEG decoding: cpu (workers), gpu (nvImageCodec, pip install 'sail[gpu-decode]') "
+    decode: str = typer.Option("auto", help="JPEG decoding: cpu (workers), gpu (nvImageCodec, pip install 'sail\\[gpu-decode]') "
                                "or auto (gpu on CUDA where it works; says once when not)"),
     dist_timeout: float = typer.Option(720.0, help="minutes a torchrun rank may wait for the others"),
     overwrite: bool = _OVERWRITE,

@@ -131,6 +131,26 @@ def test_gpu_path_crops_equal_the_cpu_path(tmp_path, kind):
             (kind, d.max(), (d > 0).float().mean())
 
 
+@pytest.mark.parametrize("kind", ["dinov2", "padded"])
+def test_same_size_images_resized_together_equal_one_by_one(kind, monkeypatch):
+    """crops() resizes same-size images in batches (one pass per axis for all): bit-identical to one at a time,
+    in the payloads' order, also when a size's images span several calls (RESIZE_PIXELS)."""
+    fast = _fast(kind) if kind != "padded" else _fast(size={"shortest_edge": 100}, crop_size={"height": 160, "width": 120},
+                                                     resample=3)
+    rng = np.random.default_rng(4)
+    photo = _photo()
+    sizes = [(300, 240), (300, 240), (211, 350), (300, 240), (211, 350), (300, 240), (300, 240)]
+    datas = [_jpeg(photo.crop(tuple(int(v) for v in (*rng.integers(0, 100, 2), *(rng.integers(0, 100, 2) + 400))))
+                   .resize(size)) for size in sizes]
+    payloads = [gd.JpegBytes(d, s) for d, s in zip(datas, sizes)]
+    monkeypatch.setattr(gd, "RESIZE_PIXELS", 3 * 300 * 240)  # the 300x240 ones in calls of 3, 2
+    crops, failed = gd.GpuDecoder(fast, torch.device("cpu")).crops(payloads)
+    assert not failed
+    for data, got in zip(datas, crops):
+        one = gd.resize_crop(torch.from_numpy(np.asarray(decode_image(data, None)).copy()), fast)
+        assert torch.equal(got, one)
+
+
 def test_unsupported_filters_and_paths_are_named():
     assert "nearest" in gd.unsupported(_fast(size={"shortest_edge": 64}, crop_size={"height": 56, "width": 56},
                                              resample=0))

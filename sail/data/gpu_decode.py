@@ -46,6 +46,7 @@ from PIL import Image
 from sail.data.images import (DEFAULT_MAX_PIXELS, PREPROCESS_FAILED, ImageError, decode_image, image_header,
                               read_image_bytes)
 
+RESIZE_PIXELS = 1 << 24  # same-size images resized in one call, up to this many source pixels (x 12 bytes of float32)
 DECODE_PIXELS = 1 << 28  # decoded pixels per nvImageCodec call (x 3 bytes: 768 MiB of uint8 RGB on the GPU)
 GPU_MODES = ("RGB", "L")  # JPEG colour modes nvJPEG turns into the same RGB as PIL (CMYK / YCCK stay on the CPU)
 RESIZE_MODES = {Image.Resampling.BILINEAR: "bilinear", Image.Resampling.BICUBIC: "bicubic"}  # antialiased in torch
@@ -149,24 +150,27 @@ def pil_resize(x: torch.Tensor, height: int, width: int, mode: str, crop: tuple[
 
 
 def resize_crop(hwc: torch.Tensor, fast) -> torch.Tensor:
-    """One decoded image (H, W, 3) uint8 on any device -> FastPreprocess's (3, h, w) uint8 crop, same device."""
-    h, w = hwc.shape[:2]
+    """Decoded images (H, W, 3) or (N, H, W, 3) uint8 of one size, on any device -> FastPreprocess's crops
+    (3, h, w) or (N, 3, h, w) uint8 on the same device (one batched pass per axis for N images)."""
+    one = hwc.dim() == 3
+    x = (hwc.unsqueeze(0) if one else hwc).permute(0, 3, 1, 2).float()
+    h, w = x.shape[-2:]
     rw, rh = fast.resize_to(w, h)
     ch, cw = fast.crop if fast.crop else (rh, rw)
     mode = RESIZE_MODES[fast.resample]
-    x = hwc.permute(2, 0, 1).unsqueeze(0).float()
     left, top = (rw - cw) // 2, (rh - ch) // 2
     if left >= 0 and top >= 0:
         # FastPreprocess resizes the crop box only: Pillow orders the passes by the source and the crop's sizes
-        return pil_resize(x, rh, rw, mode, (top, left, ch, cw), vertical_first(w, h, cw, ch))[0].to(torch.uint8)
+        out = pil_resize(x, rh, rw, mode, (top, left, ch, cw), vertical_first(w, h, cw, ch)).to(torch.uint8)
+        return out[0] if one else out
     # the crop is larger than the resized image: the whole image centred on black, as FastPreprocess pads
-    x = pil_resize(x, rh, rw, mode)[0].to(torch.uint8)
-    canvas = torch.zeros((3, ch, cw), dtype=torch.uint8, device=hwc.device)
+    x = pil_resize(x, rh, rw, mode).to(torch.uint8)
+    canvas = torch.zeros((x.shape[0], 3, ch, cw), dtype=torch.uint8, device=hwc.device)
     top, left = (ch - rh) // 2, (cw - rw) // 2  # where the image goes on the canvas (FastPreprocess._padded)
     ys, xs = max(0, -top), max(0, -left)
-    sub = x[:, ys:ys + ch, xs:xs + cw]
-    canvas[:, max(0, top):max(0, top) + sub.shape[1], max(0, left):max(0, left) + sub.shape[2]] = sub
-    return canvas
+    sub = x[..., ys:ys + ch, xs:xs + cw]
+    canvas[..., max(0, top):max(0, top) + sub.shape[-2], max(0, left):max(0, left) + sub.shape[-1]] = sub
+    return canvas[0] if one else canvas
 
 
 def unsupported(fast) -> str | None:
@@ -253,6 +257,7 @@ class GpuDecoder:
             for group in _groups(jpegs, [payloads[i].size for i in jpegs]):
                 images = self.decoder.decode([self.nv.CodeStream(payloads[i].data) for i in group], params=self.params,
                                              cuda_stream=self.stream.cuda_stream if self.stream is not None else 0)
+                same_size: dict = {}  # (H, W) -> indices: resized together, one batched pass per axis
                 for i, image in zip(group, images):
                     if image is None:  # no GPU backend took it: the CPU path decides
                         self.cpu_fallbacks += 1
@@ -263,7 +268,15 @@ class GpuDecoder:
                         except Exception as e:
                             failed[i] = f"unreadable image: {str(e).splitlines()[0][:160] if str(e) else type(e).__name__}"
                     else:
-                        out[i] = resize_crop(self._as_tensor(image), self.fast)
+                        out[i] = self._as_tensor(image)
+                        same_size.setdefault(tuple(out[i].shape[:2]), []).append(i)
+                for (h, w), members in same_size.items():
+                    per_call = max(1, RESIZE_PIXELS // (h * w))
+                    for lo in range(0, len(members), per_call):
+                        chunk = members[lo:lo + per_call]
+                        batch = out[chunk[0]].unsqueeze(0) if len(chunk) == 1 else torch.stack([out[i] for i in chunk])
+                        for i, crop in zip(chunk, resize_crop(batch, self.fast)):
+                            out[i] = crop
                 if self.stream is not None:  # nvImageCodec frees its images when they go: crops done first
                     self.stream.synchronize()
                 del images
