@@ -510,3 +510,30 @@ def test_only_module_colon_names_are_read_as_specs():
         assert zoo.looks_like_spec(spec)
     for other in ("facebook/dinov2-large", "/tmp/x:y", "dinov2-l", "https://host/x:y", "./a:b", "org/name:rev"):
         assert not zoo.looks_like_spec(other)
+
+
+def test_a_plugin_image_encoder_decodes_on_the_cpu_whatever_decode_says(plugin, data, tmp_path, monkeypatch, capfd):
+    """A plugin's preprocess is arbitrary Python on PIL images, which the GPU path cannot reproduce: auto keeps it
+    on the CPU without a note (even on CUDA), gpu is one line saying why."""
+    from sail.data import gpu_decode
+    from sail.encoders import extract as ex
+
+    seen = []
+    real = gpu_decode.open_decoder
+    monkeypatch.setattr(gpu_decode, "open_decoder", lambda fast, device: seen.append(fast) or real(fast, device))
+    res = extract(ExtractConfig(model="hostile_encoders:img", data=str(data), out=str(tmp_path / "a.h5"),
+                                workers=0, progress=False, decode="auto"))
+    with FeatureStore(res.path) as s:
+        assert s.valid("image").all() and '"decode": "cpu"' in s.attrs["identity"]
+    assert seen == [None] and "note:" not in capfd.readouterr().err
+    monkeypatch.setattr(ex, "_SAID_DECODE", set())
+
+    class PluginOnCuda:  # the same choice on a CUDA device: still quiet (nothing the user could install helps)
+        modality, fast = "image", None
+
+    assert ex._gpu_decoder(ExtractConfig(model="m", data="d"), PluginOnCuda(), torch.device("cuda"),
+                           tmp_path / "x.parts", 0) is None
+    assert "note:" not in capfd.readouterr().err
+    with pytest.raises(SailError, match="--decode gpu cannot run here: it reproduces --preprocess fast only"):
+        extract(ExtractConfig(model="hostile_encoders:img", data=str(data), out=str(tmp_path / "b.h5"), workers=0,
+                              progress=False, decode="gpu"))

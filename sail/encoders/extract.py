@@ -343,19 +343,19 @@ _SAID_DECODE: set = set()  # why JPEGs stay on the CPU, said once per process
 
 def _decoding(cfg: ExtractConfig, encoder, device, parts: Path, rank: int, ident: dict):
     """(the GpuDecoder or None, the identity with the decoding an image store is made with)."""
+    if ident["modality"] != "image":
+        return None, ident
     decoder = _gpu_decoder(cfg, encoder, device, parts, rank)
-    if encoder.modality != "image":
-        return decoder, ident
     return decoder, {**ident, "decode": "gpu" if decoder is not None else "cpu"}
 
 
 def _gpu_decoder(cfg: ExtractConfig, encoder, device, parts: Path, rank: int):
-    """The GpuDecoder `--decode` asks for (auto: where it works), or None for the CPU path. An unfinished
+    """For an image encoder: the GpuDecoder `--decode` asks for (auto: where it works), or None for the CPU path. An unfinished
     extraction continues with the decoding it started with under auto; --decode gpu that cannot run is an
     error; auto on CUDA says once why it stays on the CPU."""
     from sail.data import gpu_decode
 
-    if encoder.modality != "image" or cfg.decode == "cpu":
+    if cfg.decode == "cpu":
         return None
     started = None if cfg.overwrite else _parts_record(parts).get("decode")
     if cfg.decode == "auto" and started == "cpu":
