@@ -24,14 +24,13 @@ with DDP's `module.` prefix when trained distributed; SAIL-LLaVA reads the same 
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 
+from sail.core.artifacts import atomic_path
 from sail.core.errors import SailError
 from sail.train.heads import AlignmentHeads
 
@@ -248,14 +247,8 @@ def export_official(run: str | Path, out: str | Path, overwrite: bool = False) -
         raise SailError(f"--out {out} already exists; pass --overwrite to replace it, or choose another path")
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"epoch": 0, "name": Path(run).name, "state_dict": state}
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:  # a crash leaves the old file or none, never half a checkpoint
+    with atomic_path(out) as tmp:  # a crash leaves the old file or none, never half a checkpoint
         torch.save(payload, tmp)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return {"out": str(out), "flags": flags, "t": float(heads.scale().detach()), "b": float(heads.logit_bias.detach())}
 
 

@@ -14,11 +14,10 @@ Publishing is two steps: `prepare_repo` writes the folder (tested offline), and 
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
-from sail.core.artifacts import read_json, write_atomic, write_json
+from sail.core.artifacts import atomic_dir, read_json, write_atomic, write_json
 from sail.core.errors import SailError
 
 # Resolving a location (directory or Hub id) lives below the heads and the model, which both load by id.
@@ -114,21 +113,18 @@ def prepare_repo(run: str | Path, repo_id: str, folder: str | Path) -> Path:
     card = model_card(run, repo_id)  # reads (and validates) every JSON file that goes up
     evals = [p for p in sorted((run / "eval").glob("*.json")) if p.stem != "predictions"] if (run / "eval").is_dir() else []
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
     try:
-        tmp.mkdir()
-        for name in ("config.json", "model.safetensors", "train_config.json", "encoders.json", "curves.png", "summary.json"):
-            if (run / name).exists():
-                shutil.copy2(run / name, tmp / name)
-        for p in evals:
-            (tmp / "eval").mkdir(exist_ok=True)
-            shutil.copy2(p, tmp / "eval" / p.name)
-        write_atomic(tmp / "README.md", card)
-        os.replace(tmp, folder)  # an empty folder the user made is replaced too
+        with atomic_dir(folder) as tmp:  # an empty folder the user made is replaced too
+            for name in ("config.json", "model.safetensors", "train_config.json", "encoders.json", "curves.png",
+                         "summary.json"):
+                if (run / name).exists():
+                    shutil.copy2(run / name, tmp / name)
+            for p in evals:
+                (tmp / "eval").mkdir(exist_ok=True)
+                shutil.copy2(p, tmp / "eval" / p.name)
+            write_atomic(tmp / "README.md", card)
     except OSError as e:
         raise SailError(f"cannot write {folder} ({e.strerror or e}); free space or choose another folder") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

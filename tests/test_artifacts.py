@@ -388,3 +388,72 @@ def test_a_metrics_line_cut_short_by_a_crash_is_skipped(tmp_path):
     assert read_metrics(f) == [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.4}]
     MetricsLog(f, resume_step=1)  # resuming at step 1 keeps step 1 only, and the file is whole again
     assert f.read_text() == '{"step": 1, "loss": 0.5}\n'
+
+
+# ----------------------------------------------------------------------------------------- whole files and folders
+
+
+def test_atomic_path_renames_on_success_and_leaves_the_old_file_on_failure(tmp_path):
+    from sail.core.artifacts import atomic_path
+
+    out = tmp_path / "sub" / "w.pt"
+    with atomic_path(out) as tmp:
+        assert tmp.parent == out.parent and tmp != out
+        tmp.write_bytes(b"first")
+    assert out.read_bytes() == b"first"
+    for error in (RuntimeError("disk"), KeyboardInterrupt()):
+        with pytest.raises(type(error)):
+            with atomic_path(out) as tmp:
+                tmp.write_bytes(b"half")
+                raise error
+        assert out.read_bytes() == b"first" and sorted(p.name for p in out.parent.iterdir()) == ["w.pt"]
+
+
+def test_atomic_dir_swaps_a_whole_folder_in_and_never_a_half_one(tmp_path):
+    from sail.core.artifacts import atomic_dir
+
+    final = tmp_path / "index"
+    with atomic_dir(final) as tmp:
+        (tmp / "deep").mkdir()
+        (tmp / "deep" / "a.txt").write_text("a")
+        assert not final.exists()  # nothing under the final name while it is being filled
+    assert (final / "deep" / "a.txt").read_text() == "a"
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C while filling: the old folder stays, no temporary
+        with atomic_dir(final, replace=True) as tmp:
+            (tmp / "b.txt").write_text("b")
+            raise KeyboardInterrupt
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index"] and (final / "deep" / "a.txt").exists()
+    with pytest.raises(FileExistsError):  # not empty and no replace: kept as it was
+        with atomic_dir(final) as tmp:
+            (tmp / "c.txt").write_text("c")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index"] and not (final / "c.txt").exists()
+    with atomic_dir(final, replace=True) as tmp:
+        (tmp / "d.txt").write_text("d")
+    assert [p.name for p in final.iterdir()] == ["d.txt"] and sorted(p.name for p in tmp_path.iterdir()) == ["index"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with atomic_dir(empty) as tmp:  # a folder the user made for it, still empty: taken
+        (tmp / "e.txt").write_text("e")
+    assert (empty / "e.txt").read_text() == "e"
+
+
+def test_fsync_tree_reaches_every_file_and_folder(tmp_path, monkeypatch):
+    from sail.core import artifacts
+
+    (tmp_path / "x" / "y").mkdir(parents=True)
+    for name in ("f", "x/g", "x/y/h"):
+        (tmp_path / name).write_text(name)
+    synced, real = [], os.fsync
+    opened = {}
+    real_open = os.open
+
+    def track_open(path, flags, *a):
+        fd = real_open(path, flags, *a)
+        opened[fd] = Path(path).relative_to(tmp_path).as_posix() or "."
+        return fd
+
+    monkeypatch.setattr(artifacts.os, "open", track_open)
+    monkeypatch.setattr(artifacts.os, "fsync", lambda fd: (synced.append(opened.get(fd)), real(fd)))
+    artifacts.fsync_tree(tmp_path)
+    assert set(synced) == {"f", "x/g", "x/y/h", "x/y", "x", "."}
+    assert synced.index("x/y") < synced.index("x") < synced.index(".")  # a folder after the entries in it

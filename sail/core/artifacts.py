@@ -26,6 +26,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -121,6 +122,75 @@ def atomic_files(paths, encoding="utf-8"):
             tmp.unlink(missing_ok=True)
     for folder in {p.parent for p in paths}:
         _fsync_dir(folder)
+
+
+def fsync_tree(folder) -> None:
+    """fsync every file under folder, then every directory, deepest first (its entries before itself)."""
+    folder = Path(folder)
+    dirs = [folder]
+    for p in sorted(folder.rglob("*")):
+        if p.is_dir():
+            dirs.append(p)
+        elif p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for d in sorted(dirs, key=lambda d: len(d.parts), reverse=True):
+        _fsync_dir(d)
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """A temporary path beside `path` for a library that writes the file itself (torch.save, faiss, h5py):
+    `with atomic_path(out) as tmp: torch.save(obj, tmp)`. When the block ends without error the file is fsynced
+    and renamed onto `path` (then the folder fsynced); otherwise (Ctrl-C too) it is removed and `path` is
+    untouched. OSErrors propagate: the caller knows what it was writing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_dir(path, replace: bool = False):
+    """A temporary folder beside `path` to fill: `with atomic_dir(index) as tmp: ...`. When the block ends without
+    error every file and folder in it is fsynced and it is renamed to `path` as a whole, so readers see no folder,
+    the old one, or the complete new one; an existing `path` that is an empty folder (or anything, with replace)
+    is moved aside first and removed after; a non-empty one without replace raises FileExistsError and is kept.
+    On an error (Ctrl-C too) the temporary folder is removed and `path` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    aside = path.with_name(f".{path.name}.{os.getpid()}.old")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed process with our pid: ours to clear
+    tmp.mkdir()
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        if path.exists():
+            if not (replace or (path.is_dir() and not any(path.iterdir()))):
+                raise FileExistsError(errno.EEXIST, "exists and is not empty", str(path))
+            os.replace(path, aside)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if aside.is_dir():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            aside.unlink(missing_ok=True)
 
 
 def damaged(path, what: str, problem: str, todo: str | None = None) -> DamagedArtifact:

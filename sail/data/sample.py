@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import csv
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from sail.core.artifacts import atomic_dir
 
 SAMPLE_VERSION = 2  # 2: the training split leaves out the UNSEEN combinations
 SAMPLE_SIZE = 480  # 26-27 images for each of the 18 seen classes
@@ -58,7 +58,7 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int],
 
 def render_sample(out: Path, n: int = SAMPLE_SIZE, seed: int = 0, size: int = 64,
                   classes: list[str] | tuple[str, ...] = tuple(CLASS_NAMES)) -> None:
-    """Render n images (cycling through `classes`) and their manifest into `out` (which must not exist yet)."""
+    """Render n images (cycling through `classes`) and their manifest into `out` (new or empty)."""
     rng = np.random.default_rng(seed)
     (out / "images").mkdir(parents=True)
     rows = []
@@ -98,16 +98,12 @@ def sample_dir(split: str = "sample") -> Path:
     final = cache_root() / f"{split}-v{SAMPLE_VERSION}"
     if (final / "manifest.csv").exists():
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".sample-"))
     try:
-        render_sample(tmp / "data", n=n, seed=seed, classes=classes)
-        os.replace(tmp / "data", final)
+        with atomic_dir(final) as tmp:
+            render_sample(tmp, n=n, seed=seed, classes=classes)
     except OSError:
         if not (final / "manifest.csv").exists():  # lost a race only if the winner finished
             raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

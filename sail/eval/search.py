@@ -13,13 +13,11 @@ overwrite=True (`--overwrite`), and a folder that is not an index never.
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 
-from sail.core.artifacts import DamagedArtifact, Lock, checksums, fsync_dir, read_json, verify_checksums, write_json
+from sail.core.artifacts import DamagedArtifact, Lock, atomic_dir, checksums, read_json, verify_checksums, write_json
 from sail.core.errors import SailError
 from sail.data.store import FeatureStore
 from sail.train.heads import AlignmentHeads
@@ -70,13 +68,10 @@ def build_index(run: str, images: str, out: str, overwrite: bool = False) -> dic
 
 
 def _write_index(index, store: FeatureStore, rows: np.ndarray, run: str, out_dir: Path, overwrite: bool, dim: int) -> dict:
-    """Write the three files into a temporary folder beside `out_dir`, then swap it into place."""
+    """Write the three files into a temporary folder beside `out_dir`, then swap it into place (artifacts.atomic_dir)."""
     import faiss
 
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_dir(out_dir, replace=True) as tmp:  # replace: _check_index_out allowed it (empty, or --overwrite)
         try:
             faiss.write_index(index, str(tmp / "index.faiss"))
         except RuntimeError as e:  # faiss reports a full disk as a RuntimeError
@@ -88,16 +83,6 @@ def _write_index(index, store: FeatureStore, rows: np.ndarray, run: str, out_dir
                 "sha256": checksums(tmp, ["index.faiss", "ids.json"])}
         write_json(tmp / "index.json", meta, indent=1)
         _check_index_out(out_dir, overwrite)  # still true after the build (another process may have written it)
-        if out_dir.exists():  # an empty folder, or an index replaced with overwrite: swap, then drop the old one
-            old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-        fsync_dir(out_dir.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return meta
 
 

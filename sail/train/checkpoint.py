@@ -40,7 +40,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from sail.core.artifacts import DamagedArtifact, checksums, fsync_dir, read_json, verify_checksums, write_atomic, write_json
+from sail.core.artifacts import (DamagedArtifact, checksums, fsync_dir, fsync_tree, read_json, verify_checksums,
+                                 write_atomic, write_json)
 from sail.core.distributed import barrier, current
 from sail.core.errors import SailError
 
@@ -100,12 +101,6 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], plain: dict | None) -> None
         random.setstate((version, tuple(py_state), py_gauss))
 
 
-def _fsync_tree(folder: Path) -> None:
-    for f in folder.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-
-
 def _json_default(v):
     if isinstance(v, (set, tuple)):
         return list(v)
@@ -144,7 +139,7 @@ def _publish(run_dir: Path, tmp: Path, final: Path, keep: int) -> None:
     """checksums, rename into place, LATEST, prune: in an order where a crash at any point leaves a
     complete checkpoint on disk that load_checkpoint finds (the module doc)."""
     write_json(tmp / CHECKSUMS, checksums(tmp, [f.name for f in tmp.iterdir() if f.name != CHECKSUMS]))
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     aside = final.with_name(final.name + ".old")
     if final.exists():  # re-saving a step: keep the old one (perhaps LATEST's target) until the new one is in place
         shutil.rmtree(aside, ignore_errors=True)
