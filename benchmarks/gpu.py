@@ -34,6 +34,13 @@ shared context and returns a dict of figures, printed as a table and put in the 
 Without a CUDA device it prints why and exits with status 0 (nothing to measure), unless --smoke.
 Prints the figures, then one JSON line, and (on CUDA, or with --record) writes the one record the README's GPU
 table is generated from: benchmarks/results/gpu.json (`python benchmarks/gpu_table.py --readme README.md`).
+
+Time. A lent GPU machine gives about 15 minutes in all and at most 10 per command, so the sections run in ORDER
+(what the open goals need first: the peak, the losses against the peers, the loss kernel, the step, extraction,
+then the loader, the CLI runs and the bf16-vs-fp32 loss), the record is rewritten after every section (a run
+killed at its limit keeps what it measured), and `--budget` (default 480 s) skips the sections that would start
+after it (recorded as skipped) and stops the peers section's rows once its share is spent. `--merge` keeps the
+sections of an existing record that this run does not redo, so a second command can complete it.
 """
 
 from __future__ import annotations
@@ -54,6 +61,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the sail next to
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_kernel.py, gpu_extract.py
 
 SECTIONS: dict = {}
+# the order sections run in (a subset with --only keeps this order): the open goals' figures first; loader needs
+# step's figures, every share needs matmul's peak
+ORDER = ("matmul", "peers", "loss-kernel", "step", "extraction", "loader", "cli", "loss")
+PEERS_SHARE = 0.45  # of --budget: the peers section stops starting new rows after this much of the run
 
 
 def section(name):
@@ -73,6 +84,7 @@ class Context:
         self.dims = (64, 32, 32) if smoke else (2048, 1024, 1024)  # image, text, out
         self.kernel_sizes: tuple | None = None  # loss-kernel: --sizes
         self.repeats = 3  # loss-kernel: --repeats
+        self.deadline = float("inf")  # perf_counter() after which a section starts no new long measurement
 
     def size(self, full: int, tiny: int) -> int:
         return tiny if self.smoke else full
@@ -131,7 +143,7 @@ def peers_section(ctx: Context) -> dict:
 
     sizes = ctx.kernel_sizes or (SIZES if not ctx.smoke else (256, 512))
     return peers(ctx.device, ctx.bf16_peak(), sizes=sizes, dims=ctx.size((1024, 768), (64, 48)),
-                 repeats=ctx.repeats, check_n=ctx.size(2048, 128))
+                 repeats=ctx.repeats, check_n=ctx.size(2048, 128), deadline=ctx.deadline)
 
 
 @section("loss")
@@ -437,11 +449,9 @@ def build_record(results: dict, device_name: str, command: str, seconds: float) 
 
 def write_record(path: Path, record: dict) -> None:
     """Write the record atomically (NaN becomes null: the file is strict JSON)."""
-    text = json.dumps(json.loads(json.dumps(record, default=str).replace("NaN", "null")), indent=1) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    from sail.core.artifacts import write_atomic
+
+    write_atomic(path, json.dumps(json.loads(json.dumps(record, default=str).replace("NaN", "null")), indent=1) + "\n")
 
 
 def main(argv=None) -> int:
@@ -454,6 +464,11 @@ def main(argv=None) -> int:
     p.add_argument("--record", type=Path, default=None,
                    help="write the run's record here (default on CUDA: benchmarks/results/gpu.json; "
                         "regenerate the README table with benchmarks/gpu_table.py)")
+    p.add_argument("--budget", type=float, default=480.0,
+                   help="seconds: sections that would start later are skipped (default 480: a lent GPU allows 600 "
+                        "per command)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the sections of the existing --record that this run does not redo")
     args = p.parse_args(argv)
     if args.record is None and not args.smoke:
         args.record = Path(__file__).resolve().parent / "results" / "gpu.json"
@@ -463,12 +478,20 @@ def main(argv=None) -> int:
         print(json.dumps({"benchmark": "gpu", "skipped": "no CUDA device"}))
         return 0
     device = torch.device("cpu" if args.smoke else "cuda")
-    names = [n.strip() for n in args.only.split(",")] if args.only else list(SECTIONS)
+    names = [n.strip() for n in args.only.split(",")] if args.only else list(ORDER)
     if args.section:
         names = args.section
     unknown = [n for n in names if n not in SECTIONS]
     if unknown:
-        print(f"error: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}", file=sys.stderr)
+        print(f"error: unknown section(s) {', '.join(unknown)}; choose from {', '.join(ORDER)}", file=sys.stderr)
+        return 2
+    if not args.budget > 0:
+        print(f"error: --budget must be a positive number of seconds, not {args.budget}", file=sys.stderr)
+        return 2
+    names = sorted(names, key=ORDER.index)
+    earlier = _earlier_sections(args.record, args.merge)
+    if isinstance(earlier, str):
+        print(f"error: {earlier}", file=sys.stderr)
         return 2
     ctx = Context(device, args.smoke)
     ctx.kernel_sizes = tuple(int(s) for s in args.sizes.split(",")) if args.sizes else None
@@ -476,25 +499,54 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke)"
     print(f"device: {name}, torch {torch.__version__}")
     start = time.perf_counter()
+    ctx.deadline = start + PEERS_SHARE * args.budget
+    command = ("python benchmarks/gpu.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    ctx.results.update({k: v for k, v in earlier.items() if k not in names})
     for n in names:
         t0 = time.perf_counter()
-        try:
-            ctx.results[n] = SECTIONS[n](ctx)
-        except Exception as e:  # one failing section must not hide the others' figures
-            ctx.results[n] = {"error": f"{type(e).__name__}: {e}"[:300]}
+        if t0 - start > args.budget:
+            ctx.results[n] = {"skipped": f"time budget: {args.budget:.0f} s spent before it started (--budget, --merge)"}
+        else:
+            try:
+                ctx.results[n] = SECTIONS[n](ctx)
+            except Exception as e:  # one failing section must not hide the others' figures
+                ctx.results[n] = {"error": f"{type(e).__name__}: {e}"[:300]}
         print(f"[{n}] ({time.perf_counter() - t0:.0f} s)")
         for k, v in _flat(ctx.results[n]):
             if isinstance(v, list) and k.endswith("rows"):
                 continue  # printed as a table by the section itself
             print(f"  {k:<32} {v:.4g}" if isinstance(v, float) and math.isfinite(v) else f"  {k:<32} {v}")
+        if args.record is not None:  # after every section: a run killed at its time limit keeps what it measured
+            record = build_record(ctx.results, name, command, time.perf_counter() - start)
+            record["complete"] = n == names[-1]
+            write_record(args.record, record)
     print(f"total {time.perf_counter() - start:.0f} s")
     clean = json.loads(json.dumps(ctx.results, default=str).replace("NaN", "null"))
     print(json.dumps({"benchmark": "gpu", "device": name, **clean}))
     if args.record is not None:
-        command = "python benchmarks/gpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        write_record(args.record, build_record(ctx.results, name, command.strip(), time.perf_counter() - start))
         print(f"record: {args.record}")
     return 1 if any("error" in r for r in ctx.results.values()) else 0
+
+
+def _earlier_sections(path: Path | None, merge: bool) -> dict | str:
+    """The sections of the record at `path` (for --merge), or {}; a string says why it cannot be merged."""
+    if not merge:
+        return {}
+    if path is None or not path.exists():
+        return f"--merge needs an existing --record to add to ({path} does not exist)"
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        return f"--merge: {path} is not a readable record ({e})"
+    if not isinstance(old, dict) or old.get("benchmark") != "gpu":
+        return f"--merge: {path} is not a benchmarks/gpu.py record"
+    sections = dict(old.get("sections", {}))
+    sections.update({k: old[k] for k in ("step", "loader", "extraction") if old.get(k)})
+    if old.get("peers"):
+        sections["peers"] = {"rows": old["peers"], "accuracy": old.get("peers_accuracy", {}),
+                             "missing": old.get("peers_missing", {}),
+                             "siglip_kernel_best_backend": old.get("siglip_kernel_best_backend")}
+    return sections
 
 
 if __name__ == "__main__":

@@ -226,8 +226,11 @@ def _time_one(fn, n, dim, device, repeats, captions=1):
             torch.cuda.empty_cache()
 
 
-def peers(device: torch.device, bf16_peak_tflops: float, sizes=SIZES, dims=DIMS, repeats=3, check_n=2048) -> dict:
-    """The peers section: accuracy rows, then a row per (impl, batch, dim), then multi-positive K = 2 rows."""
+def peers(device: torch.device, bf16_peak_tflops: float, sizes=SIZES, dims=DIMS, repeats=3, check_n=2048,
+          deadline: float = float("inf")) -> dict:
+    """The peers section: accuracy rows, then a row per (impl, batch) at D = dims[0], each sail strategy forced,
+    multi-positive K = 2, and the rows at the other dims, in that order; past `deadline` (time.perf_counter())
+    the remaining rows are recorded as skipped instead of measured."""
     impls, missing = implementations(device)
     accuracy = _accuracy(impls, device, check_n, dims[0])
     # the best siglip-kernel backend, timed once at the first size and D = dims[0]; the others are dropped
@@ -240,30 +243,22 @@ def peers(device: torch.device, bf16_peak_tflops: float, sizes=SIZES, dims=DIMS,
         for k in candidates:
             if k != best:
                 impls.pop(k)
-    rows = []
-    for dim in dims:
-        for n in sizes:
-            for name, fn in impls.items():
-                row = {"impl": name, "batch": n, "dim": dim, "dtype": "bf16", "captions": 1}
-                row.update(_time_one(fn, n, dim, device, repeats if n < 10**6 else 1))
-                rows.append(_with_share(row, bf16_peak_tflops))
-                _print_row(row)
-    # each strategy forced, at D = dims[0] up to B = 262144 (auto's choice is the sail-triton row)
-    strategies = strategy_implementations(device)
+    strategies = strategy_implementations(device)  # each sail strategy forced, up to B = 262144
     accuracy.update(_accuracy(strategies, device, check_n, dims[0]) if strategies else {})
-    for n in [n for n in sizes if n <= 262144]:
-        for name, fn in strategies.items():
-            row = {"impl": name, "batch": n, "dim": dims[0], "dtype": "bf16", "captions": 1}
-            row.update(_time_one(fn, n, dims[0], device, repeats))
-            rows.append(_with_share(row, bf16_peak_tflops))
-            _print_row(row)
     multi, multi_missing = multi_positive_implementations(device)
-    for n in sizes[:2]:
-        for name, fn in multi.items():
-            row = {"impl": name, "batch": n, "dim": dims[0], "dtype": "bf16", "captions": 2}
-            row.update(_time_one(fn, n, dims[0], device, repeats, captions=2))
-            rows.append(_with_share(row, bf16_peak_tflops))
-            _print_row(row)
+    plan = [(name, fn, n, dims[0], 1) for n in sizes for name, fn in impls.items()]
+    plan += [(name, fn, n, dims[0], 1) for n in sizes if n <= 262144 for name, fn in strategies.items()]
+    plan += [(name, fn, n, dims[0], 2) for n in sizes[:2] for name, fn in multi.items()]
+    plan += [(name, fn, n, dim, 1) for dim in dims[1:] for n in sizes for name, fn in impls.items()]
+    rows = []
+    for name, fn, n, dim, captions in plan:
+        row = {"impl": name, "batch": n, "dim": dim, "dtype": "bf16", "captions": captions}
+        if time.perf_counter() > deadline:
+            row["skipped"] = "time budget (benchmarks/gpu.py --budget)"
+        else:
+            row.update(_time_one(fn, n, dim, device, repeats if n < 10**6 or captions > 1 else 1, captions=captions))
+        rows.append(_with_share(row, bf16_peak_tflops))
+        _print_row(row)
     return {"rows": rows, "accuracy": accuracy, "siglip_kernel_best_backend": best,
             "missing": {**missing, **multi_missing}}
 
@@ -280,6 +275,8 @@ def _print_row(r):
     head = f"  {r['impl']:<28} B={r['batch']:>8} D={r['dim']:>5} K={r['captions']}"
     if r.get("oom"):
         print(f"{head}  does not fit")
+    elif "seconds" not in r:
+        print(f"{head}  {r.get('skipped') or r.get('error') or 'not measured'}")
     else:
         share = f"{100 * r['share_of_peak']:5.1f} % of peak" if r.get("share_of_peak") else ""
         print(f"{head}  {r['seconds']:8.4f} s  {r['tflops']:7.1f} TFLOP/s  {share}  {r['peak_gib']:.2f} GiB")

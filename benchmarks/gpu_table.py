@@ -48,6 +48,8 @@ def peers_table(record: dict) -> list[str]:
                 cells.append("")
             elif r.get("oom"):
                 cells.append("does not fit")
+            elif "seconds" not in r:  # skipped for time, or failed
+                cells.append("skipped" if r.get("skipped") else "failed")
             else:
                 share = f", {100 * r['share_of_peak']:.0f} %" if r.get("share_of_peak") else ""
                 cells.append(f"{r['seconds']:.4g} s{share}, {_fmt(r.get('peak_gib'))} GiB")
@@ -97,7 +99,8 @@ def render(record: dict) -> str:
     s = record.get("stack", {})
     stack = (f"{s.get('device')}, torch {s.get('torch')}, triton {s.get('triton')}, CUDA {s.get('cuda')}, driver "
              f"{s.get('driver')}, {s.get('date')}, sail {s.get('sail_commit')}")
-    return "\n".join([START, f"Measured by `{record.get('command')}` on {stack} ({record.get('seconds')} s).", "",
+    partial = "" if record.get("complete", True) else " **Incomplete: the run stopped before its last section.**"
+    return "\n".join([START, f"Measured by `{record.get('command')}` on {stack} ({record.get('seconds')} s).{partial}", "",
                       *figures_table(record), "", "Losses, bf16, forward + backward, median (sail = its Triton loss "
                       "where it ran, else its torch loss; K = captions per image):", "",
                       *peers_table(record), END])

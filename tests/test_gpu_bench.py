@@ -72,6 +72,47 @@ def test_smoke_run_writes_the_record(tmp_path, capsys):
     assert "record:" in capsys.readouterr().out
 
 
+def test_a_spent_budget_skips_later_sections_and_the_record_keeps_each_finished_one(tmp_path, monkeypatch):
+    """Sections run in ORDER whatever --only says; once --budget is spent the rest are recorded as skipped; the
+    record is rewritten after every section (a run killed at the device's time limit keeps what it measured)."""
+    path = tmp_path / "gpu.json"
+    clock = iter(range(0, 10_000, 100))  # every perf_counter() call: 100 s later
+    written = []
+    real_write = gpu.write_record
+    monkeypatch.setattr(gpu.time, "perf_counter", lambda: float(next(clock)))
+    monkeypatch.setattr(gpu, "write_record", lambda p, r: (written.append(dict(r)), real_write(p, r)))
+    monkeypatch.setattr(gpu, "SECTIONS", {**gpu.SECTIONS, "loader": lambda ctx: {"pairs_s": 1.0},
+                                          "matmul": lambda ctx: {"bf16_tflops": 1.0}})
+    assert gpu.main(["--smoke", "--only", "loader,matmul", "--budget", "150", "--record", str(path)]) == 0
+    record = json.loads(path.read_text())
+    assert record["sections"]["matmul"] == {"bf16_tflops": 1.0}  # matmul ran first (ORDER), inside the budget
+    assert record["loader"]["skipped"].startswith("time budget: 150 s")
+    assert [w["complete"] for w in written] == [False, True]
+    assert gpu.main(["--smoke", "--only", "matmul", "--budget", "0"]) == 2
+
+
+def test_merge_completes_a_record_in_a_second_command(tmp_path):
+    path = tmp_path / "gpu.json"
+    assert gpu.main(["--smoke", "--only", "matmul,peers", "--sizes", "64", "--record", str(path)]) == 0
+    first = json.loads(path.read_text())
+    assert gpu.main(["--smoke", "--only", "loader", "--record", str(path), "--merge"]) == 0
+    merged = json.loads(path.read_text())
+    assert merged["peers"] == first["peers"] and merged["bf16_peak_tflops"] == first["bf16_peak_tflops"]
+    assert merged["loader"]["pairs_s"] > 0 and merged["complete"]
+    assert gpu.main(["--smoke", "--only", "loader", "--record", str(tmp_path / "none.json"), "--merge"]) == 2
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    assert gpu.main(["--smoke", "--only", "loader", "--record", str(tmp_path / "bad.json"), "--merge"]) == 2
+
+
+def test_peers_past_the_deadline_are_recorded_as_skipped(capsys):
+    out = gpu_peers.peers(torch.device("cpu"), 1.0, sizes=(64,), dims=(16, 8), repeats=1, check_n=32, deadline=0.0)
+    assert out["rows"] and all(r["skipped"].startswith("time budget") and "seconds" not in r for r in out["rows"])
+    assert {r["dim"] for r in out["rows"]} == {16, 8} and "time budget" in capsys.readouterr().out
+    record = {**_record(), "peers": out["rows"], "complete": False}
+    text = gpu_table.render(record)
+    assert "skipped" in text and "Incomplete: the run stopped before its last section" in text
+
+
 def _record():
     peak = 800.0
 
