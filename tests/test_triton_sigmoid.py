@@ -429,10 +429,10 @@ def test_auto_keeps_the_faster_strategy_timed_after_a_warm_up():
 
     syncs = []
     # fused compiles slowly but runs fast; gemm the other way round: the warm-up must not decide
-    assert ts.faster({"fused": run("fused", 0.2, 0.001), "gemm": run("gemm", 0.0, 0.02)}, lambda: syncs.append(1)) == "fused"
+    assert ts.faster({"fused": run("fused", 0.2, 0.001), "gemm": run("gemm", 0.0, 0.06)}, lambda: syncs.append(1)) == "fused"
     assert calls == ["fused"] * 3 + ["gemm"] * 3 and len(syncs) == 4
     calls.clear()
-    assert ts.faster({"fused": run("fused", 0.0, 0.02), "gemm": run("gemm", 0.0, 0.001)}, lambda: None) == "gemm"
+    assert ts.faster({"fused": run("fused", 0.0, 0.06), "gemm": run("gemm", 0.0, 0.001)}, lambda: None) == "gemm"
 
 
 def test_gemm_self_check_accepts_the_real_epilogue_and_names_a_broken_one(monkeypatch):
