@@ -114,25 +114,24 @@ def bench_extract(device: str = "cuda", images: int = 51200, batch: int | None =
         result["pipeline_images"] = n
         result["workers"] = ex.default_workers()
         forward = result[f"forward_{policy.name}_img_s"]
-        from sail.data import gpu_decode
+        from sail.core.errors import SailError
 
-        why_not = None
         try:
             for decode in ("cpu", "gpu"):
                 with _cpu_backend() if dev.type == "cpu" and decode == "gpu" else contextlib.nullcontext():
-                    if decode == "gpu":
-                        enc = ImageEncoder(spec, dev, "concat", policy.dtype, "fast")
-                        opened, why_not = gpu_decode.open_decoder(enc.fast, dev)
-                        del enc
-                        if opened is None:
-                            result["decode_gpu_unavailable"] = why_not
-                            print(f"  pipeline, --decode gpu: not run ({why_not})")
-                            break
                     cfg = ex.ExtractConfig(model=str(model_dir), data=str(tmp / "m.csv"), out=str(tmp / f"{decode}.h5"),
                                            device=device, batch_size=batch, progress=False, decode=decode)
                     timed["load"] = 0.0
                     t = time.perf_counter()
-                    res = ex.extract(cfg)
+                    try:
+                        res = ex.extract(cfg)
+                    except SailError as e:  # --decode gpu that cannot run here says why before writing anything
+                        if decode != "gpu" or not str(e).startswith("--decode gpu cannot run here: "):
+                            raise
+                        why_not = str(e)[len("--decode gpu cannot run here: "):].removesuffix("; use --decode cpu")
+                        result["decode_gpu_unavailable"] = why_not
+                        print(f"  pipeline, --decode gpu: not run ({why_not})")
+                        break
                     seconds = time.perf_counter() - t - timed["load"]
                 if res.skipped:
                     raise RuntimeError(f"pipeline (--decode {decode}) skipped images: {res.skipped}")

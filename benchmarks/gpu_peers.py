@@ -33,6 +33,7 @@ import importlib.util
 import math
 import os
 import time
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -104,15 +105,9 @@ def strategy_implementations(device: torch.device) -> dict:
 
     def forced(strategy):
         def loss(x, y, log_t, b):
-            saved = os.environ.get("SAIL_SIGMOID_STRATEGY")
-            os.environ["SAIL_SIGMOID_STRATEGY"] = strategy  # read per stripe, in the forward (it computes the grads)
-            try:
+            # read per stripe, in the forward (which computes the gradients too)
+            with mock.patch.dict(os.environ, {"SAIL_SIGMOID_STRATEGY": strategy}):
                 return sigmoid_loss(x, y, log_t.exp(), b, impl="triton")
-            finally:
-                if saved is None:
-                    os.environ.pop("SAIL_SIGMOID_STRATEGY")
-                else:
-                    os.environ["SAIL_SIGMOID_STRATEGY"] = saved
         return loss
 
     return {f"sail-triton-{name}": forced(name) for name in STRATEGIES} if device.type == "cuda" else {}

@@ -43,8 +43,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from sail.data.images import (DEFAULT_MAX_PIXELS, PREPROCESS_FAILED, ImageError, decode_image, image_header,
-                              read_image_bytes)
+from sail.data.images import (DEFAULT_MAX_PIXELS, ImageError, decode_image, error_line, image_header,
+                              preprocess_failure, read_image_bytes)
 
 RESIZE_PIXELS = 1 << 24  # same-size images resized in one call, up to this many source pixels (x 12 bytes of float32)
 DECODE_PIXELS = 1 << 28  # decoded pixels per nvImageCodec call (x 3 bytes: 768 MiB of uint8 RGB on the GPU)
@@ -81,7 +81,7 @@ class ImageBytes(torch.utils.data.Dataset):
         except ImageError as e:
             return i, None, str(e)
         except Exception as e:  # as the CPU path: a preprocess failing on an odd image is a bad image
-            return i, None, f"{PREPROCESS_FAILED}: {str(e).splitlines()[0][:160] if str(e) else type(e).__name__}"
+            return i, None, preprocess_failure(e)
 
 
 def collate(items):
@@ -266,7 +266,7 @@ class GpuDecoder:
                         except ImageError as e:
                             failed[i] = str(e)
                         except Exception as e:
-                            failed[i] = f"unreadable image: {str(e).splitlines()[0][:160] if str(e) else type(e).__name__}"
+                            failed[i] = f"unreadable image: {error_line(e, 160)}"
                     else:
                         out[i] = self._as_tensor(image)
                         same_size.setdefault(tuple(out[i].shape[:2]), []).append(i)
@@ -335,7 +335,7 @@ class GpuDecoder:
             try:
                 crops, failed = self.crops([JpegBytes(data, (0, 0))])
             except Exception as e:  # a driver or library failure is a reason to stay on the CPU, not a crash
-                return f"nvImageCodec failed to run ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
+                return f"nvImageCodec failed to run ({_described(e)})"
             if self.cpu_fallbacks:
                 self.cpu_fallbacks = 0
                 return "nvImageCodec found no GPU JPEG decoder here (nvJPEG missing? " + INSTALL + ")"
@@ -349,6 +349,11 @@ class GpuDecoder:
         if not worst <= MAX_MEAN_DIFF:
             return f"the GPU path's pixels differ from the CPU path's by {worst:.2f} levels on average (> {MAX_MEAN_DIFF})"
         return None
+
+
+def _described(e: BaseException) -> str:
+    """"Type: first line" of an exception nvImageCodec or CUDA raised (the type says more than a bare message)."""
+    return f"{type(e).__name__}: {error_line(e, 160) if str(e) else ''}"
 
 
 def _groups(indices: list[int], sizes: list[tuple[int, int]]) -> list[list[int]]:
@@ -394,7 +399,7 @@ def open_decoder(fast, device) -> tuple[GpuDecoder | None, str | None]:
             if _nvimgcodec() is None:
                 why = f"nvImageCodec is not installed ({INSTALL})"
         except Exception as e:  # installed but broken (a missing CUDA library): the CPU path, and why
-            why = f"nvImageCodec failed to load ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
+            why = f"nvImageCodec failed to load ({_described(e)})"
     if why is not None:
         return None, why
     key = (str(device), fast.resample, fast.short, fast.fixed, fast.crop)
@@ -403,7 +408,7 @@ def open_decoder(fast, device) -> tuple[GpuDecoder | None, str | None]:
     try:
         decoder = GpuDecoder(fast, device)
     except Exception as e:
-        _OPENED[key] = f"nvImageCodec failed to start ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
+        _OPENED[key] = f"nvImageCodec failed to start ({_described(e)})"
         return None, _OPENED[key]
     if key not in _OPENED:
         _OPENED[key] = decoder.self_check()

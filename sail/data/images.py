@@ -24,6 +24,16 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 PREPROCESS_FAILED = "preprocessing failed"  # the reason stored for an image a preprocess function raised on
 
 
+def error_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (at most `limit` characters), or its type's name if it has none."""
+    return str(e).splitlines()[0][:limit] if str(e) else type(e).__name__
+
+
+def preprocess_failure(e: BaseException) -> str:
+    """The reason stored for an image a preprocess function raised on."""
+    return f"{PREPROCESS_FAILED}: {error_line(e, 160)}"
+
+
 class ImageError(Exception):
     """An image that cannot be used; the message is the short reason stored with the features."""
 
@@ -88,8 +98,7 @@ def read_image_bytes(ref: str | os.PathLike | None) -> bytes:
     except ImageError:
         raise
     except Exception as e:  # a directory, no permission, a bad tar reference
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ImageError(f"unreadable image: {reason[:200]}") from None
+        raise ImageError(f"unreadable image: {error_line(e)}") from None
 
 
 @contextlib.contextmanager

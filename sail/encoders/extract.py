@@ -44,7 +44,7 @@ import sail
 from sail.core.artifacts import Lock, read_json, write_atomic, write_json
 from sail.core.distributed import barrier, init_distributed, local_device
 from sail.data import DEFAULT_MAX_PIXELS, Dataset, ImageError, load_image, open_dataset
-from sail.data.images import PREPROCESS_FAILED
+from sail.data.images import PREPROCESS_FAILED, preprocess_failure
 from sail.encoders import zoo
 from sail.encoders import (canonical_model_id, default_batch_size, load_encoder, model_identity, model_revision,
                            num_params, pick_device, resolve_model)
@@ -143,7 +143,7 @@ class _ImageItems(torch.utils.data.Dataset):
         except ImageError as e:
             return i, None, str(e)
         except Exception as e:  # a preprocessor failing on an odd image is a bad image, not a crash
-            return i, None, f"{PREPROCESS_FAILED}: {str(e).splitlines()[0][:160] if str(e) else type(e).__name__}"
+            return i, None, preprocess_failure(e)
 
 
 def _collate(items):

@@ -242,9 +242,9 @@ def _choose(x, y, g, t, b, diag, R, M, D, store_g, precision) -> str:
     """The strategy for this stripe: the setting, or under auto the faster of the two, timed once per shape
     on CUDA (three synchronised calls each; the first compiles and autotunes). The interpreter uses fused."""
     setting = strategy_setting()
-    if setting == "gemm" and gemm_problem(x.device, x.dtype):
-        raise SailError(f"SAIL_SIGMOID_STRATEGY=gemm cannot run here: {gemm_problem(x.device, x.dtype)}; "
-                        "use fused or auto")
+    problem = gemm_problem(x.device, x.dtype) if setting == "gemm" else None
+    if problem:
+        raise SailError(f"SAIL_SIGMOID_STRATEGY=gemm cannot run here: {problem}; use fused or auto")
     if setting != "auto":
         return setting
     if INTERPRET or not x.is_cuda or gemm_problem(x.device, x.dtype):
